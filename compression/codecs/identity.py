@@ -1,0 +1,30 @@
+"""`identity`: raw float32, the baseline every byte count is compared against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..codec import Codec, CodecContext, register_codec
+from ..payload import Payload
+from ._buf import expect_nbytes, view
+
+__all__ = ["Identity"]
+
+
+@register_codec("identity")
+class Identity(Codec):
+    """fp32 on the wire: 32 bits per value, exact."""
+
+    def encode(self, x: torch.Tensor, ctx: CodecContext = CodecContext()) -> Payload:
+        a = x.detach().to(torch.float32).contiguous().cpu().numpy()
+        return self._payload(x, {}, a.reshape(-1).view(np.uint8))
+
+    def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
+        n = self._check(p)
+        mv = expect_nbytes(p, 4 * n)
+        out = view(mv, np.float32, n, 0).reshape(p.shape).copy()
+        return torch.from_numpy(out).to(getattr(torch, p.dtype))
+
+    def wire_bytes(self, shape: tuple[int, ...]) -> int:
+        return 4 * int(np.prod(shape, dtype=np.int64))

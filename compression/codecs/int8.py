@@ -1,0 +1,61 @@
+"""`int8`: symmetric 8-bit quantization, one scale per tensor or per output channel.
+
+Wire layout: `nscales` float32 scales, then one int8 code per value. Scale = absmax / 127, so
+the round-to-nearest error of a value is at most scale / 2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..codec import Codec, CodecContext, register_codec
+from ..payload import Payload, PayloadError, param
+from ._buf import expect_nbytes, view
+
+__all__ = ["Int8"]
+
+_GRANULARITIES = ("tensor", "channel")
+
+
+@register_codec("int8")
+class Int8(Codec):
+    """Symmetric int8, round to nearest; `granularity` is "tensor" or "channel" (dim 0)."""
+
+    def __init__(self, granularity: str = "tensor") -> None:
+        if granularity not in _GRANULARITIES:
+            raise ValueError(f"int8: granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
+
+    def config(self) -> dict:
+        return {"granularity": self.granularity}
+
+    def _rows(self, shape: tuple[int, ...]) -> int:
+        return shape[0] if self.granularity == "channel" and len(shape) >= 2 else 1
+
+    def encode(self, x: torch.Tensor, ctx: CodecContext = CodecContext()) -> Payload:
+        rows = self._rows(tuple(x.shape))
+        flat = x.detach().to(torch.float32).reshape(rows, -1)
+        scale = flat.abs().amax(dim=1, keepdim=True) / 127.0 if flat.numel() else torch.zeros(rows, 1)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.round(flat / safe).clamp_(-127, 127).to(torch.int8)
+        buf = np.empty(4 * rows + flat.numel(), dtype=np.uint8)
+        buf[: 4 * rows] = scale.reshape(-1).numpy().view(np.uint8)
+        buf[4 * rows :] = codes.reshape(-1).numpy().view(np.uint8)
+        return self._payload(x, {"rows": rows}, buf)
+
+    def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
+        n = self._check(p)
+        rows = param(p, "rows", int, 1, max(n, 1))
+        if n % rows:
+            raise PayloadError(f"int8: {rows} scale rows do not divide {n} values")
+        mv = expect_nbytes(p, 4 * rows + n)
+        scales = view(mv, np.float32, rows, 0)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise PayloadError("int8: scales must be finite and non-negative")
+        codes = view(mv, np.int8, n, 4 * rows).reshape(rows, -1)
+        out = np.multiply(codes, scales[:, None], dtype=np.float32)
+        return torch.from_numpy(out.reshape(p.shape)).to(getattr(torch, p.dtype))
+
+    def wire_bytes(self, shape: tuple[int, ...]) -> int:
+        return 4 * self._rows(shape) + int(np.prod(shape, dtype=np.int64))

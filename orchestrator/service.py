@@ -1,0 +1,261 @@
+"""The aggregation service: a plain handler (`AggregationCore`) and its gRPC server.
+
+An upload is checked (token, job, round, tensor list against the model), its bytes are copied
+once into a buffer of the declared (capped) size, each tensor is decoded as soon as its bytes
+are complete, and the update is committed to the running sum only at the end of the stream: a
+stream that breaks, or any malformed tensor, leaves the aggregate untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import grpc
+import torch
+
+from fedray.compression import PayloadError, decode_checked, get_codec
+from fedray.compression.codec import Codec, UnknownCodecError
+from fedray.compression.payload import Payload
+from fedray.proto import serde
+from fedray.proto.auth import verify_token
+
+from .aggregation import RunningWeightedSum
+
+__all__ = [
+    "AggregationCore",
+    "AuthError",
+    "DuplicateUpdateError",
+    "OverloadedError",
+    "RoundClosedError",
+    "ServiceLimits",
+    "WrongJobError",
+    "create_server",
+    "status_of",
+]
+
+
+class ServiceError(Exception):
+    """Base of the service's domain errors."""
+
+
+class AuthError(ServiceError):
+    """Missing or invalid token."""
+
+
+class WrongJobError(ServiceError):
+    """The request names another job."""
+
+
+class RoundClosedError(ServiceError):
+    """The request is for a round that is not open (stale, replayed or not started)."""
+
+
+class DuplicateUpdateError(ServiceError):
+    """This (round, client) update was already committed."""
+
+
+class OverloadedError(ServiceError):
+    """Too many uploads in flight; retry after a back-off."""
+
+
+# The one place where domain errors become gRPC status codes.
+_STATUS = (
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (WrongJobError, grpc.StatusCode.PERMISSION_DENIED),
+    (DuplicateUpdateError, grpc.StatusCode.ALREADY_EXISTS),
+    (RoundClosedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_of(e: Exception) -> grpc.StatusCode | None:
+    for cls, code in _STATUS:
+        if isinstance(e, cls):
+            return code
+    return None
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_update_bytes: int = 1 << 32
+    max_tensors: int = 4096
+    max_inflight: int = 64
+
+
+@dataclass
+class _RoundState:
+    round: int
+    agg: RunningWeightedSum
+    broadcast: tuple[tuple[str, Payload], ...]
+    committed: set[int]
+    bytes_received: int = 0
+    decode_s: float = 0.0
+
+
+class AggregationCore:
+    """The service's logic, callable in-process (tests) or behind gRPC (`create_server`)."""
+
+    def __init__(
+        self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]],
+        limits: ServiceLimits = ServiceLimits(),
+    ) -> None:
+        self.job_id = job_id
+        self._secret = secret
+        self._shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._limits = limits
+        self._lock = threading.Lock()
+        self._state: _RoundState | None = None
+        self._inflight = 0
+        self._committed_total = 0
+        self._bytes_total = 0
+        self._codecs: dict[tuple[str, tuple], Codec] = {}
+
+    # -- round control (driver side) ------------------------------------------------------------
+
+    def open_round(self, round: int, broadcast: tuple[tuple[str, Payload], ...] = ()) -> None:
+        with self._lock:
+            self._state = _RoundState(round, RunningWeightedSum(self._shapes), tuple(broadcast), set())
+
+    def close_round(self, round: int) -> dict:
+        """Close the round; return its partial sum and counters."""
+        with self._lock:
+            st = self._state
+            if st is None or st.round != round:
+                raise RoundClosedError(f"round {round} is not open")
+            self._state = None
+        return {
+            "sums": st.agg.sums, "total_weight": st.agg.total_weight, "count": st.agg.count,
+            "bytes_received": st.bytes_received, "decode_s": st.decode_s,
+        }
+
+    # -- RPC handlers ---------------------------------------------------------------------------
+
+    def _check_auth(self, job_id: str, client_id: int, token: str) -> None:
+        if not token:
+            raise AuthError("no token: send the client's token in the x-fedray-token metadata")
+        if job_id != self.job_id:
+            raise WrongJobError(f"this service aggregates job {self.job_id!r}, not {job_id!r}")
+        if not verify_token(self._secret, job_id, client_id, token):
+            raise AuthError(f"invalid token for client {client_id} of job {job_id!r}")
+
+    def _codec(self, p: Payload) -> Codec:
+        key = (p.codec, p.version)
+        c = self._codecs.get(key)
+        if c is None:
+            c = get_codec(p.codec)  # UnknownCodecError is a PayloadError
+            self._codecs[key] = c
+        return c
+
+    def _check_header(self, h: serde.UpdateHeader) -> None:
+        if len(h.tensors) > self._limits.max_tensors:
+            raise PayloadError(f"{len(h.tensors)} tensors, over the limit of {self._limits.max_tensors}")
+        names = [t.name for t in h.tensors]
+        if sorted(names) != sorted(self._shapes) or len(set(names)) != len(names):
+            raise PayloadError(f"update tensors {names} do not match the model's {sorted(self._shapes)}")
+        for t in h.tensors:
+            if t.payload.shape != self._shapes[t.name]:
+                raise PayloadError(f"tensor {t.name!r}: shape {t.payload.shape} != model's {self._shapes[t.name]}")
+        total = h.total_bytes
+        if total > self._limits.max_update_bytes:
+            raise PayloadError(f"update declares {total} bytes, over the limit of {self._limits.max_update_bytes}")
+        if not (h.weight > 0 and h.weight < 1e12):
+            raise PayloadError(f"update weight must be in (0, 1e12), got {h.weight}")
+
+    def upload(self, header: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], token: str) -> tuple[int, int]:
+        self._check_auth(header.job_id, header.client_id, token)
+        self._check_header(header)
+        with self._lock:
+            st = self._state
+            if st is None or st.round != header.round:
+                open_r = None if st is None else st.round
+                raise RoundClosedError(f"round {header.round} is not open (open round: {open_r})")
+            if header.client_id in st.committed:
+                raise DuplicateUpdateError(f"client {header.client_id} already uploaded for round {header.round}")
+            if self._inflight >= self._limits.max_inflight:
+                raise OverloadedError(f"{self._inflight} uploads in flight; retry after a back-off")
+            self._inflight += 1
+        try:
+            staged, received, decode_s = self._receive(header, chunks)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+        with self._lock:
+            if self._state is not st:
+                raise RoundClosedError(f"round {header.round} closed while the upload was streaming")
+            if header.client_id in st.committed:
+                raise DuplicateUpdateError(f"client {header.client_id} already uploaded for round {header.round}")
+            st.agg.add(staged, header.weight)
+            st.committed.add(header.client_id)
+            st.bytes_received += received
+            st.decode_s += decode_s
+            self._committed_total += 1
+            self._bytes_total += received
+        return header.round, received
+
+    def _receive(self, h: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]]):
+        total = h.total_bytes
+        buf = bytearray(total)
+        mv = memoryview(buf)
+        ends, off = [], 0
+        for t in h.tensors:
+            off += t.nbytes
+            ends.append(off)
+        staged: dict[str, torch.Tensor] = {}
+        filled, nxt, decode_s = 0, 0, 0.0
+        for offset, data in chunks:
+            n = len(data)
+            if offset != filled:
+                raise PayloadError(f"chunk at offset {offset}, expected {filled}")
+            if filled + n > total:
+                raise PayloadError(f"upload sends more than the {total} bytes its header declares")
+            mv[filled : filled + n] = data
+            filled += n
+            while nxt < len(h.tensors) and ends[nxt] <= filled:
+                t0 = time.perf_counter()
+                staged[h.tensors[nxt].name] = self._decode(h.tensors[nxt], mv[ends[nxt] - h.tensors[nxt].nbytes : ends[nxt]])
+                decode_s += time.perf_counter() - t0
+                nxt += 1
+        if filled != total:
+            raise PayloadError(f"upload ended after {filled} of the {total} bytes its header declares")
+        return staged, total, decode_s
+
+    def _decode(self, t: serde.TensorEntry, data: memoryview) -> torch.Tensor:
+        p = Payload(t.payload.codec, t.payload.version, t.payload.dtype, t.payload.shape, t.payload.params, data)
+        try:
+            return decode_checked(self._codec(p), p)
+        except UnknownCodecError:
+            raise
+        except PayloadError as e:
+            raise PayloadError(f"tensor {t.name!r}: {e}") from None
+
+    def download(self, job_id: str, round: int, client_id: int, max_stage: int | None, token: str):
+        self._check_auth(job_id, client_id, token)
+        with self._lock:
+            st = self._state
+        if st is None or st.round != round:
+            raise RoundClosedError(f"round {round} is not open for download")
+        return [serde.ModelStage(round, 0, 1, st.broadcast)]
+
+    def health(self) -> serde.HealthInfo:
+        st = self._state
+        return serde.HealthInfo("SERVING", self.job_id, 0 if st is None else st.round, self._committed_total, self._bytes_total)
+
+
+def create_server(core: AggregationCore, address: str = "127.0.0.1:0", *, max_workers: int = 8) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `core` on `address` (port 0 picks a free port); return it and its port.
+
+    Raises:
+        RuntimeError: the address could not be bound.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=serde.GRPC_OPTIONS)
+    serde.add_aggregation_service(server, core, job_id=core.job_id, status_of=status_of)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"could not bind the aggregation service to {address}")
+    server.start()
+    return server, port

@@ -1,0 +1,36 @@
+"""An aggregation shard: a Ray actor that runs the gRPC aggregation service."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import ray
+
+from .service import AggregationCore, ServiceLimits, create_server
+
+__all__ = ["AggregationShard"]
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class AggregationShard:
+    """Owns one `AggregationCore` and its gRPC server, bound at start on `host` (port 0: any)."""
+
+    def __init__(
+        self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]], host: str = "127.0.0.1",
+        port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int = 8,
+    ) -> None:
+        self._core = AggregationCore(job_id=job_id, secret=secret, shapes=shapes, limits=limits)
+        self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers)
+        self._host = host
+
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def open_round(self, round: int, broadcast) -> None:
+        self._core.open_round(round, broadcast)
+
+    def close_round(self, round: int) -> dict:
+        return self._core.close_round(round)
+
+    def stop(self) -> None:
+        self._server.stop(grace=1.0)

@@ -1,0 +1,251 @@
+"""The typed job spec: nested dataclasses validated on construction, loadable from YAML.
+
+Every error names the field by its dotted path and says what is allowed, e.g.
+`SpecError: training.rounds: must be an integer >= 1, got 0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "CompressionSpec",
+    "DataSpec",
+    "JobSpec",
+    "ModelSpec",
+    "ResourceSpec",
+    "SpecError",
+    "TrainingSpec",
+]
+
+DATASETS = ("fashion-mnist", "digits")
+PARTITIONS = ("iid", "dirichlet")
+MODELS = ("mlp",)
+
+
+class SpecError(ValueError):
+    """A job spec field is invalid; the message starts with the field's dotted path."""
+
+
+def _fail(path: str, msg: str, value: Any) -> None:
+    raise SpecError(f"{path}: {msg}, got {value!r}")
+
+
+def _int(path: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(path, "must be an integer", v)
+    if lo is not None and v < lo:
+        _fail(path, f"must be an integer >= {lo}", v)
+    if hi is not None and v > hi:
+        _fail(path, f"must be an integer <= {hi}", v)
+
+
+def _num(path: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        _fail(path, "must be a number", v)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        _fail(path, f"must be {'>' if lo_open else '>='} {lo}", v)
+    if hi is not None and v > hi:
+        _fail(path, f"must be <= {hi}", v)
+
+
+def _choice(path: str, v: Any, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        _fail(path, f"must be one of {', '.join(allowed)}", v)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which data set, how many clients, how it is split among them."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    num_clients: int = 1000
+    partition: str = "iid"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            _fail("data.data_dir", "must be a path string or null", self.data_dir)
+        _int("data.num_clients", self.num_clients, 1)
+        _choice("data.partition", self.partition, PARTITIONS)
+        _num("data.alpha", self.alpha, 0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every client trains."""
+
+    kind: str = "mlp"
+    hidden: tuple[int, ...] = (200,)
+
+    def __post_init__(self) -> None:
+        _choice("model.kind", self.kind, MODELS)
+        if not isinstance(self.hidden, tuple):
+            object.__setattr__(self, "hidden", tuple(self.hidden) if isinstance(self.hidden, list) else self.hidden)
+        if not isinstance(self.hidden, tuple):
+            _fail("model.hidden", "must be a list of layer widths", self.hidden)
+        for i, h in enumerate(self.hidden):
+            _int(f"model.hidden[{i}]", h, 1, 1 << 16)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """The round loop and local training."""
+
+    rounds: int = 5
+    clients_per_round: int = 100
+    local_epochs: int = 5
+    batch_size: int = 10
+    lr: float = 0.05
+    momentum: float = 0.0
+    server_lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        _int("training.rounds", self.rounds, 1)
+        _int("training.clients_per_round", self.clients_per_round, 1)
+        _int("training.local_epochs", self.local_epochs, 1)
+        _int("training.batch_size", self.batch_size, 1)
+        _num("training.lr", self.lr, 0, lo_open=True)
+        _num("training.momentum", self.momentum, 0, 1)
+        _num("training.server_lr", self.server_lr, 0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """Codecs by registry name: `codec` for uploads, `broadcast` for the model sent down."""
+
+    codec: str = "int8"
+    codec_params: Mapping[str, Any] = field(default_factory=dict)
+    broadcast: str = "identity"
+    broadcast_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fedray.compression import available_codecs, get_codec
+
+        known = tuple(available_codecs())
+        for name in ("codec", "broadcast"):
+            v = getattr(self, name)
+            _choice(f"compression.{name}", v, known)
+            params = getattr(self, f"{name}_params")
+            if not isinstance(params, Mapping):
+                _fail(f"compression.{name}_params", "must be a mapping", params)
+            try:
+                get_codec(v, **dict(params))
+            except ValueError as e:
+                raise SpecError(f"compression.{name}_params: {e}") from None
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    """How the job uses the cluster."""
+
+    num_workers: int = 0  # 0: one per CPU Ray reports
+    clients_per_call: int = 10
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    num_cpus: int | None = None  # for an embedded local Ray only
+
+    def __post_init__(self) -> None:
+        _int("resources.num_workers", self.num_workers, 0)
+        _int("resources.clients_per_call", self.clients_per_call, 1)
+        _num("resources.cpus_per_worker", self.cpus_per_worker, 0)
+        _num("resources.gpus_per_worker", self.gpus_per_worker, 0)
+        if self.num_cpus is not None:
+            _int("resources.num_cpus", self.num_cpus, 1)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a fedray job can set. Build it in Python or load it with `from_yaml`."""
+
+    name: str = "fedray-job"
+    seed: int = 0
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            _fail("name", "must be a non-empty string", self.name)
+        _int("seed", self.seed, 0, (1 << 63) - 1)
+        if self.training.clients_per_round > self.data.num_clients:
+            raise SpecError(
+                f"training.clients_per_round: {self.training.clients_per_round} is more than "
+                f"data.num_clients={self.data.num_clients}; lower it or add clients"
+            )
+
+    # -- conversion ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "JobSpec":
+        """Build from nested mappings; unknown keys are errors that name the key."""
+        return _build(cls, d, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JobSpec":
+        """Load a YAML job spec.
+
+        Raises:
+            SpecError: the file is missing, not YAML, or a field is invalid.
+        """
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"job spec file {str(p)!r} does not exist")
+        try:
+            d = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(f"{p}: not valid YAML: {e}") from None
+        return cls.from_dict(d or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v):
+            if isinstance(v, tuple):
+                return list(v)
+            if isinstance(v, Mapping):
+                return {k: conv(x) for k, x in v.items()}
+            return v
+
+        return conv(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build(cls: type, d: Any, prefix: str):
+    where = prefix.rstrip(".") or "job spec"
+    if not isinstance(d, Mapping):
+        raise SpecError(f"{where}: must be a mapping of fields, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise SpecError(f"{prefix}{unknown[0]}: unknown field; {where} has: {', '.join(sorted(names))}")
+    kwargs = {}
+    for k, v in d.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            kwargs[k] = _build(t, v, f"{prefix}{k}.")
+        elif _is_tuple(t) and isinstance(v, list):
+            kwargs[k] = tuple(v)
+        elif t is float or t == (float | None):
+            kwargs[k] = float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _is_tuple(t: Any) -> bool:
+    return typing.get_origin(t) is tuple or t is tuple or (
+        isinstance(t, types.UnionType) and any(typing.get_origin(a) is tuple for a in typing.get_args(t))
+    )

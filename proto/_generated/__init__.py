@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules. DO NOT EDIT; see fedray.proto.generate."""

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up fedray in ./.venv (idempotent). `scripts/setup.sh test` adds the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned: 2.13.0 is a CPU build here; an unpinned torch may pull a multi-GB CUDA
+# build. On a GPU machine install the CUDA build of your choice before this script.
+.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+if [ "${1:-}" = "test" ]; then
+  .venv/bin/pip install -q -e '.[test]'
+else
+  .venv/bin/pip install -q -e .
+fi
+# Fashion-MNIST ships as a Debian package (IDX files under /usr/share/datasets/fashion-mnist).
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null \
+    || echo "warning: could not install dataset-fashion-mnist; pass --data-dir or use --dataset digits" >&2
+fi

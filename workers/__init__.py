@@ -1,0 +1,3 @@
+"""fedray.workers: what runs inside Ray actors: data, models, local training, upload."""
+
+__all__: list[str] = []

@@ -1,0 +1,152 @@
+"""What one worker does for a batch of virtual clients: decode the broadcast model once, then per
+client train locally, encode the update with the job's codec and stream it to the aggregation
+service over gRPC. Plain Python: `pool.py` runs it inside Ray actors, tests run it in-process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from fedray.compression import CodecContext, decode_checked, get_codec
+from fedray.compression.payload import Payload
+from fedray.proto import serde
+from fedray.proto.auth import client_token
+
+from .data import Dataset, Partition
+from .models import build_model, set_params
+from .train import TrainConfig, train_local
+
+__all__ = ["ClientError", "ClientResult", "ClientTrainer", "TrainerSetup", "client_seed", "decode_model"]
+
+_RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+
+def client_seed(job_seed: int, round: int, client_id: int) -> int:
+    """The seed of one client's work in one round: independent of which worker runs it."""
+    return int(np.random.SeedSequence([job_seed, round, client_id]).generate_state(1, np.uint64)[0])
+
+
+class ClientError(RuntimeError):
+    """A client failed; carries the stage ('train', 'encode', 'upload'), client id and round."""
+
+    def __init__(self, stage: str, client_id: int, round: int, cause: BaseException) -> None:
+        super().__init__(f"client {client_id}, round {round}, stage {stage}: {type(cause).__name__}: {cause}")
+        self.stage, self.client_id, self.round = stage, client_id, round
+
+
+@dataclass(frozen=True)
+class TrainerSetup:
+    """Everything a worker needs for the whole job (sent once, at start)."""
+
+    job_id: str
+    secret: str
+    server: str
+    seed: int
+    model_kind: str
+    hidden: tuple[int, ...]
+    train: TrainConfig
+    codec: str
+    codec_params: Mapping[str, Any] = field(default_factory=dict)
+    broadcast: str = "identity"
+    broadcast_params: Mapping[str, Any] = field(default_factory=dict)
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    client_id: int
+    round: int
+    examples: int = 0
+    loss: float = float("nan")
+    train_s: float = 0.0
+    bytes_up: int = 0  # protobuf bytes streamed to the service
+    error: str | None = None
+
+
+def decode_model(stage_tensors: Sequence[tuple[str, Payload]], codec_name: str, codec_params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    codec = get_codec(codec_name, **dict(codec_params))
+    return {name: decode_checked(codec, p) for name, p in stage_tensors}
+
+
+class ClientTrainer:
+    """Trains many virtual clients per call; one instance per worker actor."""
+
+    def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition) -> None:
+        torch.set_num_threads(setup.torch_threads)
+        self.setup = setup
+        self.data = data
+        self.parts = parts
+        self.model = build_model(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
+        self.codec = get_codec(setup.codec, **dict(setup.codec_params))
+        self._channel: grpc.Channel | None = None
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _chan(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.setup.server, options=serde.GRPC_OPTIONS)
+        return self._channel
+
+    def _global(self, round: int, broadcast: Sequence[tuple[str, Payload]]) -> dict[str, torch.Tensor]:
+        if self._cached is None or self._cached[0] != round:
+            self._cached = (round, decode_model(broadcast, self.setup.broadcast, self.setup.broadcast_params))
+        return self._cached[1]
+
+    def train_clients(self, round: int, broadcast: Sequence[tuple[str, Payload]], client_ids: Sequence[int]) -> list[ClientResult]:
+        """Train, encode and upload each client; a failing client is reported, not raised."""
+        start = self._global(round, broadcast)
+        out = []
+        for cid in client_ids:
+            try:
+                out.append(self._one(round, start, int(cid)))
+            except ClientError as e:
+                out.append(ClientResult(int(cid), round, error=str(e)))
+        return out
+
+    def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int) -> ClientResult:
+        s = self.setup
+        seed = client_seed(s.seed, round, cid)
+        stage = "train"
+        try:
+            t0 = time.perf_counter()
+            set_params(self.model, start)
+            idx = self.parts.client(cid)
+            stats = train_local(self.model, self.data.x_train[idx], self.data.y_train[idx], self.data.scale, self.data.shift, s.train, seed)
+            train_s = time.perf_counter() - t0
+            stage = "encode"
+            params = self.model.state_dict()
+            ctx = CodecContext(seed=seed)
+            tensors = [
+                (k, self.codec.encode(params[k] - start[k], CodecContext(seed=ctx.seed, key=k))) for k in start
+            ]
+            stage = "upload"
+            msgs = serde.upload_messages(
+                job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
+                metrics={"loss": stats.loss, "train_s": train_s},
+            )
+            ack = self._upload(msgs, client_token(s.secret, s.job_id, cid))
+        except Exception as e:
+            raise ClientError(stage, cid, round, e) from e
+        return ClientResult(cid, round, stats.examples, stats.loss, train_s, ack["wire_bytes"])
+
+    def _upload(self, msgs: list, token: str, attempts: int = 5) -> dict:
+        delay = 0.05
+        for i in range(attempts):
+            try:
+                return serde.call_upload(self._chan(), msgs, token=token)
+            except grpc.RpcError as e:
+                if e.code() not in _RETRYABLE or i == attempts - 1:
+                    raise
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
