@@ -29,12 +29,18 @@ from fedray.workers.models import build_model, get_params, num_params, set_param
 from fedray.workers.pool import RayPool, default_num_workers
 from fedray.workers.train import TrainConfig, evaluate
 
+from fedray.proto import serde
+from fedray.proto.serde import TLSConfig
+
 from .aggregation import FedAvg, RunningWeightedSum
+from .checkpoint import open_store
 from .metrics import JobMetrics
+from .service import ServiceLimits
 from .shard import AggregationShard
 from .spec import JobSpec
+from .state import JobState, JobStateMachine
 
-__all__ = ["JobError", "JobResult", "RoundRecord", "ensure_ray", "run_job", "sample_clients"]
+__all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "ensure_ray", "format_summary", "run_job", "sample_clients"]
 
 
 class JobError(RuntimeError):
@@ -120,103 +126,252 @@ def ensure_ray(num_cpus: int | None = None, *, include_dashboard: bool = False) 
     return True
 
 
+def _job_secret(spec: JobSpec) -> str:
+    return os.environ.get(spec.service.secret_env) or secrets.token_hex(16)
+
+
+def _tls(spec: JobSpec) -> TLSConfig | None:
+    sv = spec.service
+    return TLSConfig(sv.tls_cert, sv.tls_key, sv.tls_client_ca) if sv.tls_cert else None
+
+
+class _Shards:
+    """The job's aggregation shards: start, restart after a failure, open and close rounds."""
+
+    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict) -> None:
+        self._spec, self._job_id = spec, job_id
+        self._kw = dict(
+            job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
+            limits=ServiceLimits(max_inflight=spec.service.max_inflight),
+            spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
+            num_rounds=spec.training.rounds,
+        )
+        self.actors = [self._start(i) for i in range(spec.resources.shards)]
+        self.addresses = ray.get([a.address.remote() for a in self.actors])
+        ray.get([a.set_addresses.remote(self.addresses) for a in self.actors])
+        self.restarts = 0
+
+    def _start(self, i: int):
+        res = self._spec.resources
+        opts: dict = {"name": f"{self._job_id}:aggregator-{i}-{uuid.uuid4().hex[:4]}"}
+        if res.shard_resource:
+            opts["resources"] = {res.shard_resource: 0.001}
+        port = self._spec.service.port + i if self._spec.service.port else 0
+        return AggregationShard.options(**opts).remote(port=port, shard=(i, self._spec.resources.shards), **self._kw)
+
+    def restart(self, i: int) -> None:
+        try:
+            ray.kill(self.actors[i])
+        except Exception:  # already gone
+            pass
+        self.actors[i] = self._start(i)
+        self.addresses[i] = ray.get(self.actors[i].address.remote())
+        ray.get([a.set_addresses.remote(self.addresses) for a in self.actors])
+        self.restarts += 1
+
+    def committed(self, r: int) -> int:
+        return sum(ray.get([a.committed.remote(r) for a in self.actors]))
+
+    def stop(self) -> None:
+        for a in self.actors:
+            try:
+                ray.get(a.finish.remote(), timeout=10)
+                ray.get(a.stop.remote(), timeout=10)
+            except Exception:  # a dead shard needs no stopping
+                pass
+            ray.kill(a)
+
+
 def run_job(
     spec: JobSpec, *, progress: bool = True, log: Callable[[str], None] = print,
-    on_round: Callable[[RoundRecord], None] | None = None,
+    on_round: Callable[[RoundRecord], None] | None = None, resume: bool = False,
+    on_start: Callable[["JobRuntime"], None] | None = None,
 ) -> JobResult:
     """Run `spec` on the connected Ray cluster (see `ensure_ray`) and return its result.
 
+    With `resume`, continue from the last checkpoint in `spec.checkpoint_dir` (if any).
+
     Raises:
         DatasetMissingError: the data set is not on this machine.
-        JobError: every client of a round failed.
+        JobError: a round ended with fewer than `training.min_clients` updates.
     """
     if not ray.is_initialized():
         raise JobError("Ray is not initialized: call fedray.orchestrator.engine.ensure_ray() first")
-    t_job = time.perf_counter()
-    job_id = f"{spec.name}-{uuid.uuid4().hex[:8]}"
-    secret = secrets.token_hex(16)
-    data = load_dataset(spec.data.dataset, spec.data.data_dir, spec.seed)
-    parts = partition(data.y_train, spec.data.num_clients, method=spec.data.partition, alpha=spec.data.alpha, seed=spec.seed)
+    rt = JobRuntime(spec, progress=progress, log=log)
+    if on_start:
+        on_start(rt)
+    return rt.run(on_round=on_round, resume=resume)
 
-    with torch.random.fork_rng():
-        torch.manual_seed(spec.seed)
-        model = build_model(spec.model.kind, data.input_shape, data.num_classes, spec.model.hidden)
-    params = get_params(model)
-    shapes = {k: tuple(v.shape) for k, v in params.items()}
-    fp32_bytes = 4 * num_params(params)
-    comp = spec.compression
-    bcodec = get_codec(comp.broadcast, **dict(comp.broadcast_params))
-    strategy = FedAvg(server_lr=spec.training.server_lr)
-    metrics = JobMetrics(spec.name, comp.codec)
 
-    shard = AggregationShard.options(name=f"{job_id}:aggregator-0").remote(job_id=job_id, secret=secret, shapes=shapes)
-    server = ray.get(shard.address.remote())
-    tr = spec.training
-    setup = TrainerSetup(
-        job_id=job_id, secret=secret, server=server, seed=spec.seed, model_kind=spec.model.kind,
-        hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
-        codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
-        broadcast_params=dict(comp.broadcast_params),
-    )
-    res = spec.resources
-    pool = RayPool(
-        setup, data, parts, num_workers=res.num_workers or default_num_workers(), clients_per_call=res.clients_per_call,
-        num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker, job_name=job_id,
-    )
-    log(f"fedray job {job_id}: {spec.data.num_clients} clients on {spec.data.dataset}, "
-        f"{tr.clients_per_round} per round, {tr.rounds} rounds, codec {comp.codec}, aggregation service at {server}")
-    result = JobResult(job_id, spec)
-    try:
-        for r in range(1, tr.rounds + 1):
-            t0 = time.perf_counter()
-            ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
-            bcast = tuple((k, bcodec.encode(v)) for k, v in params.items())
-            down_per_client = sum(p.nbytes for _, p in bcast)
-            bref = ray.put(bcast)  # once per round; every worker and the shard read this one copy
-            ray.get(shard.open_round.remote(r, bref))
-            bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not progress, leave=True)
-            try:
-                results = pool.run_round(r, bref, ids, on_batch=lambda b: bar.update(len(b)))
-                part = ray.get(shard.close_round.remote(r))
-                ok = [x for x in results if x.error is None]
-                failed = [x for x in results if x.error is not None]
-                for x in failed[:3]:
-                    log(f"round {r}: {x.error}")
-                if part["count"] == 0:
-                    raise JobError(f"round {r}: no client update arrived ({len(failed)} failed); first error: "
-                                   f"{failed[0].error if failed else 'none'}")
-                agg = RunningWeightedSum(shapes)
-                agg.sums, agg.total_weight, agg.count = part["sums"], part["total_weight"], part["count"]
-                params = strategy.apply(params, agg)
-                set_params(model, params)
-                acc, loss = evaluate(model, data.x_test, data.y_test, data.scale, data.shift)
-                wall = time.perf_counter() - t0
-                rec = RoundRecord(
-                    round=r, clients=part["count"], failed=len(failed), accuracy=acc, loss=loss,
-                    bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * len(ids),
-                    bytes_up_fp32=fp32_bytes * len(ok), bytes_down_fp32=fp32_bytes * len(ids), wall_s=wall,
-                    train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"),
-                )
-                bar.set_postfix(acc=f"{acc:.4f}", up=_mb(rec.bytes_up), down=_mb(rec.bytes_down))
-            finally:
-                bar.close()
-            result.rounds.append(rec)
-            metrics.record_round(
-                round=r, ok=len(ok), failed=len(failed), bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
-                fp32_up=rec.bytes_up_fp32, accuracy=acc, wall_s=wall, decode_s=part["decode_s"], broadcast_codec=comp.broadcast,
-            )
-            if not progress:
-                log(f"round {r}/{tr.rounds}: accuracy {acc:.4f}, clients {rec.clients}, up {_mb(rec.bytes_up)}, "
-                    f"down {_mb(rec.bytes_down)}, {wall:.2f}s")
-            if on_round:
-                on_round(rec)
-    finally:
-        pool.shutdown()
-        ray.get(shard.stop.remote())
-        ray.kill(shard)
-    result.params = params
-    result.wall_s = time.perf_counter() - t_job
-    return result
+class JobRuntime:
+    """One job's driver state: data, model, shards, worker pool, strategy, state machine."""
+
+    def __init__(self, spec: JobSpec, *, progress: bool, log: Callable[[str], None]) -> None:
+        self.spec, self.progress, self.log = spec, progress, log
+        self.state = JobStateMachine()
+        self.job_id = spec.service.job_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
+        self.secret = _job_secret(spec)
+        self.data = load_dataset(spec.data.dataset, spec.data.data_dir, spec.seed)
+        self.parts = partition(self.data.y_train, spec.data.num_clients, method=spec.data.partition,
+                               alpha=spec.data.alpha, seed=spec.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed)
+            self.model = build_model(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
+        self.params = get_params(self.model)
+        self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+        self.fp32_bytes = 4 * num_params(self.params)
+        comp = spec.compression
+        self.bcodec = get_codec(comp.broadcast, **dict(comp.broadcast_params))
+        self.strategy = FedAvg(server_lr=spec.training.server_lr)
+        self.metrics = JobMetrics(spec.name, comp.codec)
+        self.store = open_store(spec.checkpoint_dir) if spec.checkpoint_dir else None
+        self.shards: _Shards | None = None
+        self.pool: RayPool | None = None
+
+    def _start(self) -> None:
+        spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes)
+        setup = TrainerSetup(
+            job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
+            hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
+            codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
+            broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
+        )
+        self.pool = RayPool(
+            setup, self.data, self.parts, num_workers=res.num_workers or default_num_workers(),
+            clients_per_call=res.clients_per_call, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+            job_name=self.job_id, max_attempts=res.max_attempts,
+        )
+
+    def run(self, *, on_round=None, resume: bool = False) -> JobResult:
+        spec, tr = self.spec, self.spec.training
+        t_job = time.perf_counter()
+        result = JobResult(self.job_id, spec)
+        first = 1
+        if resume and self.store is not None and (ck := self.store.load_latest()) is not None:
+            self._restore(ck, result)
+            first = ck["round"] + 1
+            self.log(f"resuming {spec.name} after round {ck['round']} from {spec.checkpoint_dir}")
+        self.state.to(JobState.RUNNING)
+        try:
+            self._start()
+            self.log(f"fedray job {self.job_id}: {spec.data.num_clients} clients on {spec.data.dataset}, "
+                     f"{tr.clients_per_round} per round, {tr.rounds} rounds, codec {spec.compression.codec}, "
+                     f"aggregation service at {', '.join(self.shards.addresses)}")
+            for r in range(first, tr.rounds + 1):
+                rec = self._round(r)
+                result.rounds.append(rec)
+                if self.store is not None:
+                    self.store.save(r, self._checkpoint(r, result))
+                if on_round:
+                    on_round(rec)
+        except BaseException as e:
+            self.state.to(JobState.STOPPED if isinstance(e, KeyboardInterrupt) else JobState.FAILED, str(e))
+            raise
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+            if self.shards is not None:
+                self.shards.stop()
+        self.state.to(JobState.SUCCEEDED)
+        result.params = self.params
+        result.wall_s = time.perf_counter() - t_job + result.wall_s
+        return result
+
+    def _checkpoint(self, r: int, result: JobResult) -> dict:
+        return {
+            "round": r, "params": self.params, "strategy": _state_of(self.strategy),
+            "rounds": [asdict(x) for x in result.rounds], "wall_s": time.perf_counter(), "spec": self.spec.to_dict(),
+        }
+
+    def _restore(self, ck: dict, result: JobResult) -> None:
+        if ck["spec"] != self.spec.to_dict():
+            raise JobError(f"checkpoint in {self.spec.checkpoint_dir} is of another job spec; use a new checkpoint_dir")
+        self.params = {k: v.clone() for k, v in ck["params"].items()}
+        set_params(self.model, self.params)
+        if hasattr(self.strategy, "load_state_dict"):
+            self.strategy.load_state_dict(ck["strategy"])
+        result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
+
+    def _round(self, r: int) -> RoundRecord:
+        spec, tr = self.spec, self.spec.training
+        t0 = time.perf_counter()
+        ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
+        bcast = tuple((k, self.bcodec.encode(v)) for k, v in self.params.items())
+        down_per_client = sum(p.nbytes for _, p in bcast)
+        bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
+        ray.get([a.open_round.remote(r, bref) for a in self.shards.actors])
+        bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
+        try:
+            results = {x.client_id: x for x in self.pool.run_round(
+                r, bref, ids, self.shards.addresses, on_batch=lambda b: bar.update(len(b)))}
+            self._wait_real_clients(r, sum(x.error is None for x in results.values()))
+            agg, decode_s = self._close(r, bref, ids, results)
+        finally:
+            bar.close()
+        ok = [x for x in results.values() if x.error is None]
+        failed = [x for x in results.values() if x.error is not None]
+        for x in failed[:3]:
+            self.log(f"round {r}: {x.error}")
+        if agg.count < tr.min_clients:
+            raise JobError(f"round {r}: {agg.count} updates arrived, fewer than training.min_clients={tr.min_clients}"
+                           f" ({len(failed)} clients failed; first error: {failed[0].error if failed else 'none'})")
+        self.params = self.strategy.apply(self.params, agg)
+        set_params(self.model, self.params)
+        acc, loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
+        wall = time.perf_counter() - t0
+        real = max(agg.count - len(ok), 0)
+        rec = RoundRecord(
+            round=r, clients=agg.count, failed=len(failed), accuracy=acc, loss=loss,
+            bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * (len(ids) + real),
+            bytes_up_fp32=self.fp32_bytes * len(ok), bytes_down_fp32=self.fp32_bytes * (len(ids) + real), wall_s=wall,
+            train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"),
+        )
+        self.metrics.record_round(
+            round=r, ok=len(ok), failed=len(failed), bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
+            fp32_up=rec.bytes_up_fp32, accuracy=acc, wall_s=wall, decode_s=decode_s,
+            broadcast_codec=spec.compression.broadcast,
+        )
+        self.log(f"round {r}/{tr.rounds}: accuracy {acc:.4f}, clients {rec.clients}, failed {rec.failed}, "
+                 f"up {_mb(rec.bytes_up)}, down {_mb(rec.bytes_down)}, {wall:.2f}s") if not self.progress else None
+        return rec
+
+    def _wait_real_clients(self, r: int, simulated_ok: int) -> None:
+        want = self.spec.service.real_clients
+        if not want:
+            return
+        deadline = time.monotonic() + self.spec.service.real_client_wait_s
+        while self.shards.committed(r) < simulated_ok + want and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _close(self, r: int, bref, ids, results: dict) -> tuple[RunningWeightedSum, float]:
+        """Close the round on every shard and merge their partial sums; a shard that died is
+        restarted and its clients trained again (nothing was committed anywhere else)."""
+        agg, decode_s = RunningWeightedSum(self.shapes), 0.0
+        n = len(self.shards.actors)
+        for i in range(n):
+            for attempt in range(self.spec.resources.max_attempts):
+                try:
+                    part = ray.get(self.shards.actors[i].close_round.remote(r))
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    self.log(f"round {r}: aggregation shard {i} died; restarting it and retrying its clients")
+                    self.shards.restart(i)
+                    ray.get(self.shards.actors[i].open_round.remote(r, bref))
+                    mine = [c for c in ids if serde.shard_index(int(c), n) == i]
+                    for x in self.pool.run_round(r, bref, mine, self.shards.addresses):
+                        results[x.client_id] = x
+            else:
+                raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times")
+            shard_sum = RunningWeightedSum(self.shapes)
+            shard_sum.sums, shard_sum.total_weight, shard_sum.count = part["sums"], part["total_weight"], part["count"]
+            agg.merge(shard_sum)
+            decode_s += part["decode_s"]
+        return agg, decode_s
+
+
+def _state_of(strategy) -> dict:
+    return strategy.state_dict() if hasattr(strategy, "state_dict") else {}
 
 
 def _mb(n: int) -> str:

@@ -54,12 +54,20 @@ class RoundClosedError(ServiceError):
     """The request is for a round that is not open (stale, replayed or not started)."""
 
 
+class WrongShardError(ServiceError):
+    """The client belongs to another shard (clients map to shards by a hash of their id)."""
+
+
 class DuplicateUpdateError(ServiceError):
     """This (round, client) update was already committed."""
 
 
 class OverloadedError(ServiceError):
-    """Too many uploads in flight; retry after a back-off."""
+    """Too many uploads in flight; retry after a back-off (sent as the retry-after-ms trailer)."""
+
+    def __init__(self, msg: str, retry_after_ms: int = 50) -> None:
+        super().__init__(msg)
+        self.retry_after_ms = retry_after_ms
 
 
 # The one place where domain errors become gRPC status codes.
@@ -68,6 +76,7 @@ _STATUS = (
     (WrongJobError, grpc.StatusCode.PERMISSION_DENIED),
     (DuplicateUpdateError, grpc.StatusCode.ALREADY_EXISTS),
     (RoundClosedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (WrongShardError, grpc.StatusCode.FAILED_PRECONDITION),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -102,9 +111,16 @@ class AggregationCore:
 
     def __init__(
         self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]],
-        limits: ServiceLimits = ServiceLimits(),
+        limits: ServiceLimits = ServiceLimits(), spec_json: str = "{}", num_rounds: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.job_id = job_id
+        self._shard = shard
+        self._addresses: tuple[str, ...] = ()
+        self._spec_json = spec_json
+        self._num_rounds = num_rounds
+        self._last_round = 0
+        self._finished = False
         self._secret = secret
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._limits = limits
@@ -120,6 +136,22 @@ class AggregationCore:
     def open_round(self, round: int, broadcast: tuple[tuple[str, Payload], ...] = ()) -> None:
         with self._lock:
             self._state = _RoundState(round, RunningWeightedSum(self._shapes), tuple(broadcast), set())
+            self._last_round = round
+
+    def set_addresses(self, addresses: tuple[str, ...]) -> None:
+        """Every shard's address, for GetJob (known only once all shards have started)."""
+        self._addresses = tuple(addresses)
+
+    def committed(self, round: int) -> int:
+        """Updates committed so far in `round` (0 if it is not the open round)."""
+        st = self._state
+        return len(st.committed) if st is not None and st.round == round else 0
+
+    def finish(self) -> None:
+        """Mark the job finished: real clients polling GetJob stop."""
+        with self._lock:
+            self._finished = True
+            self._state = None
 
     def close_round(self, round: int) -> dict:
         """Close the round; return its partial sum and counters."""
@@ -151,6 +183,13 @@ class AggregationCore:
             self._codecs[key] = c
         return c
 
+    def _check_shard(self, client_id: int) -> None:
+        i, n = self._shard
+        want = serde.shard_index(client_id, n)
+        if want != i:
+            where = f" at {self._addresses[want]}" if len(self._addresses) == n else ""
+            raise WrongShardError(f"client {client_id} uploads to shard {want}{where}, not shard {i}")
+
     def _check_header(self, h: serde.UpdateHeader) -> None:
         if len(h.tensors) > self._limits.max_tensors:
             raise PayloadError(f"{len(h.tensors)} tensors, over the limit of {self._limits.max_tensors}")
@@ -168,6 +207,7 @@ class AggregationCore:
 
     def upload(self, header: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], token: str) -> tuple[int, int]:
         self._check_auth(header.job_id, header.client_id, token)
+        self._check_shard(header.client_id)
         self._check_header(header)
         with self._lock:
             st = self._state
@@ -177,7 +217,9 @@ class AggregationCore:
             if header.client_id in st.committed:
                 raise DuplicateUpdateError(f"client {header.client_id} already uploaded for round {header.round}")
             if self._inflight >= self._limits.max_inflight:
-                raise OverloadedError(f"{self._inflight} uploads in flight; retry after a back-off")
+                raise OverloadedError(
+                    f"{self._inflight} uploads in flight (limit {self._limits.max_inflight}); retry after a back-off"
+                )
             self._inflight += 1
         try:
             staged, received, decode_s = self._receive(header, chunks)
@@ -241,20 +283,32 @@ class AggregationCore:
             raise RoundClosedError(f"round {round} is not open for download")
         return [serde.ModelStage(round, 0, 1, st.broadcast)]
 
+    def get_job(self, job_id: str, client_id: int, token: str) -> serde.JobInfo:
+        self._check_auth(job_id, client_id, token)
+        st = self._state
+        return serde.JobInfo(
+            self.job_id, st.round if st else self._last_round, st is not None, self._finished, self._num_rounds,
+            self._spec_json, self._addresses,
+        )
+
     def health(self) -> serde.HealthInfo:
         st = self._state
         return serde.HealthInfo("SERVING", self.job_id, 0 if st is None else st.round, self._committed_total, self._bytes_total)
 
 
-def create_server(core: AggregationCore, address: str = "127.0.0.1:0", *, max_workers: int = 8) -> tuple[grpc.Server, int]:
+def create_server(
+    core: AggregationCore, address: str = "127.0.0.1:0", *, max_workers: int = 8, tls: serde.TLSConfig | None = None,
+) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `core` on `address` (port 0 picks a free port); return it and its port.
+
+    With `tls`, the port serves TLS only (mutual TLS when `tls.client_ca_file` is set).
 
     Raises:
         RuntimeError: the address could not be bound.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=serde.GRPC_OPTIONS)
     serde.add_aggregation_service(server, core, job_id=core.job_id, status_of=status_of)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind the aggregation service to {address}")
     server.start()

@@ -6,6 +6,8 @@ from typing import Mapping
 
 import ray
 
+from fedray.proto.serde import TLSConfig
+
 from .service import AggregationCore, ServiceLimits, create_server
 
 __all__ = ["AggregationShard"]
@@ -18,9 +20,13 @@ class AggregationShard:
     def __init__(
         self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]], host: str = "127.0.0.1",
         port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int = 8,
+        tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
     ) -> None:
-        self._core = AggregationCore(job_id=job_id, secret=secret, shapes=shapes, limits=limits)
-        self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers)
+        self._core = AggregationCore(
+            job_id=job_id, secret=secret, shapes=shapes, limits=limits, spec_json=spec_json, num_rounds=num_rounds,
+            shard=shard,
+        )
+        self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers, tls=tls)
         self._host = host
 
     def address(self) -> str:
@@ -31,6 +37,18 @@ class AggregationShard:
 
     def close_round(self, round: int) -> dict:
         return self._core.close_round(round)
+
+    def set_addresses(self, addresses) -> None:
+        self._core.set_addresses(tuple(addresses))
+
+    def committed(self, round: int) -> int:
+        return self._core.committed(round)
+
+    def finish(self) -> None:
+        self._core.finish()
+
+    def ping(self) -> bool:
+        return True
 
     def stop(self) -> None:
         self._server.stop(grace=1.0)

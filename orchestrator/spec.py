@@ -21,6 +21,7 @@ __all__ = [
     "JobSpec",
     "ModelSpec",
     "ResourceSpec",
+    "ServiceSpec",
     "SpecError",
     "TrainingSpec",
 ]
@@ -108,8 +109,10 @@ class TrainingSpec:
     lr: float = 0.05
     momentum: float = 0.0
     server_lr: float = 1.0
+    min_clients: int = 1  # a round with fewer successful updates fails
 
     def __post_init__(self) -> None:
+        _int("training.min_clients", self.min_clients, 1)
         _int("training.rounds", self.rounds, 1)
         _int("training.clients_per_round", self.clients_per_round, 1)
         _int("training.local_epochs", self.local_epochs, 1)
@@ -153,14 +156,47 @@ class ResourceSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     num_cpus: int | None = None  # for an embedded local Ray only
+    shards: int = 1  # aggregation shards (gRPC servers); clients map to shards by a hash of their id
+    shard_resource: str | None = None  # Ray custom resource that pins shards (e.g. fedray_aggregator)
+    max_attempts: int = 3  # per client and round, over worker failures
 
     def __post_init__(self) -> None:
+        _int("resources.shards", self.shards, 1, 256)
+        _int("resources.max_attempts", self.max_attempts, 1, 100)
+        if self.shard_resource is not None and (not isinstance(self.shard_resource, str) or not self.shard_resource):
+            _fail("resources.shard_resource", "must be a Ray resource name or null", self.shard_resource)
         _int("resources.num_workers", self.num_workers, 0)
         _int("resources.clients_per_call", self.clients_per_call, 1)
         _num("resources.cpus_per_worker", self.cpus_per_worker, 0)
         _num("resources.gpus_per_worker", self.gpus_per_worker, 0)
         if self.num_cpus is not None:
             _int("resources.num_cpus", self.num_cpus, 1)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """The aggregation service as real clients see it."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # first shard's port (shard i listens on port + i); 0 picks free ports
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # set: mutual TLS, clients need a certificate from this CA
+    real_clients: int = 0  # updates from real clients (outside Ray) each round waits for
+    real_client_wait_s: float = 60.0
+    job_id: str | None = None  # fixed job id (real clients need it); default: name + random suffix
+    secret_env: str = "FEDRAY_JOB_SECRET"  # environment variable holding the job secret, if set
+    max_inflight: int = 64  # uploads in flight per shard before RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        _int("service.port", self.port, 0, 65535)
+        _int("service.real_clients", self.real_clients, 0)
+        _num("service.real_client_wait_s", self.real_client_wait_s, 0)
+        _int("service.max_inflight", self.max_inflight, 1)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SpecError("service.tls_cert: set both tls_cert and tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SpecError("service.tls_client_ca: mutual TLS needs tls_cert and tls_key too")
 
 
 @dataclass(frozen=True)
@@ -174,8 +210,15 @@ class JobSpec:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
+    service: ServiceSpec = field(default_factory=ServiceSpec)
+    checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
 
     def __post_init__(self) -> None:
+        if self.training.min_clients > self.training.clients_per_round + self.service.real_clients:
+            raise SpecError(
+                f"training.min_clients: {self.training.min_clients} is more than the "
+                f"{self.training.clients_per_round} clients per round (plus real clients)"
+            )
         if not isinstance(self.name, str) or not self.name:
             _fail("name", "must be a non-empty string", self.name)
         _int("seed", self.seed, 0, (1 << 63) - 1)

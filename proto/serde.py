@@ -27,7 +27,13 @@ __all__ = [
     "UpdateHeader",
     "add_aggregation_service",
     "call_download",
+    "call_get_job",
     "call_health",
+    "JobInfo",
+    "TLSConfig",
+    "open_channel",
+    "retry_after_ms",
+    "shard_index",
     "call_upload",
     "payload_from_meta",
     "upload_messages",
@@ -37,6 +43,7 @@ __all__ = [
 # (research/environment.md).
 CHUNK_BYTES = 1 << 20
 TOKEN_METADATA_KEY = "x-fedray-token"
+RETRY_AFTER_KEY = "retry-after-ms"
 # Chunks are about 1 MB, so 8 MiB leaves room for headers with many tensors.
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", 8 << 20),
@@ -78,6 +85,66 @@ class ModelStage:
     stage: int
     num_stages: int
     tensors: tuple[tuple[str, Payload], ...]
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    round: int
+    round_open: bool
+    finished: bool
+    num_rounds: int
+    spec_json: str
+    shard_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server TLS: certificate and key (PEM files); with `client_ca_file`, clients must present a
+    certificate signed by that CA (mutual TLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        read = lambda f: open(f, "rb").read()  # noqa: E731
+        ca = read(self.client_ca_file) if self.client_ca_file else None
+        return grpc.ssl_server_credentials(
+            [(read(self.key_file), read(self.cert_file))], root_certificates=ca, require_client_auth=ca is not None
+        )
+
+
+def open_channel(
+    address: str, *, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+    server_name: str | None = None,
+) -> grpc.Channel:
+    """A channel to the service: plaintext, or TLS when `ca_file` is given (mutual with cert and key)."""
+    if ca_file is None:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    read = lambda f: open(f, "rb").read() if f else None  # noqa: E731
+    creds = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
+    opts = GRPC_OPTIONS + ((("grpc.ssl_target_name_override", server_name),) if server_name else ())
+    return grpc.secure_channel(address, creds, options=opts)
+
+
+def shard_index(client_id: int, num_shards: int) -> int:
+    """The shard of a client: a stable hash (splitmix64) of its id, the same in every process."""
+    z = (int(client_id) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % num_shards
+
+
+def retry_after_ms(err: grpc.RpcError) -> int | None:
+    """The server's back-off hint on RESOURCE_EXHAUSTED, if it sent one."""
+    for k, v in (err.trailing_metadata() or ()):
+        if k == RETRY_AFTER_KEY:
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
 
 
 @dataclass(frozen=True)
@@ -258,6 +325,13 @@ def _with_data(p: Payload, data) -> Payload:
     return Payload(p.codec, p.version, p.dtype, p.shape, p.params, data)
 
 
+def call_get_job(channel: grpc.Channel, *, job_id: str, client_id: int, token: str, timeout: float = 10.0) -> JobInfo:
+    r = pb_grpc.AggregationStub(channel).GetJob(
+        pb.JobRequest(job_id=job_id, client_id=client_id), timeout=timeout, metadata=((TOKEN_METADATA_KEY, token),)
+    )
+    return JobInfo(r.job_id, r.round, r.round_open, r.finished, r.num_rounds, r.spec_json, tuple(r.shard_addresses))
+
+
 def call_health(channel: grpc.Channel, timeout: float = 10.0) -> HealthInfo:
     r = pb_grpc.AggregationStub(channel).Health(pb.HealthRequest(), timeout=timeout)
     return HealthInfo(r.status, r.job_id, r.round, r.updates_committed, r.bytes_received)
@@ -280,6 +354,8 @@ class AggregationHandler(Protocol):
 
     def health(self) -> HealthInfo: ...
 
+    def get_job(self, job_id: str, client_id: int, token: str) -> JobInfo: ...
+
 
 def _token(context) -> str:
     for k, v in context.invocation_metadata() or ():
@@ -298,6 +374,9 @@ class _Servicer(pb_grpc.AggregationServicer):
         code = self._status_of(e)
         if code is None:
             raise e
+        hint = getattr(e, "retry_after_ms", None)
+        if hint is not None:
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(hint))),))
         context.abort(code, str(e))
 
     def Upload(self, request_iterator, context):
@@ -335,6 +414,17 @@ class _Servicer(pb_grpc.AggregationServicer):
             return
         for stage in stages:
             yield from _model_messages(self._job_id, stage, CHUNK_BYTES)
+
+    def GetJob(self, request, context):
+        try:
+            i = self._h.get_job(request.job_id, request.client_id, _token(context))
+        except Exception as e:
+            self._abort(context, e)
+            return None
+        return pb.JobInfo(
+            job_id=i.job_id, round=i.round, round_open=i.round_open, finished=i.finished, num_rounds=i.num_rounds,
+            spec_json=i.spec_json, shard_addresses=list(i.shard_addresses),
+        )
 
     def Health(self, request, context):
         i = self._h.health()

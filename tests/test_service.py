@@ -175,3 +175,21 @@ def test_large_update_spans_many_chunks():
         assert torch.equal(core.close_round(1)["sums"]["big"], x.double())
     finally:
         server.stop(None)
+
+
+def test_a_client_is_accepted_only_by_its_own_shard():
+    from fedray.proto.serde import shard_index
+
+    cid = next(c for c in range(100) if shard_index(c, 2) == 0)
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES, shard=(1, 2))
+    core.set_addresses(("127.0.0.1:1", "127.0.0.1:2"))
+    server, port = create_server(core, "127.0.0.1:0")
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+        core.open_round(1)
+        with pytest.raises(grpc.RpcError) as e:
+            _send(ch, _msgs(_update(1), client_id=cid), client_id=cid)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "127.0.0.1:1" in e.value.details()
+        assert core.close_round(1)["count"] == 0
+    finally:
+        server.stop(None)

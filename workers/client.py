@@ -22,7 +22,9 @@ from .data import Dataset, Partition
 from .models import build_model, set_params
 from .train import TrainConfig, train_local
 
-__all__ = ["ClientError", "ClientResult", "ClientTrainer", "TrainerSetup", "client_seed", "decode_model"]
+__all__ = [
+    "ClientError", "ClientResult", "ClientTrainer", "TrainerSetup", "client_seed", "decode_model", "upload_with_retry",
+]
 
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 
@@ -46,7 +48,6 @@ class TrainerSetup:
 
     job_id: str
     secret: str
-    server: str
     seed: int
     model_kind: str
     hidden: tuple[int, ...]
@@ -56,6 +57,7 @@ class TrainerSetup:
     broadcast: str = "identity"
     broadcast_params: Mapping[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
+    tls_ca_file: str | None = None  # set when the service serves TLS
 
 
 @dataclass(frozen=True)
@@ -84,31 +86,38 @@ class ClientTrainer:
         self.parts = parts
         self.model = build_model(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
         self.codec = get_codec(setup.codec, **dict(setup.codec_params))
-        self._channel: grpc.Channel | None = None
+        self._channels: dict[str, grpc.Channel] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
 
-    def _chan(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.setup.server, options=serde.GRPC_OPTIONS)
-        return self._channel
+    def _chan(self, address: str) -> grpc.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = serde.open_channel(address, ca_file=self.setup.tls_ca_file)
+        return ch
 
     def _global(self, round: int, broadcast: Sequence[tuple[str, Payload]]) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != round:
             self._cached = (round, decode_model(broadcast, self.setup.broadcast, self.setup.broadcast_params))
         return self._cached[1]
 
-    def train_clients(self, round: int, broadcast: Sequence[tuple[str, Payload]], client_ids: Sequence[int]) -> list[ClientResult]:
-        """Train, encode and upload each client; a failing client is reported, not raised."""
+    def train_clients(
+        self, round: int, broadcast: Sequence[tuple[str, Payload]], client_ids: Sequence[int],
+        servers: Sequence[str], attempt: int = 0,
+    ) -> list[ClientResult]:
+        """Train, encode and upload each client to its shard (`servers[shard_index(id)]`).
+
+        A failing client is reported in its result, not raised.
+        """
         start = self._global(round, broadcast)
         out = []
         for cid in client_ids:
             try:
-                out.append(self._one(round, start, int(cid)))
+                out.append(self._one(round, start, int(cid), servers, attempt))
             except ClientError as e:
                 out.append(ClientResult(int(cid), round, error=str(e)))
         return out
 
-    def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int) -> ClientResult:
+    def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int, servers: Sequence[str], attempt: int) -> ClientResult:
         s = self.setup
         seed = client_seed(s.seed, round, cid)
         stage = "train"
@@ -127,26 +136,40 @@ class ClientTrainer:
             stage = "upload"
             msgs = serde.upload_messages(
                 job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
-                metrics={"loss": stats.loss, "train_s": train_s},
+                attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
             )
-            ack = self._upload(msgs, client_token(s.secret, s.job_id, cid))
+            server = servers[serde.shard_index(cid, len(servers))]
+            ack = upload_with_retry(self._chan(server), msgs, client_token(s.secret, s.job_id, cid), attempt=attempt)
         except Exception as e:
             raise ClientError(stage, cid, round, e) from e
         return ClientResult(cid, round, stats.examples, stats.loss, train_s, ack["wire_bytes"])
 
-    def _upload(self, msgs: list, token: str, attempts: int = 5) -> dict:
-        delay = 0.05
-        for i in range(attempts):
-            try:
-                return serde.call_upload(self._chan(), msgs, token=token)
-            except grpc.RpcError as e:
-                if e.code() not in _RETRYABLE or i == attempts - 1:
-                    raise
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
-
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+
+
+def upload_with_retry(channel: grpc.Channel, msgs: list, token: str, *, attempt: int = 0, tries: int = 6) -> dict:
+    """Upload, retrying with exponential back-off (or the server's hint) while the service is busy.
+
+    ALREADY_EXISTS on a retried attempt means an earlier attempt was committed (its ack was
+    lost): the update counts once, and this is success.
+
+    Raises:
+        grpc.RpcError: a non-retryable status, or still busy after `tries` tries.
+    """
+    delay = 0.05
+    for i in range(tries):
+        try:
+            return serde.call_upload(channel, msgs, token=token)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS and (attempt > 0 or i > 0):
+                return {"accepted": True, "bytes_received": 0, "round": 0, "client_id": 0,
+                        "wire_bytes": sum(m.ByteSize() for m in msgs), "duplicate": True}
+            if e.code() not in _RETRYABLE or i == tries - 1:
+                raise
+            hint = serde.retry_after_ms(e)
+            time.sleep(max(delay, (hint or 0) / 1000.0))
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")

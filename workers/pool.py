@@ -23,7 +23,10 @@ OnBatch = Callable[[list[ClientResult]], None]
 class WorkerPool:
     """Interface: `run_round` trains `client_ids` and returns one result per client."""
 
-    def run_round(self, round: int, broadcast: Any, client_ids: Sequence[int], *, on_batch: OnBatch | None = None) -> list[ClientResult]:
+    def run_round(
+        self, round: int, broadcast: Any, client_ids: Sequence[int], servers: Sequence[str], *,
+        on_batch: OnBatch | None = None,
+    ) -> list[ClientResult]:
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -42,10 +45,10 @@ class LocalPool(WorkerPool):
         self._trainer = ClientTrainer(setup, data, parts)
         self._per_call = clients_per_call
 
-    def run_round(self, round, broadcast, client_ids, *, on_batch=None):
+    def run_round(self, round, broadcast, client_ids, servers, *, on_batch=None):
         out = []
         for b in _batches(client_ids, self._per_call):
-            res = self._trainer.train_clients(round, broadcast, b)
+            res = self._trainer.train_clients(round, broadcast, b, servers)
             if on_batch:
                 on_batch(res)
             out.extend(res)
@@ -60,8 +63,8 @@ class _WorkerActor:
     def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition) -> None:
         self._t = ClientTrainer(setup, data, parts)
 
-    def train_clients(self, round: int, broadcast, client_ids: list[int]) -> list[ClientResult]:
-        return self._t.train_clients(round, broadcast, client_ids)
+    def train_clients(self, round: int, broadcast, client_ids: list[int], servers, attempt: int) -> list[ClientResult]:
+        return self._t.train_clients(round, broadcast, client_ids, servers, attempt)
 
     def ping(self) -> bool:
         return True
@@ -70,7 +73,14 @@ class _WorkerActor:
 @dataclass
 class _Slot:
     actor: Any
+    index: int
     inflight: int = 0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    client_ids: list[int]
+    attempt: int = 0
 
 
 class RayPool(WorkerPool):
@@ -78,49 +88,81 @@ class RayPool(WorkerPool):
 
     The data set and partition are put into the object store once and shared by all actors
     (zero-copy numpy reads). Up to two calls are kept in flight per actor so that an actor never
-    idles while the driver handles a result.
+    idles while the driver handles a result. An actor that dies is replaced and its batch retried
+    (attempt + 1) up to `max_attempts`; the service's exactly-once check makes a retry of an
+    already-committed client count once.
     """
 
     def __init__(
         self, setup: TrainerSetup, data: Dataset, parts: Partition, *, num_workers: int,
         clients_per_call: int = 10, num_cpus: float = 1.0, num_gpus: float = 0.0, job_name: str = "fedray",
+        max_attempts: int = 3,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        data_ref, parts_ref = ray.put(data), ray.put(parts)
-        self._slots = [
-            _Slot(_WorkerActor.options(num_cpus=num_cpus, num_gpus=num_gpus, name=f"{job_name}:worker-{i}").remote(setup, data_ref, parts_ref))
-            for i in range(num_workers)
-        ]
+        self._args = (setup, ray.put(data), ray.put(parts))
+        self._opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
+        self._job = job_name
         self._per_call = clients_per_call
+        self._max_attempts = max_attempts
+        self._spawned = 0
+        self.replaced = 0
+        self._slots = [_Slot(self._spawn(), i) for i in range(num_workers)]
         ray.get([s.actor.ping.remote() for s in self._slots])
 
-    def run_round(self, round, broadcast_ref, client_ids, *, on_batch=None):
-        todo = _batches(client_ids, self._per_call)[::-1]
-        pending: dict[Any, _Slot] = {}
+    def _spawn(self):
+        name = f"{self._job}:worker-{self._spawned}"
+        self._spawned += 1
+        return _WorkerActor.options(name=name, **self._opts).remote(*self._args)
+
+    @property
+    def actors(self) -> list:
+        """The live worker actor handles (for monitoring and fault-injection tests)."""
+        return [s.actor for s in self._slots]
+
+    def run_round(self, round, broadcast_ref, client_ids, servers, *, on_batch=None):
+        todo = [_Batch(b) for b in _batches(client_ids, self._per_call)][::-1]
+        pending: dict[Any, tuple[_Slot, _Batch, Any]] = {}
         out: list[ClientResult] = []
+        servers = tuple(servers)
 
         def fill():
             for slot in sorted(self._slots, key=lambda s: s.inflight):
                 while todo and slot.inflight < 2:
-                    ref = slot.actor.train_clients.remote(round, broadcast_ref, todo.pop())
-                    pending[ref] = slot
+                    b = todo.pop()
+                    ref = slot.actor.train_clients.remote(round, broadcast_ref, b.client_ids, servers, b.attempt)
+                    pending[ref] = (slot, b, slot.actor)
                     slot.inflight += 1
 
         fill()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                slot = pending.pop(ref)
-                slot.inflight -= 1
-                res = ray.get(ref)
-                if on_batch:
+                slot, b, actor = pending.pop(ref)
+                if slot.actor is actor:
+                    slot.inflight -= 1
+                try:
+                    res = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    res = self._on_actor_death(slot, b, actor, todo, round, e)
+                if on_batch and res:
                     on_batch(res)
                 out.extend(res)
             fill()
         order = {int(c): i for i, c in enumerate(client_ids)}
         out.sort(key=lambda r: order[r.client_id])
         return out
+
+    def _on_actor_death(self, slot: _Slot, b: _Batch, actor, todo: list, round: int, err: Exception) -> list[ClientResult]:
+        if slot.actor is actor:  # not replaced yet (its other in-flight call may fail next)
+            slot.actor = self._spawn()
+            slot.inflight = 0
+            self.replaced += 1
+        if b.attempt + 1 < self._max_attempts:
+            todo.append(_Batch(b.client_ids, b.attempt + 1))
+            return []
+        msg = f"worker died {self._max_attempts} times: {type(err).__name__}"
+        return [ClientResult(c, round, error=f"client {c}, round {round}, stage worker: {msg}") for c in b.client_ids]
 
     def shutdown(self) -> None:
         for s in self._slots:
@@ -131,4 +173,3 @@ class RayPool(WorkerPool):
 def default_num_workers() -> int:
     """One worker per CPU that Ray reports (at least one)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-

@@ -52,6 +52,11 @@ class AggregationStub:
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.HealthRequest.SerializeToString,
                 response_deserializer=fedray_dot_v1_dot_aggregation__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/fedray.v1.Aggregation/GetJob',
+                request_serializer=fedray_dot_v1_dot_aggregation__pb2.JobRequest.SerializeToString,
+                response_deserializer=fedray_dot_v1_dot_aggregation__pb2.JobInfo.FromString,
+                _registered_method=True)
 
 
 class AggregationServicer:
@@ -75,6 +80,12 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +103,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=fedray_dot_v1_dot_aggregation__pb2.HealthRequest.FromString,
                     response_serializer=fedray_dot_v1_dot_aggregation__pb2.HealthReply.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=fedray_dot_v1_dot_aggregation__pb2.JobRequest.FromString,
+                    response_serializer=fedray_dot_v1_dot_aggregation__pb2.JobInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +191,33 @@ class Aggregation:
             '/fedray.v1.Aggregation/Health',
             fedray_dot_v1_dot_aggregation__pb2.HealthRequest.SerializeToString,
             fedray_dot_v1_dot_aggregation__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedray.v1.Aggregation/GetJob',
+            fedray_dot_v1_dot_aggregation__pb2.JobRequest.SerializeToString,
+            fedray_dot_v1_dot_aggregation__pb2.JobInfo.FromString,
             options,
             channel_credentials,
             insecure,
