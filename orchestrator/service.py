@@ -249,6 +249,7 @@ class AggregationCore:
             ends.append(off)
         staged: dict[str, torch.Tensor] = {}
         filled, nxt, decode_s = 0, 0, 0.0
+        digest = serde.new_digest()
         for offset, data in chunks:
             n = len(data)
             if offset != filled:
@@ -256,6 +257,7 @@ class AggregationCore:
             if filled + n > total:
                 raise PayloadError(f"upload sends more than the {total} bytes its header declares")
             mv[filled : filled + n] = data
+            digest.update(data)
             filled += n
             while nxt < len(h.tensors) and ends[nxt] <= filled:
                 t0 = time.perf_counter()
@@ -264,6 +266,8 @@ class AggregationCore:
                 nxt += 1
         if filled != total:
             raise PayloadError(f"upload ended after {filled} of the {total} bytes its header declares")
+        if digest.digest() != h.digest:
+            raise PayloadError("upload digest does not match its bytes: corrupted in transit, or no digest sent")
         return staged, total, decode_s
 
     def _decode(self, t: serde.TensorEntry, data: memoryview) -> torch.Tensor:

@@ -73,6 +73,22 @@ def test_identity_codec_is_exact_over_the_wire(service):
         assert torch.equal(part["sums"][k], 2.0 * u[k].double())
 
 
+def _redigest(msgs):
+    """Recompute the digest after tampering, so that the decoder (not the checksum) must refuse."""
+    h = serde.new_digest()
+    for m in msgs:
+        h.update(m.data)
+    msgs[0].header.digest = h.digest()
+    return msgs
+
+
+def _bit_flip(msgs):
+    data = bytearray(msgs[0].data)
+    data[7] ^= 0x10
+    msgs[0].data = bytes(data)
+    return msgs
+
+
 def _tamper_bytes(msgs):
     msgs[-1].data = msgs[-1].data[:-1]
     return msgs
@@ -96,7 +112,7 @@ def _nan_scale(msgs):
     data = bytearray(msgs[chunk].data)
     data[off : off + 4] = np.array([np.nan], np.float32).tobytes()
     msgs[chunk].data = bytes(data)
-    return msgs
+    return _redigest(msgs)
 
 
 def _no_header(msgs):
@@ -109,7 +125,7 @@ def _huge_declared(msgs):
     return msgs
 
 
-@pytest.mark.parametrize("tamper", [_tamper_bytes, _bad_shape, _bad_codec, _nan_scale, _no_header, _huge_declared])
+@pytest.mark.parametrize("tamper", [_tamper_bytes, _bad_shape, _bad_codec, _nan_scale, _no_header, _huge_declared, _bit_flip])
 def test_malformed_upload_is_invalid_argument_and_leaves_the_sum_untouched(service, tamper):
     core, ch = service
     good = _update(1)
