@@ -32,9 +32,9 @@ from fedray.workers.train import TrainConfig, evaluate
 from fedray.proto import serde
 from fedray.proto.serde import TLSConfig
 
-from .aggregation import FedAvg, RunningWeightedSum
 from .checkpoint import open_store
 from .metrics import JobMetrics
+from .privacy import add_gaussian_noise, noise_generator
 from .service import ServiceLimits
 from .shard import AggregationShard
 from .spec import JobSpec
@@ -60,6 +60,7 @@ class RoundRecord:
     bytes_down_fp32: int
     wall_s: float
     train_loss: float
+    epsilon: float | None = None  # differential privacy spent so far (with privacy.delta)
 
 
 @dataclass
@@ -144,7 +145,8 @@ class _Shards:
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
             limits=ServiceLimits(max_inflight=spec.service.max_inflight),
             spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
-            num_rounds=spec.training.rounds,
+            num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
+            max_clients=spec.training.clients_per_round + spec.service.real_clients,
         )
         self.actors = [self._start(i) for i in range(spec.resources.shards)]
         self.addresses = ray.get([a.address.remote() for a in self.actors])
@@ -222,7 +224,11 @@ class JobRuntime:
         self.fp32_bytes = 4 * num_params(self.params)
         comp = spec.compression
         self.bcodec = get_codec(comp.broadcast, **dict(comp.broadcast_params))
-        self.strategy = FedAvg(server_lr=spec.training.server_lr)
+        self.strategy = spec.strategy.build()
+        self.accountant = None
+        if spec.privacy is not None:
+            rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / spec.data.num_clients)
+            self.accountant = spec.privacy.accountant(sample_rate=rate)
         self.metrics = JobMetrics(spec.name, comp.codec)
         self.store = open_store(spec.checkpoint_dir) if spec.checkpoint_dir else None
         self.shards: _Shards | None = None
@@ -280,7 +286,8 @@ class JobRuntime:
 
     def _checkpoint(self, r: int, result: JobResult) -> dict:
         return {
-            "round": r, "params": self.params, "strategy": _state_of(self.strategy),
+            "round": r, "params": self.params, "strategy": self.strategy.state_dict(),
+            "accountant": self.accountant.state_dict() if self.accountant else None,
             "rounds": [asdict(x) for x in result.rounds], "wall_s": time.perf_counter(), "spec": self.spec.to_dict(),
         }
 
@@ -289,8 +296,9 @@ class JobRuntime:
             raise JobError(f"checkpoint in {self.spec.checkpoint_dir} is of another job spec; use a new checkpoint_dir")
         self.params = {k: v.clone() for k, v in ck["params"].items()}
         set_params(self.model, self.params)
-        if hasattr(self.strategy, "load_state_dict"):
-            self.strategy.load_state_dict(ck["strategy"])
+        self.strategy.load_state_dict(ck["strategy"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(ck["accountant"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
     def _round(self, r: int) -> RoundRecord:
@@ -300,7 +308,7 @@ class JobRuntime:
         bcast = tuple((k, self.bcodec.encode(v)) for k, v in self.params.items())
         down_per_client = sum(p.nbytes for _, p in bcast)
         bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
-        ray.get([a.open_round.remote(r, bref) for a in self.shards.actors])
+        self._open(r, bref)
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
         try:
             results = {x.client_id: x for x in self.pool.run_round(
@@ -316,7 +324,16 @@ class JobRuntime:
         if agg.count < tr.min_clients:
             raise JobError(f"round {r}: {agg.count} updates arrived, fewer than training.min_clients={tr.min_clients}"
                            f" ({len(failed)} clients failed; first error: {failed[0].error if failed else 'none'})")
-        self.params = self.strategy.apply(self.params, agg)
+        delta = self.strategy.reduce(agg)
+        epsilon = None
+        if spec.privacy is not None:
+            delta = add_gaussian_noise(
+                delta, noise_multiplier=spec.privacy.noise_multiplier, clip_norm=spec.privacy.clip_norm,
+                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(spec.seed, r),
+            )
+            self.accountant.step()
+            epsilon = self.accountant.epsilon(spec.privacy.delta)
+        self.params = self.strategy.step(self.params, delta)
         set_params(self.model, self.params)
         acc, loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
         wall = time.perf_counter() - t0
@@ -325,7 +342,7 @@ class JobRuntime:
             round=r, clients=agg.count, failed=len(failed), accuracy=acc, loss=loss,
             bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * (len(ids) + real),
             bytes_up_fp32=self.fp32_bytes * len(ok), bytes_down_fp32=self.fp32_bytes * (len(ids) + real), wall_s=wall,
-            train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"),
+            train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"), epsilon=epsilon,
         )
         self.metrics.record_round(
             round=r, ok=len(ok), failed=len(failed), bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
@@ -336,6 +353,20 @@ class JobRuntime:
                  f"up {_mb(rec.bytes_up)}, down {_mb(rec.bytes_down)}, {wall:.2f}s") if not self.progress else None
         return rec
 
+    def _open(self, r: int, bref) -> None:
+        refs = [a.open_round.remote(r, bref) for a in self.shards.actors]
+        for i, ref in enumerate(refs):
+            for _ in range(self.spec.resources.max_attempts):
+                try:
+                    ray.get(ref)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    self.log(f"round {r}: aggregation shard {i} is down; restarting it")
+                    self.shards.restart(i)
+                    ref = self.shards.actors[i].open_round.remote(r, bref)
+            else:
+                raise JobError(f"round {r}: aggregation shard {i} could not be started")
+
     def _wait_real_clients(self, r: int, simulated_ok: int) -> None:
         want = self.spec.service.real_clients
         if not want:
@@ -344,10 +375,10 @@ class JobRuntime:
         while self.shards.committed(r) < simulated_ok + want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _close(self, r: int, bref, ids, results: dict) -> tuple[RunningWeightedSum, float]:
+    def _close(self, r: int, bref, ids, results: dict) -> tuple[object, float]:
         """Close the round on every shard and merge their partial sums; a shard that died is
         restarted and its clients trained again (nothing was committed anywhere else)."""
-        agg, decode_s = RunningWeightedSum(self.shapes), 0.0
+        agg, decode_s = None, 0.0
         n = len(self.shards.actors)
         for i in range(n):
             for attempt in range(self.spec.resources.max_attempts):
@@ -363,15 +394,12 @@ class JobRuntime:
                         results[x.client_id] = x
             else:
                 raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times")
-            shard_sum = RunningWeightedSum(self.shapes)
-            shard_sum.sums, shard_sum.total_weight, shard_sum.count = part["sums"], part["total_weight"], part["count"]
-            agg.merge(shard_sum)
+            if agg is None:
+                agg = part["agg"]
+            else:
+                agg.merge(part["agg"])
             decode_s += part["decode_s"]
         return agg, decode_s
-
-
-def _state_of(strategy) -> dict:
-    return strategy.state_dict() if hasattr(strategy, "state_dict") else {}
 
 
 def _mb(n: int) -> str:

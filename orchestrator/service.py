@@ -23,7 +23,9 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import verify_token
 
-from .aggregation import RunningWeightedSum
+from .aggregation import clip_update
+from .privacy import DPSpec
+from .strategy import StrategySpec
 
 __all__ = [
     "AggregationCore",
@@ -99,7 +101,7 @@ class ServiceLimits:
 @dataclass
 class _RoundState:
     round: int
-    agg: RunningWeightedSum
+    agg: object  # the strategy's collector: RunningWeightedSum, or BufferedUpdates for robust ones
     broadcast: tuple[tuple[str, Payload], ...]
     committed: set[int]
     bytes_received: int = 0
@@ -112,9 +114,13 @@ class AggregationCore:
     def __init__(
         self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]],
         limits: ServiceLimits = ServiceLimits(), spec_json: str = "{}", num_rounds: int = 0,
-        shard: tuple[int, int] = (0, 1),
+        shard: tuple[int, int] = (0, 1), strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None,
+        max_clients: int = 1 << 16,
     ) -> None:
         self.job_id = job_id
+        self._strategy = strategy.build()
+        self._privacy = privacy
+        self._max_clients = max_clients
         self._shard = shard
         self._addresses: tuple[str, ...] = ()
         self._spec_json = spec_json
@@ -135,7 +141,8 @@ class AggregationCore:
 
     def open_round(self, round: int, broadcast: tuple[tuple[str, Payload], ...] = ()) -> None:
         with self._lock:
-            self._state = _RoundState(round, RunningWeightedSum(self._shapes), tuple(broadcast), set())
+            agg = self._strategy.new_collector(self._shapes, max_clients=self._max_clients)
+            self._state = _RoundState(round, agg, tuple(broadcast), set())
             self._last_round = round
 
     def set_addresses(self, addresses: tuple[str, ...]) -> None:
@@ -154,15 +161,16 @@ class AggregationCore:
             self._state = None
 
     def close_round(self, round: int) -> dict:
-        """Close the round; return its partial sum and counters."""
+        """Close the round; return its collector (`agg`: a partial sum, or the buffered updates of
+        a robust strategy) and counters."""
         with self._lock:
             st = self._state
             if st is None or st.round != round:
                 raise RoundClosedError(f"round {round} is not open")
             self._state = None
         return {
-            "sums": st.agg.sums, "total_weight": st.agg.total_weight, "count": st.agg.count,
-            "bytes_received": st.bytes_received, "decode_s": st.decode_s,
+            "agg": st.agg, "sums": getattr(st.agg, "sums", None), "total_weight": st.agg.total_weight,
+            "count": st.agg.count, "bytes_received": st.bytes_received, "decode_s": st.decode_s,
         }
 
     # -- RPC handlers ---------------------------------------------------------------------------
@@ -223,6 +231,11 @@ class AggregationCore:
             self._inflight += 1
         try:
             staged, received, decode_s = self._receive(header, chunks)
+            weight = header.weight
+            if self._privacy is not None:  # DP: clip each update, weigh all equally (privacy.py)
+                staged, _ = clip_update(staged, self._privacy.clip_norm)
+                weight = 1.0
+            staged = self._strategy.prepare_update(staged)
         finally:
             with self._lock:
                 self._inflight -= 1
@@ -231,7 +244,7 @@ class AggregationCore:
                 raise RoundClosedError(f"round {header.round} closed while the upload was streaming")
             if header.client_id in st.committed:
                 raise DuplicateUpdateError(f"client {header.client_id} already uploaded for round {header.round}")
-            st.agg.add(staged, header.weight)
+            st.agg.add(staged, weight)
             st.committed.add(header.client_id)
             st.bytes_received += received
             st.decode_s += decode_s

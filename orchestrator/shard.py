@@ -8,7 +8,9 @@ import ray
 
 from fedray.proto.serde import TLSConfig
 
+from .privacy import DPSpec
 from .service import AggregationCore, ServiceLimits, create_server
+from .strategy import StrategySpec
 
 __all__ = ["AggregationShard"]
 
@@ -21,10 +23,11 @@ class AggregationShard:
         self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]], host: str = "127.0.0.1",
         port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int = 8,
         tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
+        strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None, max_clients: int = 1 << 16,
     ) -> None:
         self._core = AggregationCore(
             job_id=job_id, secret=secret, shapes=shapes, limits=limits, spec_json=spec_json, num_rounds=num_rounds,
-            shard=shard,
+            shard=shard, strategy=strategy, privacy=privacy, max_clients=max_clients,
         )
         self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers, tls=tls)
         self._host = host

@@ -15,14 +15,19 @@ from typing import Any, Mapping
 
 import yaml
 
+from .privacy import DPSpec
+from .strategy import StrategySpec
+
 __all__ = [
     "CompressionSpec",
     "DataSpec",
+    "DPSpec",
     "JobSpec",
     "ModelSpec",
     "ResourceSpec",
     "ServiceSpec",
     "SpecError",
+    "StrategySpec",
     "TrainingSpec",
 ]
 
@@ -108,7 +113,6 @@ class TrainingSpec:
     batch_size: int = 10
     lr: float = 0.05
     momentum: float = 0.0
-    server_lr: float = 1.0
     min_clients: int = 1  # a round with fewer successful updates fails
 
     def __post_init__(self) -> None:
@@ -119,7 +123,6 @@ class TrainingSpec:
         _int("training.batch_size", self.batch_size, 1)
         _num("training.lr", self.lr, 0, lo_open=True)
         _num("training.momentum", self.momentum, 0, 1)
-        _num("training.server_lr", self.server_lr, 0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -211,9 +214,13 @@ class JobSpec:
     compression: CompressionSpec = field(default_factory=CompressionSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     service: ServiceSpec = field(default_factory=ServiceSpec)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
+    privacy: DPSpec | None = None  # client-level differential privacy (clip + Gaussian noise)
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
 
     def __post_init__(self) -> None:
+        if self.privacy is not None:
+            self.privacy.check_strategy(self.strategy.name)
         if self.training.min_clients > self.training.clients_per_round + self.service.real_clients:
             raise SpecError(
                 f"training.min_clients: {self.training.min_clients} is more than the "
@@ -277,8 +284,11 @@ def _build(cls: type, d: Any, prefix: str):
     kwargs = {}
     for k, v in d.items():
         t = hints[k]
+        inner = _optional_dataclass(t)
         if dataclasses.is_dataclass(t):
             kwargs[k] = _build(t, v, f"{prefix}{k}.")
+        elif inner is not None and v is not None:
+            kwargs[k] = _build(inner, v, f"{prefix}{k}.")
         elif _is_tuple(t) and isinstance(v, list):
             kwargs[k] = tuple(v)
         elif t is float or t == (float | None):
@@ -286,6 +296,15 @@ def _build(cls: type, d: Any, prefix: str):
         else:
             kwargs[k] = v
     return cls(**kwargs)
+
+
+def _optional_dataclass(t: Any):
+    """X for a hint `X | None` where X is a dataclass, else None."""
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return None
 
 
 def _is_tuple(t: Any) -> bool:

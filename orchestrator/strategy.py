@@ -1,0 +1,425 @@
+"""Server strategies: a few hooks, with variants built by composition (no Ray, no gRPC).
+
+A strategy is FedAvg's skeleton with three parts swapped in:
+
+* a `Reducer` (aggregation.py) turns the round's client deltas into one delta: weighted mean,
+  coordinate-wise median, trimmed mean, Krum;
+* a `ServerOptimizer` applies it (Reddi et al. 2021, "Adaptive Federated Optimization"): the
+  pseudo-gradient is g = -delta and the optimizer steps on it. Plain SGD with lr 1 is FedAvg;
+  momentum is FedAvgM; Adam, Yogi and Adagrad give FedAdam, FedYogi and FedAdagrad;
+* optional per-client norm clipping (`clip_norm`) before an update is folded in.
+
+So FedAdam is `FedAvg(server_optimizer=ServerAdam(lr=0.01))`; `build_strategy` and `StrategySpec`
+name the usual combinations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+
+from .aggregation import (
+    BufferedUpdates, Collector, CoordinateMedian, Krum, Reducer, RunningWeightedSum, TrimmedMean,
+    WeightedMean, clip_update,
+)
+
+__all__ = [
+    "FedAvg",
+    "ServerAdagrad",
+    "ServerAdam",
+    "ServerOptState",
+    "ServerOptimizer",
+    "ServerSGD",
+    "ServerYogi",
+    "Strategy",
+    "StrategySpec",
+    "aggregate_metrics",
+    "available_strategies",
+    "build_strategy",
+]
+
+Params = Mapping[str, torch.Tensor]
+
+
+class Strategy(Protocol):
+    """The hooks the round loop calls, in order, every round."""
+
+    def new_collector(self, shapes: Mapping[str, tuple[int, ...]], *, max_clients: int) -> Collector: ...
+    def prepare_update(self, update: Params) -> dict[str, torch.Tensor]: ...
+    def reduce(self, agg: Collector) -> dict[str, torch.Tensor]: ...
+    def step(self, global_params: Params, delta: Params) -> dict[str, torch.Tensor]: ...
+    def aggregate(self, global_params: Params, agg: Collector) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+# -- server optimizers ----------------------------------------------------------------------------
+
+@dataclass
+class ServerOptState:
+    """A server optimizer's memory: step count and per-tensor slots (e.g. {"m": {...}, "v": {...}})."""
+
+    step: int = 0
+    slots: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "slots": {s: {k: t.clone() for k, t in d.items()} for s, d in self.slots.items()}}
+
+    @classmethod
+    def from_state_dict(cls, d: Mapping[str, Any]) -> "ServerOptState":
+        return cls(int(d["step"]), {s: {k: t.clone() for k, t in v.items()} for s, v in d["slots"].items()})
+
+
+class ServerOptimizer(Protocol):
+    """Hyperparameters only (frozen); the memory lives in a `ServerOptState`."""
+
+    lr: float
+
+    def init(self, params: Params) -> ServerOptState: ...
+    def update(self, state: ServerOptState, params: Params, grad: Params) -> dict[str, torch.Tensor]:
+        """New parameters from the pseudo-gradient; advances `state` in place."""
+
+
+def _unit(name: str, v: Any, *, closed_hi: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (0 <= v <= 1 if closed_hi else 0 <= v < 1)
+    if not ok:
+        raise ValueError(f"{name} must be in [0, 1{']' if closed_hi else ')'}, got {v!r}")
+
+
+def _positive(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0 < v < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ServerSGD:
+    """x <- x - lr * b with b <- momentum * b + g (b = g on the first step). momentum 0: FedAvg with
+    server learning rate lr; momentum > 0: FedAvgM (Hsu et al. 2019)."""
+
+    lr: float = 1.0
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        _unit("momentum", self.momentum)
+
+    def init(self, params: Params) -> ServerOptState:
+        return ServerOptState()
+
+    def update(self, state: ServerOptState, params: Params, grad: Params) -> dict[str, torch.Tensor]:
+        state.step += 1
+        if self.momentum == 0:
+            return {k: params[k] - self.lr * grad[k] for k in params}
+        buf = state.slots.setdefault("momentum", {})
+        for k in params:
+            buf[k] = grad[k].clone() if k not in buf else self.momentum * buf[k] + grad[k]
+        return {k: params[k] - self.lr * buf[k] for k in params}
+
+
+@dataclass(frozen=True)
+class _Adaptive:
+    """Reddi et al. 2021, Algorithm 2, on g = -delta:
+    m <- beta1 m + (1 - beta1) g;  v <- second_moment(v, g^2);  x <- x - lr m / (sqrt(v) + tau),
+    with m = 0 and v = tau^2 at the start (the paper's v_{-1} >= tau^2) and no bias correction."""
+
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _positive("lr", self.lr)
+        _unit("beta1", self.beta1)
+        _unit("beta2", self.beta2)
+        _positive("tau", self.tau)
+
+    def init(self, params: Params) -> ServerOptState:
+        return ServerOptState(0, {
+            "m": {k: torch.zeros_like(p) for k, p in params.items()},
+            "v": {k: torch.full_like(p, self.tau ** 2) for k, p in params.items()},
+        })
+
+    def _second_moment(self, v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, state: ServerOptState, params: Params, grad: Params) -> dict[str, torch.Tensor]:
+        state.step += 1
+        m, v, out = state.slots["m"], state.slots["v"], {}
+        for k in params:
+            g = grad[k]
+            m[k] = self.beta1 * m[k] + (1 - self.beta1) * g
+            v[k] = self._second_moment(v[k], g * g)
+            out[k] = params[k] - self.lr * m[k] / (torch.sqrt(v[k]) + self.tau)
+        return out
+
+
+@dataclass(frozen=True)
+class ServerAdam(_Adaptive):
+    """FedAdam's optimizer: v <- beta2 v + (1 - beta2) g^2."""
+
+    def _second_moment(self, v, g2):
+        return self.beta2 * v + (1 - self.beta2) * g2
+
+
+@dataclass(frozen=True)
+class ServerYogi(_Adaptive):
+    """FedYogi's optimizer: v <- v - (1 - beta2) g^2 sign(v - g^2)."""
+
+    def _second_moment(self, v, g2):
+        return v - (1 - self.beta2) * g2 * torch.sign(v - g2)
+
+
+@dataclass(frozen=True)
+class ServerAdagrad(_Adaptive):
+    """FedAdagrad's optimizer: v <- v + g^2 (beta2 unused)."""
+
+    def _second_moment(self, v, g2):
+        return v + g2
+
+
+# -- the strategy --------------------------------------------------------------------------------
+
+class FedAvg:
+    """FedAvg on client deltas, with a pluggable reducer, server optimizer and per-client clipping.
+
+    new = optimizer.update(global, g = -reduce(deltas)); with the defaults (weighted mean, SGD with
+    lr = server_lr) that is global + server_lr * weighted mean of the deltas.
+    """
+
+    def __init__(self, *, server_lr: float = 1.0, server_optimizer: ServerOptimizer | None = None,
+                 aggregator: Reducer | None = None, clip_norm: float | None = None) -> None:
+        """
+        Raises:
+            ValueError: server_lr <= 0, server_lr set together with a server_optimizer (give the
+                optimizer its lr), or clip_norm <= 0.
+        """
+        _positive("server_lr", server_lr)
+        if server_optimizer is not None and server_lr != 1.0:
+            raise ValueError("server_lr: set the learning rate on the server_optimizer instead, not both")
+        if clip_norm is not None:
+            _positive("clip_norm", clip_norm)
+        self.optimizer: ServerOptimizer = server_optimizer or ServerSGD(lr=server_lr)
+        self.aggregator: Reducer = aggregator or WeightedMean()
+        self.clip_norm = clip_norm
+        self._opt_state: ServerOptState | None = None
+
+    @property
+    def server_lr(self) -> float:
+        return self.optimizer.lr
+
+    @property
+    def needs_all_updates(self) -> bool:
+        """True when the round must be collected with `BufferedUpdates` (median, trimmed mean, Krum)."""
+        return self.aggregator.buffered
+
+    def __repr__(self) -> str:
+        return f"FedAvg(aggregator={self.aggregator!r}, server_optimizer={self.optimizer!r}, clip_norm={self.clip_norm})"
+
+    def new_collector(self, shapes: Mapping[str, tuple[int, ...]], *, max_clients: int,
+                      max_bytes: int | None = None) -> Collector:
+        """An empty collector for one round (or one shard's share of it).
+
+        Raises:
+            ValueError: a buffered strategy's max_clients x model bytes is over max_bytes.
+        """
+        if self.aggregator.buffered:
+            return BufferedUpdates(shapes, max_clients=max_clients, max_bytes=max_bytes)
+        return RunningWeightedSum(shapes)
+
+    def prepare_update(self, update: Params) -> dict[str, torch.Tensor]:
+        """One client's delta as it should be folded in: clipped to clip_norm when set.
+
+        Raises:
+            ValueError: clipping and the update has a non-finite norm.
+        """
+        if self.clip_norm is None:
+            return dict(update)
+        return clip_update(update, self.clip_norm)[0]
+
+    def reduce(self, agg: Collector) -> dict[str, torch.Tensor]:
+        """The round's aggregated delta (float32).
+
+        Raises:
+            ValueError: nothing was collected, or too few updates for Krum.
+            TypeError: a buffered reducer got a RunningWeightedSum.
+        """
+        return self.aggregator.reduce(agg)
+
+    def step(self, global_params: Params, delta: Params) -> dict[str, torch.Tensor]:
+        """Apply an aggregated delta (possibly with DP noise added) with the server optimizer."""
+        if self._opt_state is None:
+            self._opt_state = self.optimizer.init(global_params)
+        grad = {k: -delta[k].to(global_params[k].dtype) for k in global_params}
+        return self.optimizer.update(self._opt_state, global_params, grad)
+
+    def aggregate(self, global_params: Params, agg: Collector) -> dict[str, torch.Tensor]:
+        """step(global_params, reduce(agg)).
+
+        Raises:
+            ValueError, TypeError: as `reduce`.
+        """
+        return self.step(global_params, self.reduce(agg))
+
+    apply = aggregate  # the name the round loop used before strategies were pluggable
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server optimizer's memory (tensors cloned), for a bit-identical resume."""
+        return {"optimizer": None if self._opt_state is None else self._opt_state.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output; an empty mapping means a fresh start."""
+        opt = state.get("optimizer")
+        self._opt_state = None if opt is None else ServerOptState.from_state_dict(opt)
+
+
+# -- config and registry --------------------------------------------------------------------------
+
+def _spec_error(field_name: str, msg: str, value: Any = ...) -> Exception:
+    # SpecError lives in spec.py, which will import this module for JobSpec.strategy; imported
+    # here, when an error is raised, so that neither module needs the other at import time.
+    from .spec import SpecError
+
+    got = "" if value is ... else f", got {value!r}"
+    return SpecError(f"strategy.{field_name}: {msg}{got}")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    params: tuple[str, ...]  # StrategySpec fields this strategy uses, besides clip_norm, proximal_mu
+    build: Callable[["StrategySpec"], FedAvg]
+
+
+_ADAPTIVE = ("server_lr", "beta1", "beta2", "tau")
+_REGISTRY: dict[str, _Entry] = {
+    "fedavg": _Entry(("server_lr",), lambda s: FedAvg(server_lr=s.server_lr, clip_norm=s.clip_norm)),
+    "fedavgm": _Entry(("server_lr", "server_momentum"), lambda s: FedAvg(
+        server_optimizer=ServerSGD(lr=s.server_lr, momentum=s.server_momentum), clip_norm=s.clip_norm)),
+    "fedadam": _Entry(_ADAPTIVE, lambda s: FedAvg(
+        server_optimizer=ServerAdam(lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau), clip_norm=s.clip_norm)),
+    "fedyogi": _Entry(_ADAPTIVE, lambda s: FedAvg(
+        server_optimizer=ServerYogi(lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau), clip_norm=s.clip_norm)),
+    "fedadagrad": _Entry(("server_lr", "beta1", "tau"), lambda s: FedAvg(
+        server_optimizer=ServerAdagrad(lr=s.server_lr, beta1=s.beta1, tau=s.tau), clip_norm=s.clip_norm)),
+    "median": _Entry(("server_lr",), lambda s: FedAvg(
+        server_lr=s.server_lr, aggregator=CoordinateMedian(), clip_norm=s.clip_norm)),
+    "trimmed_mean": _Entry(("server_lr", "trim_ratio"), lambda s: FedAvg(
+        server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio), clip_norm=s.clip_norm)),
+    "krum": _Entry(("server_lr", "krum_f"), lambda s: FedAvg(
+        server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm)),
+}
+_ALWAYS = ("clip_norm", "proximal_mu")
+
+
+def available_strategies() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def _number(name: str, v: Any, *, lo: float, lo_open: bool = False, hi: float | None = None,
+            hi_open: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _spec_error(name, "must be a finite number", v)
+    if v < lo or (lo_open and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))):
+        rng = f"{'(' if lo_open else '['}{lo}, {'inf)' if hi is None else f'{hi}' + (')' if hi_open else ']')}"
+        raise _spec_error(name, f"must be in {rng}", v)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """The server strategy of a job (`strategy:` in the job spec).
+
+    clip_norm clips every client delta to that L2 norm before aggregation (any strategy);
+    proximal_mu is FedProx's proximal weight, used by client training, not by the server.
+    A field that the named strategy does not use must keep its default, so that a typo'd or
+    stale setting is an error rather than silently ignored.
+    """
+
+    name: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    trim_ratio: float = 0.1
+    clip_norm: float | None = None
+    krum_f: int = 0
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in _REGISTRY:
+            raise _spec_error("name", f"must be one of {', '.join(_REGISTRY)}", self.name)
+        _number("server_lr", self.server_lr, lo=0, lo_open=True)
+        _number("server_momentum", self.server_momentum, lo=0, hi=1, hi_open=True)
+        _number("beta1", self.beta1, lo=0, hi=1, hi_open=True)
+        _number("beta2", self.beta2, lo=0, hi=1, hi_open=True)
+        _number("tau", self.tau, lo=0, lo_open=True)
+        _number("trim_ratio", self.trim_ratio, lo=0, hi=0.5, hi_open=True)
+        if self.clip_norm is not None:
+            _number("clip_norm", self.clip_norm, lo=0, lo_open=True)
+        if isinstance(self.krum_f, bool) or not isinstance(self.krum_f, int) or self.krum_f < 0:
+            raise _spec_error("krum_f", "must be an integer >= 0", self.krum_f)
+        _number("proximal_mu", self.proximal_mu, lo=0)
+        used = _REGISTRY[self.name].params + _ALWAYS
+        for f in fields(self):
+            if f.name not in used and f.name != "name" and getattr(self, f.name) != f.default:
+                users = [n for n, e in _REGISTRY.items() if f.name in e.params]
+                raise _spec_error(f.name, f"is not used by strategy {self.name!r} (only by {', '.join(users)}); "
+                                  f"remove it or change strategy.name", getattr(self, f.name))
+        if self.name == "fedavgm" and self.server_momentum == 0:
+            raise _spec_error("server_momentum", "fedavgm needs a momentum in (0, 1), e.g. 0.9; "
+                              "or use strategy.name: fedavg", self.server_momentum)
+
+    @property
+    def needs_all_updates(self) -> bool:
+        """True for median, trimmed_mean, krum: the round must be collected with `BufferedUpdates`."""
+        return self.name in ("median", "trimmed_mean", "krum")
+
+    def build(self) -> FedAvg:
+        """The strategy object this spec describes (fresh optimizer state)."""
+        return _REGISTRY[self.name].build(self)
+
+
+def build_strategy(name: str, **params: Any) -> FedAvg:
+    """A strategy by registry name, e.g. `build_strategy("fedadam", server_lr=0.01, tau=1e-3)`.
+
+    Parameters are `StrategySpec` fields; each name accepts only the ones it uses, plus clip_norm
+    and proximal_mu.
+
+    Raises:
+        SpecError: unknown name, unknown or unused parameter, or a value out of range; the message
+            starts with `strategy.<parameter>`.
+    """
+    names = {f.name for f in fields(StrategySpec)} - {"name"}
+    for k in params:
+        if k not in names:
+            raise _spec_error(k, f"unknown parameter; strategies take {', '.join(sorted(names))}")
+    return StrategySpec(name=name, **params).build()
+
+
+# -- evaluation metrics ----------------------------------------------------------------------------
+
+def aggregate_metrics(results: Iterable[tuple[float, Mapping[str, float]]]) -> dict[str, float]:
+    """Weighted means of client metrics: for each key, sum w_i m_i / sum w_i over the clients that
+    report it (e.g. weight = number of test examples).
+
+    Raises:
+        ValueError: no results, a weight that is not finite and > 0, or a non-numeric or
+            non-finite metric value (the message names it).
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    n = 0
+    for w, metrics in results:
+        n += 1
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w < math.inf):
+            raise ValueError(f"metrics weight must be a finite number > 0, got {w!r}")
+        for k, v in metrics.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"metric {k!r}: must be a finite number, got {v!r}")
+            sums[k] = sums.get(k, 0.0) + w * float(v)
+            weights[k] = weights.get(k, 0.0) + w
+    if n == 0:
+        raise ValueError("no metrics to aggregate")
+    return {k: sums[k] / weights[k] for k in sums}
