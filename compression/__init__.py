@@ -4,6 +4,8 @@ Usage:
     codec = get_codec("int8", granularity="channel")
     payload = codec.encode(tensor)
     restored = decode_checked(codec, payload)
+
+Codecs and wire formats: docs/compression.md.
 """
 
 from .codec import (
@@ -15,17 +17,25 @@ from .codec import (
     get_codec,
     register_codec,
 )
+from .p2u import P2UConfig, decode_stages, encode_stages, stage_bytes
 from .payload import MAX_TENSOR_ELEMENTS, Payload, PayloadError
+from .state import CodecState, ErrorFeedbackState
 
 __all__ = [
     "MAX_TENSOR_ELEMENTS",
     "Codec",
     "CodecContext",
+    "CodecState",
+    "ErrorFeedbackState",
+    "P2UConfig",
     "Payload",
     "PayloadError",
     "UnknownCodecError",
     "available_codecs",
     "decode_checked",
+    "decode_stages",
+    "encode_stages",
     "get_codec",
     "register_codec",
+    "stage_bytes",
 ]

@@ -71,7 +71,7 @@ class RunningWeightedSum:
         """
         _check_update(update, self._shapes, weight)
         for k, x in update.items():
-            self.sums[k].add_(x.to(torch.float64), alpha=weight)
+            self.sums[k].add_(x, alpha=weight)  # promotes to float64 in place: no temporary copy
         self.total_weight += weight
         self.count += 1
 

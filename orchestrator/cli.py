@@ -1,17 +1,24 @@
 """The `fedray` command line.
 
-    fedray demo [--dataset fashion-mnist] [--clients 1000] ... [--json out.json]
-    fedray run JOB.yaml [--json out.json]
+    fedray demo [--dataset fashion-mnist] [--clients 1000] ... [--json out.json] [--out DIR]
+    fedray run JOB.yaml [--json out.json] [--out DIR]
     fedray validate JOB.yaml
     fedray codecs
+    fedray submit JOB.yaml [--address URL] [--follow]     (prints the job id)
+    fedray status|logs|stop|wait|result JOB_ID [--address URL]
+
+`--address` defaults to $FEDRAY_ADDRESS, else http://127.0.0.1:8265 (a Ray dashboard URL).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from typing import Sequence
 
+from . import realclient_cli
 from .spec import CompressionSpec, DataSpec, JobSpec, ModelSpec, ResourceSpec, SpecError, TrainingSpec
 
 __all__ = ["main"]
@@ -47,6 +54,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
+    p.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -65,7 +73,10 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
     )
 
 
-def _run(spec: JobSpec, *, json_path: str | None, quiet: bool, dashboard: bool = False) -> int:
+def _run(
+    spec: JobSpec, *, json_path: str | None, quiet: bool, dashboard: bool = False, out: str | None = None,
+    emit_result: bool = False, resume: bool = False,
+) -> int:
     import ray
 
     from .engine import ensure_ray, format_summary, run_job
@@ -74,7 +85,7 @@ def _run(spec: JobSpec, *, json_path: str | None, quiet: bool, dashboard: bool =
     try:
         if dashboard:
             print(f"Ray dashboard: http://{ray.get_runtime_context().gcs_address.split(':')[0]}:8265")
-        result = run_job(spec, progress=not quiet)
+        result = run_job(spec, progress=not quiet, resume=resume)
     finally:
         if started:
             ray.shutdown()
@@ -82,6 +93,17 @@ def _run(spec: JobSpec, *, json_path: str | None, quiet: bool, dashboard: bool =
     if json_path:
         result.write_json(json_path)
         print(f"summary written to {json_path}")
+    out_dir = None
+    if out:
+        from .results import write_results
+
+        out_dir = os.path.abspath(out)
+        write_results(result, out_dir)
+        print(f"results written to {out_dir}")
+    if emit_result:
+        from .client import format_result_line
+
+        print(format_result_line(result.summary(), results_dir=out_dir), flush=True)
     return 0
 
 
@@ -92,19 +114,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     r = sub.add_parser("run", help="run a job spec (YAML) on an embedded Ray, or on RAY_ADDRESS's cluster")
     r.add_argument("spec")
     r.add_argument("--json", dest="json_path", default=None)
+    r.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
+    r.add_argument("--emit-result", action="store_true",
+                   help="end with a FEDRAY_RESULT line (summary JSON) for `fedray result` of submitted jobs")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in the spec's checkpoint_dir (after a crash or kill)")
+    r.add_argument("--checkpoint-dir", default=None, help="checkpoint after every round here (overrides the spec)")
     v = sub.add_parser("validate", help="check a job spec and print it with defaults filled in")
     v.add_argument("spec")
     sub.add_parser("codecs", help="list the registered codecs")
+    _remote_parsers(sub)
+    realclient_cli.add_parsers(sub)
     a = parser.parse_args(argv)
 
     from fedray.workers.data import DatasetMissingError
 
     try:
         if a.cmd == "demo":
-            return _run(spec_from_demo_args(a), json_path=a.json_path, quiet=a.quiet, dashboard=a.dashboard)
+            return _run(spec_from_demo_args(a), json_path=a.json_path, quiet=a.quiet, dashboard=a.dashboard, out=a.out)
         if a.cmd == "run":
-            return _run(JobSpec.from_yaml(a.spec), json_path=a.json_path, quiet=a.quiet)
+            spec = JobSpec.from_yaml(a.spec)
+            if a.checkpoint_dir:
+                spec = dataclasses.replace(spec, checkpoint_dir=a.checkpoint_dir)
+            if a.resume and not spec.checkpoint_dir:
+                raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
+            return _run(spec, json_path=a.json_path, quiet=a.quiet, out=a.out, emit_result=a.emit_result,
+                        resume=a.resume)
+        if a.cmd == "client":
+            return realclient_cli.run_client(a)
+        if a.cmd == "token":
+            return realclient_cli.run_token(a)
+        if a.cmd in _REMOTE:
+            return _remote(a)
         if a.cmd == "validate":
             print(JobSpec.from_yaml(a.spec).to_yaml(), end="")
             return 0
@@ -117,6 +159,97 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+_REMOTE = ("submit", "status", "logs", "stop", "wait", "result")
+
+
+def _remote_parsers(sub) -> None:
+    addr = os.environ.get("FEDRAY_ADDRESS", "http://127.0.0.1:8265")
+    helps = {
+        "submit": "validate a job spec and submit it to a Ray cluster; prints the job id",
+        "status": "print a submitted job's status",
+        "logs": "print a submitted job's log",
+        "stop": "stop a submitted job",
+        "wait": "wait for a submitted job to finish; exit 0 only when it SUCCEEDED",
+        "result": "print a finished job's summary (and write it with --json)",
+    }
+    for name in _REMOTE:
+        p = sub.add_parser(name, help=helps[name])
+        p.add_argument("spec" if name == "submit" else "job_id", metavar="JOB.yaml" if name == "submit" else "JOB_ID")
+        p.add_argument("--address", default=addr, help="Ray dashboard URL (default: $FEDRAY_ADDRESS or %(default)s)")
+        p.add_argument("--token", default=None, help="Ray auth token (default: $RAY_AUTH_TOKEN or ~/.ray/auth_token)")
+        if name in ("submit", "logs"):
+            p.add_argument("--follow", action="store_true", help="stream the log until the job ends")
+        if name == "submit":
+            p.add_argument("--no-ship-code", dest="ship_code", action="store_false",
+                           help="use the fedray installed on the cluster instead of shipping this one")
+            p.add_argument("--results-root", default=None, help="results folder on the cluster (one sub-folder per job)")
+        if name == "wait":
+            p.add_argument("--timeout", type=float, default=3600.0)
+        if name == "result":
+            p.add_argument("--json", dest="json_path", default=None, help="write the summary JSON here")
+
+
+def _remote(a: argparse.Namespace) -> int:
+    from .client import DEFAULT_RESULTS_ROOT, Client, ClientError
+
+    spec = JobSpec.from_yaml(a.spec) if a.cmd == "submit" else None  # bad specs fail before any connection
+    try:
+        client = Client(a.address, token=a.token, ship_code=getattr(a, "ship_code", True),
+                        results_root=getattr(a, "results_root", None) or DEFAULT_RESULTS_ROOT)
+        if a.cmd == "submit":
+            job_id = client.submit(spec)
+            print(job_id, flush=True)
+            if a.follow:
+                _print_chunks(client.logs(job_id, follow=True))
+                return _exit_for(client.status(job_id))
+            return 0
+        if a.cmd == "status":
+            print(client.status(a.job_id))
+        elif a.cmd == "logs":
+            _print_chunks(client.logs(a.job_id, follow=a.follow))
+        elif a.cmd == "stop":
+            print("stop requested" if client.stop(a.job_id) else "job was not running")
+        elif a.cmd == "wait":
+            st = client.wait(a.job_id, timeout=a.timeout)
+            print(st)
+            return _exit_for(st)
+        elif a.cmd == "result":
+            return _print_result(client, a.job_id, a.json_path)
+        return 0
+    except (ClientError, TimeoutError) as e:
+        print(f"fedray: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _print_chunks(chunks) -> None:
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def _exit_for(status) -> int:
+    return 0 if str(status) == "SUCCEEDED" else 1
+
+
+def _print_result(client, job_id: str, json_path: str | None) -> int:
+    import json
+
+    res = client.result(job_id, model=False)
+    s = res.summary
+    print(f"job {job_id} ({s.get('job_id')}): final accuracy {res.final_accuracy:.4f}, "
+          f"{len(res.rounds)} rounds, {s.get('wall_s', 0.0):.1f}s")
+    print(f"  bytes up {s['bytes_up_total'] / 1e6:.2f}MB (fp32 {s['bytes_up_fp32'] / 1e6:.2f}MB, codec {s['codec']}), "
+          f"down {s['bytes_down_total'] / 1e6:.2f}MB (codec {s['broadcast']})")
+    print(f"  results on the cluster: {res.results_dir}")
+    for r in res.rounds:
+        print(f"  round {r['round']}: accuracy {r['accuracy']:.4f}, clients {r['clients']}, {r['wall_s']:.2f}s")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(s, f, indent=2)
+        print(f"summary written to {json_path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ class AggregationShard:
         tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
         strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None, max_clients: int = 1 << 16,
     ) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # concurrency comes from gRPC's threads; more torch threads only spin
         self._core = AggregationCore(
             job_id=job_id, secret=secret, shapes=shapes, limits=limits, spec_json=spec_json, num_rounds=num_rounds,
             shard=shard, strategy=strategy, privacy=privacy, max_clients=max_clients,

@@ -20,6 +20,7 @@ __all__ = [
     "Dataset",
     "Partition",
     "load_dataset",
+    "load_japanese_vowels",
     "partition",
 ]
 
@@ -101,6 +102,78 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, 1 / 6.02, -4.88 / 6.02)
 
 
+JAPANESE_VOWELS_FRAMES = 29
+JAPANESE_VOWELS_FEATURES = 12
+_TS_PACKAGES = ("sktime", "aeon")
+
+
+def _find_ts(data_dir: str | os.PathLike | None) -> Path:
+    import importlib.util
+
+    roots = [Path(data_dir)] if data_dir else []
+    for pkg in _TS_PACKAGES:
+        # find_spec locates the installed package without importing it (importing sktime costs
+        # seconds and pulls pandas).
+        spec = importlib.util.find_spec(pkg)
+        if spec is not None and spec.submodule_search_locations:
+            roots += [Path(p) / "datasets" / "data" / "JapaneseVowels" for p in spec.submodule_search_locations]
+    for root in roots:
+        if (root / "JapaneseVowels_TRAIN.ts").is_file() and (root / "JapaneseVowels_TEST.ts").is_file():
+            return root
+    raise DatasetMissingError(
+        "JapaneseVowels_{TRAIN,TEST}.ts not found: they ship inside the sktime and aeon wheels; "
+        "run 'pip install sktime' (or 'pip install aeon'), or pass --data-dir DIR holding the two files."
+    )
+
+
+def _read_ts(path: Path, frames: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A multivariate .ts file (dims separated by ':', label last) as (N, frames, dims) float32,
+    left zero-padded or truncated to `frames`, with string labels."""
+    xs, labels = [], []
+    in_data = False
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not in_data:
+            in_data = line.lower() == "@data"
+            continue
+        *dims, label = line.split(":")
+        series = np.array([[float(v) for v in d.split(",")] for d in dims], dtype=np.float32).T  # (T, dims)
+        xs.append(series[-frames:])
+        labels.append(label)
+    out = np.zeros((len(xs), frames, xs[0].shape[1]), dtype=np.float32)
+    for i, s in enumerate(xs):
+        out[i, frames - len(s):] = s  # left padding: a recurrent model's last step sees real data
+    return out, np.array(labels), sorted(set(labels), key=lambda v: (len(v), v))
+
+
+def load_japanese_vowels(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """UCI Japanese Vowels (9 speakers, 270 train / 370 test utterances of /ae/, 12 LPC cepstrum
+    coefficients per frame, 7-29 frames), from the .ts files bundled in the sktime or aeon wheel.
+
+    Features are (29, 12) float32, left zero-padded, standardized per coefficient with the
+    training set's statistics (so `scale` 1 and `shift` 0). The label is the speaker (0-8).
+
+    Raises:
+        DatasetMissingError: neither package (nor `data_dir`) holds the files.
+    """
+    root = _find_ts(data_dir)
+    xtr, ltr, classes = _read_ts(root / "JapaneseVowels_TRAIN.ts", JAPANESE_VOWELS_FRAMES)
+    xte, lte, _ = _read_ts(root / "JapaneseVowels_TEST.ts", JAPANESE_VOWELS_FRAMES)
+    real = np.abs(xtr).sum(axis=2) > 0
+    mu, sd = xtr[real].mean(axis=0), xtr[real].std(axis=0) + 1e-6
+    for x in (xtr, xte):
+        pad = np.abs(x).sum(axis=2, keepdims=True) == 0
+        x -= mu
+        x /= sd
+        x[np.broadcast_to(pad, x.shape)] = 0.0
+    index = {c: i for i, c in enumerate(classes)}
+    ytr = np.array([index[v] for v in ltr], dtype=np.int64)
+    yte = np.array([index[v] for v in lte], dtype=np.int64)
+    return Dataset("japanese-vowels", xtr, ytr, xte, yte, len(classes), 1.0, 0.0)
+
+
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
     """Load a data set by name.
 
@@ -112,7 +185,9 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Datas
         return load_fashion_mnist(data_dir)
     if name == "digits":
         return load_digits(seed)
-    raise ValueError(f"unknown dataset {name!r}; choose fashion-mnist or digits")
+    if name == "japanese-vowels":
+        return load_japanese_vowels(data_dir)
+    raise ValueError(f"unknown dataset {name!r}; choose fashion-mnist, digits or japanese-vowels")
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+from fedray.compression.fd import apply_mask
+from fedray.compression.omc import OMCConfig, OMCModel
 
 __all__ = ["TrainConfig", "TrainStats", "evaluate", "train_local"]
 
@@ -24,19 +28,44 @@ class TrainStats:
     loss: float
     steps: int
     examples: int
+    param_memory_bytes: int = 0  # OMC only: stored bytes + peak transient decompressed bytes
+    stored_param_bytes: int = 0  # OMC only: stored bytes at the end of training
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, shift: float, cfg: TrainConfig, seed: int) -> TrainStats:
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, shift: float, cfg: TrainConfig, seed: int,
+                *, omc: OMCConfig | OMCModel | None = None, prox_mu: float = 0.0,
+                mask: Mapping[str, torch.Tensor] | None = None) -> TrainStats:
     """Train `model` in place for `cfg.local_epochs` epochs of minibatch SGD on (x, y).
 
     `x` may be uint8: it is converted once to float32 as `x * scale + shift`.
     The batch order comes from `seed` alone.
+
+    Options (keyword-only):
+        omc: train with OMC-compressed parameters. An `OMCConfig` wraps `model` for this call
+            (seeded by `seed`) and writes fp32 weights back at the end; an `OMCModel` (whose
+            `.model` must be `model`) is trained and left compressed, for `to_payloads()`.
+        prox_mu: FedProx: adds mu/2 * ||w - w_start||^2, w_start the weights at the call.
+        mask: pruning keep-masks by parameter name, re-applied after every step (and once first).
+
+    Raises:
+        ValueError: omc combined with momentum, prox_mu or mask; or prox_mu < 0.
     """
+    if prox_mu < 0:
+        raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
+    if omc is not None and (cfg.momentum or prox_mu or mask):
+        raise ValueError("OMC training is plain SGD: it cannot be combined with momentum, prox_mu or mask")
     xt = torch.from_numpy(_features(x, scale, shift))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     n = len(yt)
     g = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    om = OMCModel(model, omc, seed=seed) if isinstance(omc, OMCConfig) else omc
+    if om is not None and om.model is not model:
+        raise ValueError("train_local: the OMCModel given wraps a different model")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum) if om is None else None
+    params = dict(model.named_parameters())
+    start = {k: p.detach().clone() for k, p in params.items()} if prox_mu else None
+    if mask:
+        apply_mask(params, mask)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     total, steps = 0.0, 0
@@ -44,13 +73,24 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, sh
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
+            if start is not None:
+                loss = loss + prox_mu / 2 * sum(((p - start[k]) ** 2).sum() for k, p in params.items())
+            if om is None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if mask:
+                    apply_mask(params, mask)
+            else:
+                loss.backward()
+                om.step(cfg.lr)
             total += float(loss.detach())
             steps += 1
-    return TrainStats(total / max(steps, 1), steps, n)
+    mem = (om.param_memory_bytes(), om.stored_bytes()) if om is not None else (0, 0)
+    if isinstance(omc, OMCConfig):
+        om.release()
+    return TrainStats(total / max(steps, 1), steps, n, *mem)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError, param
-from ._buf import expect_nbytes, view
+from ._buf import CHUNK, TINY, chunks, expect_nbytes, flat32, view
 
 __all__ = ["Int8"]
 
@@ -34,14 +34,29 @@ class Int8(Codec):
         return shape[0] if self.granularity == "channel" and len(shape) >= 2 else 1
 
     def encode(self, x: torch.Tensor, ctx: CodecContext = CodecContext()) -> Payload:
+        xf = flat32(x)
+        n = xf.size
         rows = self._rows(tuple(x.shape))
-        flat = x.detach().to(torch.float32).reshape(rows, -1)
-        scale = flat.abs().amax(dim=1, keepdim=True) / 127.0 if flat.numel() else torch.zeros(rows, 1)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.round(flat / safe).clamp_(-127, 127).to(torch.int8)
-        buf = np.empty(4 * rows + flat.numel(), dtype=np.uint8)
-        buf[: 4 * rows] = scale.reshape(-1).numpy().view(np.uint8)
-        buf[4 * rows :] = codes.reshape(-1).numpy().view(np.uint8)
+        if n == 0:
+            scale = np.zeros(rows, np.float32)
+        elif rows == 1:
+            mn, mx = torch.aminmax(torch.from_numpy(xf))
+            scale = np.array([max(-float(mn), float(mx)) / 127.0], np.float32)
+        else:
+            m = torch.from_numpy(xf).view(rows, -1)
+            scale = (torch.maximum(-m.amin(dim=1), m.amax(dim=1)) / 127.0).numpy()
+        inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
+        buf = np.empty(4 * rows + n, dtype=np.uint8)
+        buf[: 4 * rows] = scale.view(np.uint8)
+        codes = buf[4 * rows :].view(np.int8)
+        tmp = np.empty(CHUNK, np.float32)
+        # One pass over x in cache-sized blocks: scale, round half to even, clamp, narrow.
+        for s, e, g0, nrow, w in chunks(n, max(1, n // rows)):
+            t = tmp[: e - s].reshape(nrow, w)
+            np.multiply(xf[s:e].reshape(nrow, w), inv[g0 : g0 + nrow, None], out=t)
+            np.rint(t, out=t)
+            np.clip(t, -127, 127, out=t)
+            codes[s:e] = t.reshape(-1)
         return self._payload(x, {"rows": rows}, buf)
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:

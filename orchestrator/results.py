@@ -1,0 +1,146 @@
+"""A job's results directory: summary, per-round history, final model and plots.
+
+    summary.json            JobResult.summary() (the `--json` contract)
+    rounds.json, rounds.csv one record per round (RoundRecord's fields)
+    model.pt                torch state dict of the final global model
+    accuracy.png            test accuracy per round
+    accuracy_vs_bytes.png   test accuracy against cumulative bytes (up + down)
+    bytes_per_round.png     bytes per round, up and down
+
+`write_results` is pure apart from the files it writes: it takes any object with `rounds`,
+`params` and `summary()` (a `JobResult`) and never touches Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+__all__ = ["RESULT_FILES", "ResultLike", "load_results", "round_rows", "write_results"]
+
+RESULT_FILES = (
+    "summary.json", "rounds.json", "rounds.csv", "model.pt",
+    "accuracy.png", "accuracy_vs_bytes.png", "bytes_per_round.png",
+)
+
+
+class ResultLike(Protocol):
+    """What `write_results` needs from a finished job (`JobResult` has it)."""
+
+    rounds: Sequence[Any]
+    params: Mapping[str, Any]
+
+    def summary(self) -> dict: ...
+
+
+def round_rows(rounds: Sequence[Any]) -> list[dict[str, Any]]:
+    """Rounds as plain dicts (dataclass records or mappings), in order."""
+    return [asdict(r) if is_dataclass(r) else dict(r) for r in rounds]
+
+
+def write_results(result: ResultLike, out_dir: str | os.PathLike, *, plots: bool = True) -> dict[str, Path]:
+    """Write the results directory of `result` into `out_dir` (created if missing).
+
+    Returns the written files by name (see RESULT_FILES).
+
+    Raises:
+        OSError: `out_dir` cannot be created or written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = round_rows(result.rounds)
+    files = {
+        "summary.json": _write_json(out / "summary.json", result.summary()),
+        "rounds.json": _write_json(out / "rounds.json", rows),
+        "rounds.csv": _write_csv(out / "rounds.csv", rows),
+        "model.pt": _write_model(out / "model.pt", result.params),
+    }
+    if plots:
+        files.update(_write_plots(out, rows))
+    return files
+
+
+def load_results(out_dir: str | os.PathLike, *, model: bool = True) -> dict[str, Any]:
+    """Read a results directory back: {"summary", "rounds", "model" (state dict or None)}.
+
+    Raises:
+        FileNotFoundError: summary.json is not in `out_dir`.
+    """
+    out = Path(out_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    state = None
+    if model and (out / "model.pt").is_file():
+        import torch
+
+        state = torch.load(out / "model.pt", map_location="cpu", weights_only=True)
+    return {"summary": summary, "rounds": summary.get("rounds", []), "model": state}
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="") as f:
+        if rows:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+def _write_model(path: Path, params: Mapping[str, Any]) -> Path:
+    import torch
+
+    torch.save({k: v.detach().cpu().clone() for k, v in params.items()}, path)
+    return path
+
+
+def _write_plots(out: Path, rows: list[dict[str, Any]]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on clusters and in CI
+    import matplotlib.pyplot as plt
+
+    rnd = [r["round"] for r in rows]
+    acc = [r["accuracy"] for r in rows]
+    up = [r["bytes_up"] / 1e6 for r in rows]
+    down = [r["bytes_down"] / 1e6 for r in rows]
+    cum, total = [], 0.0
+    for u, d in zip(up, down):
+        total += u + d
+        cum.append(total)
+    files = {}
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(rnd, acc, marker="o")
+    ax.set(xlabel="round", ylabel="test accuracy", title="Accuracy per round")
+    files["accuracy.png"] = _save(fig, out / "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(cum, acc, marker="o")
+    ax.set(xlabel="cumulative MB (up + down)", ylabel="test accuracy", title="Accuracy against bytes")
+    files["accuracy_vs_bytes.png"] = _save(fig, out / "accuracy_vs_bytes.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    w = 0.4
+    ax.bar([x - w / 2 for x in rnd], up, width=w, label="up")
+    ax.bar([x + w / 2 for x in rnd], down, width=w, label="down")
+    ax.set(xlabel="round", ylabel="MB", title="Bytes per round")
+    ax.legend()
+    files["bytes_per_round.png"] = _save(fig, out / "bytes_per_round.png")
+    return files
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

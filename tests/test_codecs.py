@@ -1,0 +1,295 @@
+"""Codec unit tests: round trips, error bounds, exact byte counts against the formulas of
+compression.md (written out here independently of the codecs), seeded determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fedray.compression import CodecContext, PayloadError, available_codecs, decode_checked, get_codec
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+REGISTRY = ["atomo", "bf16", "blockwise8", "ef", "fp16", "identity", "int4", "int8", "nf4", "p2u",
+            "pipeline", "powersgd", "qsgd", "randomk", "scaled_sign", "sign", "terngrad", "threshold",
+            "topk", "uniform", "zstd"]
+
+
+def _ceil8(bits: int) -> int:
+    return -(-bits // 8)
+
+
+def _groups(d: int, block: int) -> int:
+    return -(-d // max(1, min(block, d))) if d else 0
+
+
+# Wire bytes by the formulas of compression.md sections 0 and D (d values; padding to whole bytes).
+FORMULAS = {
+    ("fp16", ()): lambda d: 2 * d,
+    ("bf16", ()): lambda d: 2 * d,
+    ("int8", ()): lambda d: d + 4,
+    ("uniform", (("bits", 8),)): lambda d: d + 8 * (d > 0),              # b*d + 64
+    ("uniform", (("bits", 3), ("mode", "symmetric"))): lambda d: _ceil8(3 * d) + 4 * (d > 0),
+    ("uniform", (("bits", 4), ("granularity", "block"), ("block", 128))): lambda d: _ceil8(4 * d) + 8 * _groups(d, 128),
+    ("int4", ()): lambda d: _ceil8(4 * d) + 4 * _groups(d, 64),
+    ("qsgd", (("levels", 7),)): lambda d: _ceil8(d * (1 + 3)) + 4 * _groups(d, 512),  # d(1+ceil(log2(s+1))) + 32/bucket
+    ("qsgd", (("levels", 1), ("bucket", 10**9))): lambda d: _ceil8(2 * d) + 4 * (d > 0),
+    ("terngrad", ()): lambda d: _ceil8(2 * d) + 4,                      # 2d + 32
+    ("sign", ()): lambda d: _ceil8(d),                                 # d
+    ("scaled_sign", ()): lambda d: _ceil8(d) + 4,                      # d + 32
+    ("blockwise8", ()): lambda d: d + 4 * _groups(d, 4096),            # 8d + 32 ceil(d/4096)
+    ("nf4", ()): lambda d: _ceil8(4 * d) + 4 * _groups(d, 64),          # 4d + 32 ceil(d/64)
+    ("randomk", (("ratio", 0.1),)): lambda d: 4 * min(d, max(1, math.ceil(0.1 * d))) if d else 0,  # 32k
+}
+
+
+def _params(key):
+    return dict(key[1])
+
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+shapes = st.one_of(st.tuples(st.integers(0, 300)), st.tuples(st.integers(1, 20), st.integers(1, 30)))
+
+
+def tensors():
+    return shapes.flatmap(lambda s: arrays(np.float32, s, elements=finite)).map(torch.from_numpy)
+
+
+def test_registry_has_every_codec():
+    assert set(REGISTRY) <= set(available_codecs())
+
+
+@pytest.mark.parametrize("key", list(FORMULAS), ids=lambda k: k[0] + str(dict(k[1])))
+@SETTINGS
+@given(x=tensors())
+def test_bytes_match_formula(key, x):
+    codec = get_codec(key[0], **_params(key))
+    p = codec.encode(x, CodecContext(seed=3, key="t"))
+    d = x.numel()
+    assert p.nbytes == FORMULAS[key](d) == codec.wire_bytes(tuple(x.shape))
+    y = decode_checked(codec, p)
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+ALL = [
+    ("identity", {}), ("int8", {"granularity": "channel"}), ("fp16", {}), ("bf16", {}),
+    ("uniform", {"bits": 1, "mode": "symmetric"}), ("uniform", {"bits": 5, "granularity": "channel"}),
+    ("uniform", {"bits": 2, "granularity": "block", "block": 7, "rounding": "stochastic"}),
+    ("int4", {}), ("qsgd", {"levels": 255, "bucket": 64}), ("terngrad", {}), ("sign", {}),
+    ("scaled_sign", {}), ("topk", {"ratio": 0.1}), ("topk", {"ratio": 0.05, "method": "sampled"}),
+    ("threshold", {"drop": 0.9}), ("randomk", {"ratio": 0.2}), ("powersgd", {"rank": 1}),
+    ("atomo", {"budget": 2}), ("blockwise8", {}), ("nf4", {}), ("zstd", {"inner": "qsgd", "level": 1}),
+    ("ef", {"inner": "sign"}), ("p2u", {}), ("p2u", {"stage_bits": [2, 3], "exact_final": True}),
+    ("pipeline", {"stages": [{"codec": "topk", "ratio": 0.1}, {"codec": "uniform", "bits": 4}, "zstd"]}),
+]
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=lambda v: v if isinstance(v, str) else "")
+@SETTINGS
+@given(x=tensors(), seed=st.integers(0, 2**32))
+def test_round_trip_and_determinism(name, params, x, seed):
+    codec = get_codec(name, **params)
+    ctx = CodecContext(seed=seed, key="layer.weight")
+    p1, p2 = codec.encode(x, ctx), codec.encode(x, ctx)
+    assert bytes(memoryview(p1.data)) == bytes(memoryview(p2.data)) and p1.params == p2.params
+    assert all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in p1.params.values())
+    exact = codec.wire_bytes(tuple(x.shape))
+    if exact is not None:
+        assert p1.nbytes == exact
+    y = decode_checked(codec, p1)
+    assert y.shape == x.shape and bool(torch.isfinite(y).all())
+    # Codecs restored bit-exact or nearly so:
+    if name in ("identity",) or (name == "p2u" and params.get("exact_final")):
+        assert torch.equal(y, x)
+
+
+def _step_bound(x: torch.Tensor, bits: int, mode: str) -> float:
+    rng = float(x.max() - x.min()) if mode == "affine" else 2 * float(x.abs().max())
+    levels = 2**bits if mode == "affine" or bits == 1 else 2**bits - 1
+    return rng / (levels - 1)
+
+
+@SETTINGS
+@given(x=tensors(), bits=st.integers(1, 8), mode=st.sampled_from(["affine", "symmetric"]),
+       rounding=st.sampled_from(["nearest", "stochastic"]))
+def test_uniform_error_bound(x, bits, mode, rounding):
+    codec = get_codec("uniform", bits=bits, mode=mode, rounding=rounding)
+    y = decode_checked(codec, codec.encode(x, CodecContext(seed=1)))
+    if x.numel():
+        step = _step_bound(x, bits, mode)
+        slack = 1e-5 * float(x.abs().max()) + 1e-30
+        limit = step / 2 if rounding == "nearest" else step
+        assert float((y - x).abs().max()) <= limit + slack
+        if mode == "symmetric" and bits > 1:
+            assert bool((y[x == 0] == 0).all())  # zero is exact
+
+
+@SETTINGS
+@given(x=tensors(), block=st.sampled_from([1, 3, 64, 1000]))
+def test_blockwise_error_bounds(x, block):
+    for name, table in (("nf4", None), ("int4", None), ("blockwise8", None)):
+        codec = get_codec(name, block=block)
+        y = decode_checked(codec, codec.encode(x))
+        if x.numel():
+            absmax = float(x.abs().max())
+            gap = {"nf4": 0.5 * 0.3039, "int4": 1 / 14, "blockwise8": 0.5 * 0.0141}[name]
+            assert float((y - x).abs().max()) <= gap * absmax * 1.0001 + 1e-30
+
+
+@SETTINGS
+@given(x=tensors())
+def test_casts_are_close(x):
+    for name, rel in (("fp16", 2**-11), ("bf16", 2**-8)):
+        codec = get_codec(name)
+        y = decode_checked(codec, codec.encode(x))
+        tiny = 6.2e-5 if name == "fp16" else 1e-38
+        assert bool(((y - x).abs() <= rel * x.abs() + tiny).all())
+
+
+@SETTINGS
+@given(x=tensors(), ratio=st.floats(0.01, 1.0))
+def test_topk_keeps_the_largest(x, ratio):
+    codec = get_codec("topk", ratio=ratio)
+    y = decode_checked(codec, codec.encode(x))
+    d = x.numel()
+    k = min(d, max(1, math.ceil(ratio * d))) if d else 0
+    kept = y != 0
+    assert int(kept.sum()) <= k
+    assert torch.equal(y[kept], x[kept])
+    if d and int(kept.sum()) == k and k < d:
+        assert float(x[~kept].abs().max()) <= float(x[kept].abs().min())
+
+
+def test_topk_bits_near_elias_fano_formula():
+    d, ratio = 1 << 20, 0.01
+    x = torch.randn(d, generator=torch.Generator().manual_seed(0))
+    codec = get_codec("topk", ratio=ratio)
+    p = codec.encode(x)
+    k = math.ceil(ratio * d)
+    formula = k * (32 + math.log2(d / k) + 2)  # compression.md D.7: values + delta-coded indices
+    assert abs(8 * p.nbytes / formula - 1) < 0.02
+    sampled = get_codec("topk", ratio=ratio, method="sampled").encode(x)
+    assert 0.7 * k <= sampled.params["k"] <= 1.3 * k
+
+
+def test_threshold_drops_about_99_percent():
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(1))
+    codec = get_codec("threshold")
+    p = codec.encode(x, CodecContext(seed=2))
+    assert 0.007 * x.numel() < p.params["k"] < 0.013 * x.numel()
+    y = decode_checked(codec, p)
+    assert torch.equal(y[y != 0], x[y != 0])
+
+
+def test_powersgd_warm_start_recovers_low_rank():
+    from fedray.compression.state import CodecState
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(64, 2, generator=g) @ torch.randn(2, 96, generator=g)
+    codec, state = get_codec("powersgd", rank=2), CodecState()
+    for _ in range(3):
+        p = codec.encode(m, CodecContext(seed=1, key="w", state=state))
+    assert p.nbytes == 4 * 2 * (64 + 96) == codec.wire_bytes((64, 96))
+    assert tuple(state.warm_start["w"].shape) == (96, 2)
+    assert float((decode_checked(codec, p) - m).norm() / m.norm()) < 1e-4
+    vec = get_codec("powersgd").encode(torch.ones(10))
+    assert vec.params["mode"] == "dense" and vec.nbytes == 40
+
+
+def test_error_feedback_telescopes():
+    """With memory e, sum of decoded updates = sum of inputs - final residual."""
+    from fedray.compression.state import ErrorFeedbackState
+
+    g = torch.Generator().manual_seed(0)
+    codec, state = get_codec("ef", inner="topk", inner_params={"ratio": 0.05}), ErrorFeedbackState()
+    total_in, total_out = torch.zeros(500), torch.zeros(500)
+    for r in range(20):
+        x = torch.randn(500, generator=g)
+        p = codec.encode(x, CodecContext(seed=r, key="b", state=state))
+        total_in += x
+        total_out += decode_checked(codec, p)
+    assert torch.allclose(total_out, total_in - state.residuals["b"], atol=1e-4)
+    import pickle
+
+    assert set(pickle.loads(pickle.dumps(state)).residuals) == {"b"}
+
+
+def test_pipeline_composes_and_validates():
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    pipe = get_codec("pipeline", stages=[{"codec": "topk", "ratio": 0.01}, {"codec": "uniform", "bits": 8}, "zstd"])
+    p = pipe.encode(x)
+    assert p.codec == "pipeline" and p.params["inner.codec"] == "zstd"
+    assert p.params["inner.inner.v.codec"] == "uniform"
+    y = decode_checked(pipe, p)
+    top = get_codec("topk", ratio=0.01)
+    assert torch.equal(y != 0, decode_checked(top, top.encode(x)) != 0)
+    for bad in (["zstd"], ["int8", "uniform"], ["topk", "ef"], [], "int8", [{"ratio": 1}]):
+        with pytest.raises(ValueError):
+            get_codec("pipeline", stages=bad)
+    # A payload of another composition is refused.
+    other = get_codec("pipeline", stages=["int8", "zstd"])
+    with pytest.raises(PayloadError):
+        decode_checked(other, p)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("uniform", {"bits": 9}), ("uniform", {"mode": "log"}), ("uniform", {"block": 0}),
+    ("qsgd", {"levels": 0}), ("topk", {"ratio": 0}), ("topk", {"method": "fast"}),
+    ("threshold", {"drop": 1.0}), ("randomk", {"ratio": 2}), ("powersgd", {"rank": 0}),
+    ("atomo", {"budget": 0}), ("nf4", {"block": -1}), ("zstd", {"level": 99}),
+    ("zstd", {"inner": "nope"}), ("ef", {"inner_params": {"x": 1}}), ("p2u", {"stage_bits": [8, 8, 8, 8]}),
+    ("terngrad", {"clip": -1}), ("int4", {"bits": 8}),
+])
+def test_bad_params_raise_value_error(name, params):
+    with pytest.raises(ValueError, match=name):
+        get_codec(name, **params)
+
+
+UNBIASED = [
+    ("uniform", {"bits": 2, "rounding": "stochastic"}, (64,)),
+    ("uniform", {"bits": 3, "mode": "symmetric", "granularity": "block", "block": 16, "rounding": "stochastic"}, (64,)),
+    ("int4", {"rounding": "stochastic", "block": 32}, (64,)),
+    ("qsgd", {"levels": 2, "bucket": 32}, (64,)),
+    ("terngrad", {"clip": 0}, (64,)),
+    ("randomk", {"ratio": 0.25}, (64,)),
+    ("atomo", {"budget": 2}, (12, 16)),
+]
+
+
+@pytest.mark.parametrize("name,params,shape", UNBIASED, ids=lambda v: v if isinstance(v, str) else "")
+def test_stochastic_codecs_are_unbiased(name, params, shape):
+    """Mean of N seeded encodes vs the input: every coordinate within 5 standard errors, and
+    the mean squared z-score near 1 (a chi-square check over all coordinates)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    codec = get_codec(name, **params)
+    n = 600
+    draws = torch.stack([decode_checked(codec, codec.encode(x, CodecContext(seed=s, key="u"))) for s in range(n)])
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(n)
+    live = se > 1e-6
+    # A coordinate can be constant over all draws when it sits within a hair of a level.
+    assert float(torch.cat([(mean[~live] - x[~live]).abs(), torch.zeros(1)]).max()) < 0.01 * float(x.abs().max())
+    z = ((mean - x)[live] / se[live]).abs()
+    assert float(z.max()) < 5.0
+    assert float((z**2).mean()) < 1.6
+
+
+def test_biased_codecs_really_are():
+    """Control for the test above: top-k's mean is far from the input."""
+    x = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    codec = get_codec("topk", ratio=0.25)
+    assert float((decode_checked(codec, codec.encode(x)) - x).abs().max()) > 0.1
+
+
+def test_different_seeds_differ_and_keys_matter():
+    x = torch.randn(1000)
+    codec = get_codec("uniform", bits=2, rounding="stochastic")
+    a = bytes(memoryview(codec.encode(x, CodecContext(seed=1, key="a")).data))
+    b = bytes(memoryview(codec.encode(x, CodecContext(seed=2, key="a")).data))
+    c = bytes(memoryview(codec.encode(x, CodecContext(seed=1, key="b")).data))
+    assert a != b and a != c

@@ -1,0 +1,192 @@
+"""OMC: number formats, packing, exact wire bytes, gradients through compressed parameters,
+memory held below fp32, partial quantization, training and payload round trips."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fedray.compression import CodecContext, PayloadError, decode_checked, get_codec
+from fedray.compression.omc import (
+    OMCConfig, OMCModel, QuantizedParam, _pack, _unpack, decode_params, dequantize, encode_params,
+    fit_transform, quantizable_names, quantize,
+)
+from fedray.workers.models import build_model, get_params
+from fedray.workers.train import TrainConfig, evaluate, train_local
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="fmt"):
+        OMCConfig(fmt="posit")
+    with pytest.raises(ValueError, match="bits"):
+        OMCConfig(bits=17)
+    with pytest.raises(ValueError, match="exp_bits"):
+        OMCConfig(bits=8, fmt="float", exp_bits=7)
+    with pytest.raises(ValueError, match="partial"):
+        OMCConfig(partial_fp32_fraction=1.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(1, 16), n=st.integers(1, 300), start=st.integers(0, 50), seed=st.integers(0, 1000))
+def test_pack_unpack_any_range(bits, n, start, seed):
+    codes = np.random.default_rng(seed).integers(0, 2**bits, n)
+    buf = _pack(codes, bits)
+    assert buf.nbytes == math.ceil(n * bits / 8)
+    s = min(start, n - 1)
+    assert _unpack(buf, bits, s, n).tolist() == codes[s:].tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+def test_int_rtn_error_bound_and_stochastic_unbiased(bits):
+    w = torch.randn(4000) * 0.3
+    a, b = fit_transform(float(w.min()), float(w.max()), bits=bits)
+    rtn = dequantize(quantize(w, a, b, bits=bits), a, b, bits=bits)
+    assert float((rtn - w).abs().max()) <= a / 2 * 1.001
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((20000,), float(w[0]))
+    sr = dequantize(quantize(x, a, b, bits=bits, generator=g), a, b, bits=bits)
+    assert abs(float(sr.mean()) - float(w[0])) < 0.05 * a and float((sr - x).abs().max()) < a * 1.001
+
+
+@pytest.mark.parametrize("bits,e", [(8, 4), (8, 5), (6, 3), (16, 5)])
+def test_float_format_relative_error(bits, e):
+    w = torch.cat([torch.randn(2000) * 1e-3, torch.randn(2000)])
+    a, b = fit_transform(float(w.min()), float(w.max()), bits=bits, fmt="float", exp_bits=e)
+    codes = quantize(w, a, b, bits=bits, fmt="float", exp_bits=e)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**bits
+    back = dequantize(codes, a, b, bits=bits, fmt="float", exp_bits=e)
+    m = bits - 1 - e
+    bias = 2 ** (e - 1) - 1
+    sub = a * 2.0 ** (1 - bias - m)  # spacing of subnormals, absolute
+    err = ((back - w) - 0).abs()
+    assert bool((err <= (w - b).abs() * 2.0 ** (-m - 1) * 1.001 + sub).all())
+
+
+@pytest.mark.parametrize("bits,fmt", [(8, "int"), (4, "int"), (3, "int"), (8, "float")])
+def test_codec_exact_bytes_and_roundtrip(bits, fmt):
+    codec = get_codec("omc", bits=bits, fmt=fmt, exp_bits=4)
+    x = torch.randn(37, 11)
+    p = codec.encode(x, CodecContext(seed=1, key="w"))
+    assert p.nbytes == 8 + math.ceil(37 * 11 * bits / 8) == codec.wire_bytes((37, 11))
+    y = decode_checked(codec, p)
+    a = (float(x.max()) - float(x.min())) / (2**bits - 1)
+    if fmt == "int":
+        assert float((y - x).abs().max()) <= a / 2 * 1.01
+    bad = type(p)(p.codec, p.version, p.dtype, p.shape, p.params, bytes(p.nbytes - 1))
+    with pytest.raises(PayloadError):
+        codec.decode(bad)
+
+
+MODELS = [("mlp", (8, 8), (40, 30)), ("cnn", (8, 8), (4, 6, 12)), ("conv1d", (9, 5), (8, 8))]
+
+
+@pytest.mark.parametrize("kind,shape,hidden", MODELS)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_gradients_equal_fp32_within_quantization_error(kind, shape, hidden, bits):
+    torch.manual_seed(0)
+    model = build_model(kind, shape, 5, hidden)
+    om = OMCModel(copy.deepcopy(model), OMCConfig(bits=bits, block_bytes=256), seed=0)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(om.dequantized())  # fp32 model holding exactly the stored values
+    x, y = torch.randn(12, *shape), torch.randint(0, 5, (12,))
+    torch.nn.functional.cross_entropy(om.model(x), y).backward()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    fp32 = dict(om.model.named_parameters())
+    for n, p in ref.named_parameters():
+        g = om.q[n].grad if n in om.q else fp32[n].grad
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    if bits < 16:
+        return
+    # ...and against the original fp32 model, within the 16-bit quantization error
+    plain = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(plain(x), y).backward()
+    for n, p in plain.named_parameters():
+        g = om.q[n].grad if n in om.q else fp32[n].grad
+        assert float((g - p.grad).norm()) <= 1e-3 * float(p.grad.norm()) + 1e-6
+
+
+def test_memory_held_below_fp32_and_exact_accounting():
+    torch.manual_seed(0)
+    model = build_model("mlp", (28, 28), 10, (64, 64))
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    om = OMCModel(model, OMCConfig(bits=8, block_bytes=4096), seed=0)
+    x, y = torch.randn(32, 28, 28), torch.randint(0, 10, (32,))
+    torch.nn.functional.cross_entropy(om.model(x), y).backward()
+    om.step(0.1)
+    weights = [784 * 64, 64 * 64, 64 * 10]
+    biases = 64 + 64 + 10
+    assert om.stored_bytes() == sum(n + 8 for n in weights) + 4 * biases
+    assert 0 < om.peak_transient_bytes() <= 4096 + 4 * 784  # one block, rounded up to a row
+    assert om.param_memory_bytes() < 0.41 * fp32_bytes
+    # the fp32 weights are really gone from the model while it trains
+    assert all(p.numel() <= 64 for n, p in om.model.named_parameters())
+    payloads = om.to_payloads()
+    assert sum(p.nbytes for p in payloads.values()) == om.stored_bytes()
+    assert list(payloads) == list(get_params(build_model("mlp", (28, 28), 10, (64, 64))))
+
+
+def test_partial_quantization_is_seeded_per_client_round():
+    model = build_model("mlp", (8, 8), 4, (32, 32, 32))
+    cfg = OMCConfig(partial_fp32_fraction=0.5)
+    picks = {frozenset(OMCModel(copy.deepcopy(model), cfg, seed=s).fp32_names) for s in range(12)}
+    assert len(picks) > 1
+    a = OMCModel(copy.deepcopy(model), cfg, seed=3)
+    assert a.fp32_names == OMCModel(copy.deepcopy(model), cfg, seed=3).fp32_names
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    assert sum(sizes[n] for n in a.fp32_names) <= 0.5 * sum(sizes[n] for n in quantizable_names(model))
+    assert set(a.q).isdisjoint(a.fp32_names)
+
+
+def test_weights_only_false_quantizes_biases_and_global_range():
+    model = build_model("mlp", (8, 8), 4, (16,))
+    om = OMCModel(model, OMCConfig(bits=8, weights_only=False, per_variable=False), seed=0)
+    assert set(om.q) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+    assert len({(q.alpha, q.beta) for q in om.q.values()}) == 1
+    x, y = torch.randn(6, 8, 8), torch.randint(0, 4, (6,))
+    torch.nn.functional.cross_entropy(om.model(x), y).backward()
+    assert om.q["1.bias"].grad is not None
+    om.step(0.1)
+    assert len({(q.alpha, q.beta) for q in om.q.values()}) == 1
+
+
+def _blobs(n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    centers = rng.standard_normal((4, 64)) * 1.5
+    x = (centers[y] + rng.standard_normal((n, 64))).astype(np.float32).reshape(n, 8, 8)
+    return x, y
+
+
+def test_train_local_omc_learns_and_reports_memory():
+    x, y = _blobs()
+    torch.manual_seed(0)
+    model = build_model("mlp", (8, 8), 4, (32,))
+    stats = train_local(model, x, y, 1.0, 0.0, TrainConfig(lr=0.05, batch_size=32), seed=1, omc=OMCConfig(bits=8, block_bytes=1024))
+    acc, _ = evaluate(model, x, y, 1.0)
+    assert acc > 0.9 and 0 < stats.param_memory_bytes < sum(p.numel() * 4 for p in model.parameters())
+    assert all(p.numel() > 0 for p in model.parameters())  # fp32 weights written back
+    with pytest.raises(ValueError, match="momentum"):
+        train_local(model, x, y, 1.0, 0.0, TrainConfig(momentum=0.9), seed=1, omc=OMCConfig())
+
+
+def test_broadcast_and_upload_payloads_roundtrip():
+    torch.manual_seed(0)
+    model = build_model("mlp", (8, 8), 4, (16,))
+    params = get_params(model)
+    cfg = OMCConfig(bits=6)
+    down = encode_params(params, cfg, quantized=quantizable_names(model))
+    assert down["1.weight"].codec == "omc" and down["1.bias"].codec == "identity"
+    assert down["1.weight"].nbytes == 8 + math.ceil(16 * 64 * 6 / 8)
+    client = build_model("mlp", (8, 8), 4, (16,))
+    om = OMCModel(client, cfg, seed=0)
+    om.load_payloads(down)
+    assert np.array_equal(om.q["1.weight"].buf, np.frombuffer(down["1.weight"].data, np.uint8)[8:])
+    dec = decode_params(om.to_payloads())
+    srv = decode_params(down)
+    assert all(torch.equal(dec[k], srv[k]) for k in params)
+    assert float((srv["1.weight"] - params["1.weight"]).abs().max()) <= om.q["1.weight"].alpha / 2 * 1.01
