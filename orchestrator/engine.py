@@ -25,7 +25,10 @@ from tqdm.auto import tqdm
 from fedray.compression import get_codec
 from fedray.workers.client import TrainerSetup
 from fedray.workers.data import load_dataset, partition
-from fedray.workers.models import build_model, get_params, num_params, set_params
+from fedray.compression.fd import CountedSum
+from fedray.compression.omc import quantizable_names
+from fedray.workers.broadcast import decode_broadcast, make_broadcast
+from fedray.workers.models import build_model, get_params, model_layout, num_params, set_params
 from fedray.workers.pool import RayPool, default_num_workers
 from fedray.workers.train import TrainConfig, evaluate
 
@@ -61,6 +64,10 @@ class RoundRecord:
     wall_s: float
     train_loss: float
     epsilon: float | None = None  # differential privacy spent so far (with privacy.delta)
+    client_flops: int = 0  # mean analytic training FLOPs per client
+    param_memory_bytes: int = 0  # largest parameter memory a client held while training
+    keep_rate: float = 1.0  # mean Federated Dropout keep rate
+    p2u_stages: list | None = None  # P2U: accuracy after each stage against cumulative bytes
 
 
 @dataclass
@@ -139,7 +146,7 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
 class _Shards:
     """The job's aggregation shards: start, restart after a failure, open and close rounds."""
 
-    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict) -> None:
+    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout) -> None:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
@@ -147,6 +154,8 @@ class _Shards:
             spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
+            codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
+            layout=layout, seed=spec.seed,
         )
         self.actors = [self._start(i) for i in range(spec.resources.shards)]
         self.addresses = ray.get([a.address.remote() for a in self.actors])
@@ -221,9 +230,11 @@ class JobRuntime:
             self.model = build_model(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
         self.params = get_params(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+        self.layout = model_layout(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
+        self.omc_cfg = spec.omc.config() if spec.omc is not None else None
+        self.quantized = quantizable_names(self.model) if spec.omc is not None else []
         self.fp32_bytes = 4 * num_params(self.params)
         comp = spec.compression
-        self.bcodec = get_codec(comp.broadcast, **dict(comp.broadcast_params))
         self.strategy = spec.strategy.build()
         self.accountant = None
         if spec.privacy is not None:
@@ -236,12 +247,13 @@ class JobRuntime:
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
-        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes)
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
         setup = TrainerSetup(
             job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
             hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
+            dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu,
         )
         self.pool = RayPool(
             setup, self.data, self.parts, num_workers=res.num_workers or default_num_workers(),
@@ -305,8 +317,10 @@ class JobRuntime:
         spec, tr = self.spec, self.spec.training
         t0 = time.perf_counter()
         ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
-        bcast = tuple((k, self.bcodec.encode(v)) for k, v in self.params.items())
-        down_per_client = sum(p.nbytes for _, p in bcast)
+        comp = spec.compression
+        bcast = make_broadcast(self.params, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r,
+                               omc_cfg=self.omc_cfg, quantized=self.quantized)
+        down_per_client = bcast.bytes_used()
         bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
         self._open(r, bref)
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
@@ -314,17 +328,17 @@ class JobRuntime:
             results = {x.client_id: x for x in self.pool.run_round(
                 r, bref, ids, self.shards.addresses, on_batch=lambda b: bar.update(len(b)))}
             self._wait_real_clients(r, sum(x.error is None for x in results.values()))
-            agg, decode_s = self._close(r, bref, ids, results)
+            agg, decode_s, count = self._close(r, bref, ids, results)
         finally:
             bar.close()
         ok = [x for x in results.values() if x.error is None]
         failed = [x for x in results.values() if x.error is not None]
         for x in failed[:3]:
             self.log(f"round {r}: {x.error}")
-        if agg.count < tr.min_clients:
-            raise JobError(f"round {r}: {agg.count} updates arrived, fewer than training.min_clients={tr.min_clients}"
+        if count < tr.min_clients:
+            raise JobError(f"round {r}: {count} updates arrived, fewer than training.min_clients={tr.min_clients}"
                            f" ({len(failed)} clients failed; first error: {failed[0].error if failed else 'none'})")
-        delta = self.strategy.reduce(agg)
+        delta = agg.mean_delta() if isinstance(agg, CountedSum) else self.strategy.reduce(agg)
         epsilon = None
         if spec.privacy is not None:
             delta = add_gaussian_noise(
@@ -334,15 +348,19 @@ class JobRuntime:
             self.accountant.step()
             epsilon = self.accountant.epsilon(spec.privacy.delta)
         self.params = self.strategy.step(self.params, delta)
+        stages = self._p2u_curve(bcast) if len(bcast.stages) > 1 else None
         set_params(self.model, self.params)
         acc, loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
         wall = time.perf_counter() - t0
-        real = max(agg.count - len(ok), 0)
+        real = max(count - len(ok), 0)
         rec = RoundRecord(
-            round=r, clients=agg.count, failed=len(failed), accuracy=acc, loss=loss,
+            round=r, clients=count, failed=len(failed), accuracy=acc, loss=loss,
             bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * (len(ids) + real),
             bytes_up_fp32=self.fp32_bytes * len(ok), bytes_down_fp32=self.fp32_bytes * (len(ids) + real), wall_s=wall,
             train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"), epsilon=epsilon,
+            client_flops=int(np.mean([x.flops for x in ok])) if ok else 0,
+            param_memory_bytes=max((x.param_memory_bytes for x in ok), default=0),
+            keep_rate=float(np.mean([x.keep_rate for x in ok])) if ok else 1.0, p2u_stages=stages,
         )
         self.metrics.record_round(
             round=r, ok=len(ok), failed=len(failed), bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
@@ -352,6 +370,16 @@ class JobRuntime:
         self.log(f"round {r}/{tr.rounds}: accuracy {acc:.4f}, clients {rec.clients}, failed {rec.failed}, "
                  f"up {_mb(rec.bytes_up)}, down {_mb(rec.bytes_down)}, {wall:.2f}s") if not self.progress else None
         return rec
+
+    def _p2u_curve(self, b) -> list[dict]:
+        """Accuracy of the round's broadcast after each P2U stage, against cumulative bytes."""
+        out, cum = [], 0
+        for k, nbytes in enumerate(b.stage_bytes()):
+            cum += nbytes
+            set_params(self.model, decode_broadcast(b, k + 1))
+            acc, _ = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
+            out.append({"stage": k, "cumulative_bytes": cum, "accuracy": acc})
+        return out
 
     def _open(self, r: int, bref) -> None:
         refs = [a.open_round.remote(r, bref) for a in self.shards.actors]
@@ -375,10 +403,10 @@ class JobRuntime:
         while self.shards.committed(r) < simulated_ok + want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _close(self, r: int, bref, ids, results: dict) -> tuple[object, float]:
+    def _close(self, r: int, bref, ids, results: dict) -> tuple[object, float, int]:
         """Close the round on every shard and merge their partial sums; a shard that died is
         restarted and its clients trained again (nothing was committed anywhere else)."""
-        agg, decode_s = None, 0.0
+        agg, decode_s, count = None, 0.0, 0
         n = len(self.shards.actors)
         for i in range(n):
             for attempt in range(self.spec.resources.max_attempts):
@@ -399,7 +427,8 @@ class JobRuntime:
             else:
                 agg.merge(part["agg"])
             decode_s += part["decode_s"]
-        return agg, decode_s
+            count += part["count"]
+        return agg, decode_s, count
 
 
 def _mb(n: int) -> str:

@@ -23,6 +23,10 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import verify_token
 
+from fedray.compression.fd import CountedSum, KeepRateConfig, SubnetSpec, keep_rate_for
+from fedray.workers.broadcast import Broadcast, decode_broadcast
+from fedray.workers.client import client_seed
+
 from .aggregation import clip_update
 from .privacy import DPSpec
 from .strategy import StrategySpec
@@ -101,9 +105,10 @@ class ServiceLimits:
 @dataclass
 class _RoundState:
     round: int
-    agg: object  # the strategy's collector: RunningWeightedSum, or BufferedUpdates for robust ones
-    broadcast: tuple[tuple[str, Payload], ...]
+    agg: object  # the strategy's collector (RunningWeightedSum, BufferedUpdates) or a CountedSum (dropout)
+    broadcast: Broadcast | None
     committed: set[int]
+    start: dict | None = None  # the decoded broadcast, for uploads of weights (OMC)
     bytes_received: int = 0
     decode_s: float = 0.0
 
@@ -115,9 +120,16 @@ class AggregationCore:
         self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]],
         limits: ServiceLimits = ServiceLimits(), spec_json: str = "{}", num_rounds: int = 0,
         shard: tuple[int, int] = (0, 1), strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None,
-        max_clients: int = 1 << 16,
+        max_clients: int = 1 << 16, codecs: Mapping[str, Mapping] | None = None, dropout=None, layout=None,
+        seed: int = 0,
     ) -> None:
         self.job_id = job_id
+        self._codec_params = {k: dict(v) for k, v in (codecs or {}).items()}
+        self._dropout = dropout  # DropoutSpec: uploads are sub-models, averaged per coordinate
+        self._layout = layout
+        self._seed = seed
+        if dropout is not None:
+            self._keep = KeepRateConfig(tuple(dropout.keep_rates), dropout.mode, tuple(dropout.probs))
         self._strategy = strategy.build()
         self._privacy = privacy
         self._max_clients = max_clients
@@ -139,10 +151,13 @@ class AggregationCore:
 
     # -- round control (driver side) ------------------------------------------------------------
 
-    def open_round(self, round: int, broadcast: tuple[tuple[str, Payload], ...] = ()) -> None:
+    def open_round(self, round: int, broadcast: Broadcast | None = None) -> None:
         with self._lock:
-            agg = self._strategy.new_collector(self._shapes, max_clients=self._max_clients)
-            self._state = _RoundState(round, agg, tuple(broadcast), set())
+            if self._dropout is not None:
+                agg = CountedSum(self._shapes)
+            else:
+                agg = self._strategy.new_collector(self._shapes, max_clients=self._max_clients)
+            self._state = _RoundState(round, agg, broadcast, set())
             self._last_round = round
 
     def set_addresses(self, addresses: tuple[str, ...]) -> None:
@@ -169,8 +184,8 @@ class AggregationCore:
                 raise RoundClosedError(f"round {round} is not open")
             self._state = None
         return {
-            "agg": st.agg, "sums": getattr(st.agg, "sums", None), "total_weight": st.agg.total_weight,
-            "count": st.agg.count, "bytes_received": st.bytes_received, "decode_s": st.decode_s,
+            "agg": st.agg, "sums": getattr(st.agg, "sums", None), "total_weight": getattr(st.agg, "total_weight", None),
+            "count": len(st.committed), "bytes_received": st.bytes_received, "decode_s": st.decode_s,
         }
 
     # -- RPC handlers ---------------------------------------------------------------------------
@@ -187,9 +202,24 @@ class AggregationCore:
         key = (p.codec, p.version)
         c = self._codecs.get(key)
         if c is None:
-            c = get_codec(p.codec)  # UnknownCodecError is a PayloadError
+            if p.codec == "omc":
+                import fedray.compression.omc  # noqa: F401  (registers "omc")
+            # The job's own settings for its codecs (composite codecs check them); defaults otherwise.
+            c = get_codec(p.codec, **self._codec_params.get(p.codec, {}))  # UnknownCodecError is a PayloadError
             self._codecs[key] = c
         return c
+
+    def _subnet(self, h: serde.UpdateHeader) -> SubnetSpec | None:
+        """The client's subnet, regenerated here from (job seed, round, client): only the seed
+        travels, and a header that claims another one is refused."""
+        if self._dropout is None:
+            return None
+        seed = client_seed(self._seed, h.round, h.client_id)
+        keep = keep_rate_for(h.client_id, h.round, self._keep, seed=self._seed)
+        if h.subnet_seed != seed or abs(h.keep_rate - keep) > 1e-12:
+            raise PayloadError(f"client {h.client_id}: subnet (seed {h.subnet_seed}, keep {h.keep_rate}) is not "
+                               f"the one assigned for round {h.round}")
+        return SubnetSpec(seed=seed, keep_rate=keep, policy=self._dropout.policy, round=h.round, client=h.client_id)
 
     def _check_shard(self, client_id: int) -> None:
         i, n = self._shard
@@ -198,15 +228,16 @@ class AggregationCore:
             where = f" at {self._addresses[want]}" if len(self._addresses) == n else ""
             raise WrongShardError(f"client {client_id} uploads to shard {want}{where}, not shard {i}")
 
-    def _check_header(self, h: serde.UpdateHeader) -> None:
+    def _check_header(self, h: serde.UpdateHeader, sub: SubnetSpec | None) -> None:
         if len(h.tensors) > self._limits.max_tensors:
             raise PayloadError(f"{len(h.tensors)} tensors, over the limit of {self._limits.max_tensors}")
         names = [t.name for t in h.tensors]
         if sorted(names) != sorted(self._shapes) or len(set(names)) != len(names):
             raise PayloadError(f"update tensors {names} do not match the model's {sorted(self._shapes)}")
+        shapes = self._layout.sub_shapes(sub) if sub is not None else self._shapes
         for t in h.tensors:
-            if t.payload.shape != self._shapes[t.name]:
-                raise PayloadError(f"tensor {t.name!r}: shape {t.payload.shape} != model's {self._shapes[t.name]}")
+            if t.payload.shape != shapes[t.name]:
+                raise PayloadError(f"tensor {t.name!r}: shape {t.payload.shape} != expected {shapes[t.name]}")
         total = h.total_bytes
         if total > self._limits.max_update_bytes:
             raise PayloadError(f"update declares {total} bytes, over the limit of {self._limits.max_update_bytes}")
@@ -216,7 +247,8 @@ class AggregationCore:
     def upload(self, header: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], token: str) -> tuple[int, int]:
         self._check_auth(header.job_id, header.client_id, token)
         self._check_shard(header.client_id)
-        self._check_header(header)
+        sub = self._subnet(header)
+        self._check_header(header, sub)
         with self._lock:
             st = self._state
             if st is None or st.round != header.round:
@@ -231,6 +263,9 @@ class AggregationCore:
             self._inflight += 1
         try:
             staged, received, decode_s = self._receive(header, chunks)
+            if header.weights:
+                start = self._start(st)
+                staged = {k: v - start[k] for k, v in staged.items()}
             weight = header.weight
             if self._privacy is not None:  # DP: clip each update, weigh all equally (privacy.py)
                 staged, _ = clip_update(staged, self._privacy.clip_norm)
@@ -244,7 +279,10 @@ class AggregationCore:
                 raise RoundClosedError(f"round {header.round} closed while the upload was streaming")
             if header.client_id in st.committed:
                 raise DuplicateUpdateError(f"client {header.client_id} already uploaded for round {header.round}")
-            st.agg.add(staged, weight)
+            if sub is not None:
+                st.agg.add(staged, self._layout, sub, weight)
+            else:
+                st.agg.add(staged, weight)
             st.committed.add(header.client_id)
             st.bytes_received += received
             st.decode_s += decode_s
@@ -292,13 +330,24 @@ class AggregationCore:
         except PayloadError as e:
             raise PayloadError(f"tensor {t.name!r}: {e}") from None
 
+    def _start(self, st: _RoundState) -> dict:
+        """The round's broadcast model as clients decode it (weights uploads are relative to it)."""
+        with self._lock:
+            if st.start is None:
+                if st.broadcast is None:
+                    raise PayloadError("this job sends no model down; upload deltas, not weights")
+                st.start = decode_broadcast(st.broadcast)
+            return st.start
+
     def download(self, job_id: str, round: int, client_id: int, max_stage: int | None, token: str):
         self._check_auth(job_id, client_id, token)
         with self._lock:
             st = self._state
-        if st is None or st.round != round:
+        if st is None or st.round != round or st.broadcast is None:
             raise RoundClosedError(f"round {round} is not open for download")
-        return [serde.ModelStage(round, 0, 1, st.broadcast)]
+        b = st.broadcast
+        n = len(b.stages) if max_stage is None else min(max_stage + 1, len(b.stages))
+        return [serde.ModelStage(round, k, len(b.stages), b.stages[k]) for k in range(n)]
 
     def get_job(self, job_id: str, client_id: int, token: str) -> serde.JobInfo:
         self._check_auth(job_id, client_id, token)

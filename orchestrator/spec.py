@@ -22,6 +22,8 @@ __all__ = [
     "CompressionSpec",
     "DataSpec",
     "DPSpec",
+    "DropoutSpec",
+    "OMCSpec",
     "JobSpec",
     "ModelSpec",
     "ResourceSpec",
@@ -145,9 +147,72 @@ class CompressionSpec:
             if not isinstance(params, Mapping):
                 _fail(f"compression.{name}_params", "must be a mapping", params)
             try:
-                get_codec(v, **dict(params))
-            except ValueError as e:
+                if name == "broadcast" and v == "p2u":  # stages streamed progressively (P2UConfig)
+                    from fedray.workers.broadcast import p2u_config
+
+                    p2u_config(params)
+                else:
+                    get_codec(v, **dict(params))
+            except (ValueError, TypeError) as e:
                 raise SpecError(f"compression.{name}_params: {e}") from None
+
+
+@dataclass(frozen=True)
+class DropoutSpec:
+    """Federated Dropout: each client trains a smaller dense sub-model cut from the global one.
+
+    `keep_rates` with one value: every client keeps that fraction of each hidden layer's units;
+    several: each client draws one (`mode: fixed` once for the job, like a device tier; `drawn`
+    anew each round), with probabilities `probs` (uniform when empty). Only a seed travels.
+    """
+
+    keep_rates: tuple[float, ...] = (0.75,)
+    mode: str = "fixed"
+    probs: tuple[float, ...] = ()
+    policy: str = "random"  # random (per client and round), prefix (HeteroFL), rolling (FedRolex)
+
+    def __post_init__(self) -> None:
+        for i, r in enumerate(self.keep_rates):
+            _num(f"dropout.keep_rates[{i}]", r, 0, 1, lo_open=True)
+        if not self.keep_rates:
+            _fail("dropout.keep_rates", "must list at least one rate in (0, 1]", self.keep_rates)
+        _choice("dropout.mode", self.mode, ("fixed", "drawn"))
+        _choice("dropout.policy", self.policy, ("random", "prefix", "rolling"))
+        if self.probs and (len(self.probs) != len(self.keep_rates) or abs(sum(self.probs) - 1) > 1e-6):
+            _fail("dropout.probs", f"must be {len(self.keep_rates)} probabilities summing to 1", self.probs)
+
+
+@dataclass(frozen=True)
+class OMCSpec:
+    """Online model compression: clients hold parameters quantized, decompressed per operation."""
+
+    bits: int = 8
+    fmt: str = "int"  # or "float" (exp_bits exponent bits)
+    exp_bits: int = 5
+    per_variable: bool = True
+    weights_only: bool = True
+    partial_fp32_fraction: float = 0.0
+    stochastic: bool = True
+
+    def __post_init__(self) -> None:
+        _int("omc.bits", self.bits, 2, 16)
+        _choice("omc.fmt", self.fmt, ("int", "float"))
+        _int("omc.exp_bits", self.exp_bits, 1, 8)
+        _num("omc.partial_fp32_fraction", self.partial_fp32_fraction, 0, 1)
+        for f in ("per_variable", "weights_only", "stochastic"):
+            if not isinstance(getattr(self, f), bool):
+                _fail(f"omc.{f}", "must be true or false", getattr(self, f))
+        try:
+            self.config()
+        except ValueError as e:
+            raise SpecError(f"omc: {e}") from None
+
+    def config(self):
+        from fedray.compression.omc import OMCConfig
+
+        return OMCConfig(bits=self.bits, fmt=self.fmt, exp_bits=self.exp_bits, per_variable=self.per_variable,
+                         weights_only=self.weights_only, partial_fp32_fraction=self.partial_fp32_fraction,
+                         stochastic=self.stochastic)
 
 
 @dataclass(frozen=True)
@@ -216,11 +281,23 @@ class JobSpec:
     service: ServiceSpec = field(default_factory=ServiceSpec)
     strategy: StrategySpec = field(default_factory=StrategySpec)
     privacy: DPSpec | None = None  # client-level differential privacy (clip + Gaussian noise)
+    dropout: DropoutSpec | None = None  # Federated Dropout subnets
+    omc: OMCSpec | None = None  # OMC compressed training (downloads and uploads in its stored form)
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
 
     def __post_init__(self) -> None:
         if self.privacy is not None:
             self.privacy.check_strategy(self.strategy.name)
+        if self.dropout is not None and self.strategy.needs_all_updates:
+            raise SpecError(f"dropout: Federated Dropout averages per coordinate; strategy.name "
+                            f"{self.strategy.name!r} needs whole updates (use fedavg, fedavgm, fedadam, ...)")
+        if self.omc is not None:
+            if self.dropout is not None:
+                raise SpecError("omc: OMC and Federated Dropout cannot be combined yet; set one of them")
+            if self.training.momentum:
+                raise SpecError("omc: OMC training is plain SGD; set training.momentum to 0")
+            if self.strategy.proximal_mu:
+                raise SpecError("omc: OMC training cannot use FedProx; set strategy.proximal_mu to 0")
         if self.training.min_clients > self.training.clients_per_round + self.service.real_clients:
             raise SpecError(
                 f"training.min_clients: {self.training.min_clients} is more than the "

@@ -73,6 +73,7 @@ class UpdateHeader:
     keep_rate: float = 1.0
     metrics: Mapping[str, float] = field(default_factory=dict)
     digest: bytes = b""
+    weights: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -227,13 +228,14 @@ def upload_messages(
     keep_rate: float = 1.0,
     metrics: Mapping[str, float] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    weights: bool = False,
 ) -> list:
     """The UploadChunk messages of one update: a header, then the payload bytes in chunks."""
     tensors = list(tensors)
     header = pb.UpdateHeader(
         job_id=job_id, round=round, client_id=client_id, attempt=attempt, weight=weight,
         tensors=[_meta(n, p) for n, p in tensors], subnet_seed=subnet_seed, keep_rate=keep_rate,
-        metrics=dict(metrics or {}),
+        metrics=dict(metrics or {}), weights=weights,
     )
     msgs = []
     offset = 0
@@ -398,7 +400,7 @@ class _Servicer(pb_grpc.AggregationServicer):
             header = UpdateHeader(
                 job_id=h.job_id, round=h.round, client_id=h.client_id, attempt=h.attempt, weight=h.weight,
                 tensors=_entries(h.tensors), subnet_seed=h.subnet_seed, keep_rate=h.keep_rate,
-                metrics=dict(h.metrics), digest=h.digest,
+                metrics=dict(h.metrics), digest=h.digest, weights=h.weights,
             )
 
             def chunks():

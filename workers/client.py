@@ -13,13 +13,16 @@ import grpc
 import numpy as np
 import torch
 
-from fedray.compression import CodecContext, decode_checked, get_codec
+from fedray.compression import CodecContext, CodecState, get_codec
+from fedray.compression.fd import KeepRateConfig, SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
+from fedray.compression.omc import OMCModel
 from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
+from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import Dataset, Partition
-from .models import build_model, set_params
+from .models import build_model, model_layout, set_params
 from .train import TrainConfig, train_local
 
 __all__ = [
@@ -58,6 +61,9 @@ class TrainerSetup:
     broadcast_params: Mapping[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
     tls_ca_file: str | None = None  # set when the service serves TLS
+    dropout: Any = None  # orchestrator DropoutSpec-like: keep_rates, mode, probs, policy
+    omc: Any = None  # OMCConfig
+    prox_mu: float = 0.0  # FedProx
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,16 @@ class ClientResult:
     train_s: float = 0.0
     bytes_up: int = 0  # protobuf bytes streamed to the service
     error: str | None = None
+    keep_rate: float = 1.0
+    flops: int = 0  # analytic training FLOPs of this client's round
+    param_memory_bytes: int = 0  # parameter memory held while training (OMC: stored + transient peak)
 
 
 def decode_model(stage_tensors: Sequence[tuple[str, Payload]], codec_name: str, codec_params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    codec = get_codec(codec_name, **dict(codec_params))
-    return {name: decode_checked(codec, p) for name, p in stage_tensors}
+    return decode_tensors(stage_tensors, codec_name, codec_params)
+
+
+_STATEFUL = ("ef", "powersgd", "pipeline")
 
 
 class ClientTrainer:
@@ -85,9 +96,14 @@ class ClientTrainer:
         self.data = data
         self.parts = parts
         self.model = build_model(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
+        self.layout = model_layout(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
         self.codec = get_codec(setup.codec, **dict(setup.codec_params))
         self._channels: dict[str, grpc.Channel] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
+        self._states: dict[int, CodecState] = {}  # error feedback / warm starts, per client
+        d = setup.dropout
+        self._keep = KeepRateConfig(tuple(d.keep_rates), d.mode, tuple(d.probs)) if d is not None else None
 
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
@@ -95,13 +111,20 @@ class ClientTrainer:
             ch = self._channels[address] = serde.open_channel(address, ca_file=self.setup.tls_ca_file)
         return ch
 
-    def _global(self, round: int, broadcast: Sequence[tuple[str, Payload]]) -> dict[str, torch.Tensor]:
+    def _global(self, round: int, broadcast: Broadcast) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != round:
-            self._cached = (round, decode_model(broadcast, self.setup.broadcast, self.setup.broadcast_params))
+            self._cached = (round, decode_broadcast(broadcast))
         return self._cached[1]
 
+    def _model_for(self, hidden: tuple[int, ...]) -> torch.nn.Module:
+        m = self._submodels.get(hidden)
+        if m is None:
+            s, d = self.setup, self.data
+            m = self._submodels[hidden] = build_model(s.model_kind, d.input_shape, d.num_classes, hidden)
+        return m
+
     def train_clients(
-        self, round: int, broadcast: Sequence[tuple[str, Payload]], client_ids: Sequence[int],
+        self, round: int, broadcast: Broadcast, client_ids: Sequence[int],
         servers: Sequence[str], attempt: int = 0,
     ) -> list[ClientResult]:
         """Train, encode and upload each client to its shard (`servers[shard_index(id)]`).
@@ -112,37 +135,59 @@ class ClientTrainer:
         out = []
         for cid in client_ids:
             try:
-                out.append(self._one(round, start, int(cid), servers, attempt))
+                out.append(self._one(round, start, int(cid), servers, attempt, broadcast))
             except ClientError as e:
                 out.append(ClientResult(int(cid), round, error=str(e)))
         return out
 
-    def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int, servers: Sequence[str], attempt: int) -> ClientResult:
+    def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int, servers: Sequence[str], attempt: int,
+             broadcast: Broadcast) -> ClientResult:
         s = self.setup
         seed = client_seed(s.seed, round, cid)
         stage = "train"
         try:
             t0 = time.perf_counter()
-            set_params(self.model, start)
+            sub, keep, model, base = None, 1.0, self.model, start
+            if self._keep is not None:  # Federated Dropout: a real, smaller dense model
+                keep = keep_rate_for(cid, round, self._keep, seed=s.seed)
+                sub = SubnetSpec(seed=seed, keep_rate=keep, policy=s.dropout.policy, round=round, client=cid)
+                base = extract(start, self.layout, sub)
+                model = self._model_for(submodel_hidden(self.layout, sub))
+            set_params(model, base)
             idx = self.parts.client(cid)
-            stats = train_local(self.model, self.data.x_train[idx], self.data.y_train[idx], self.data.scale, self.data.shift, s.train, seed)
+            x, y = self.data.x_train[idx], self.data.y_train[idx]
+            if s.omc is not None:
+                om = OMCModel(model, s.omc, seed=seed)
+                try:
+                    om.load_payloads(dict(broadcast.stages[0]))
+                    stats = train_local(model, x, y, self.data.scale, self.data.shift, s.train, seed, omc=om)
+                    stage = "encode"
+                    up = om.to_payloads()
+                finally:
+                    om.release()
+                tensors = [(k, up[k]) for k in start]
+            else:
+                stats = train_local(model, x, y, self.data.scale, self.data.shift, s.train, seed, prox_mu=s.prox_mu)
+                stage = "encode"
+                params = model.state_dict()
+                state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
+                tensors = [(k, self.codec.encode(params[k] - base[k], CodecContext(seed=seed, state=state, key=k)))
+                           for k in base]
             train_s = time.perf_counter() - t0
-            stage = "encode"
-            params = self.model.state_dict()
-            ctx = CodecContext(seed=seed)
-            tensors = [
-                (k, self.codec.encode(params[k] - start[k], CodecContext(seed=ctx.seed, key=k))) for k in start
-            ]
             stage = "upload"
             msgs = serde.upload_messages(
                 job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
                 attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
+                subnet_seed=seed if sub is not None else 0, keep_rate=keep, weights=s.omc is not None,
             )
             server = servers[serde.shard_index(cid, len(servers))]
             ack = upload_with_retry(self._chan(server), msgs, client_token(s.secret, s.job_id, cid), attempt=attempt)
         except Exception as e:
             raise ClientError(stage, cid, round, e) from e
-        return ClientResult(cid, round, stats.examples, stats.loss, train_s, ack["wire_bytes"])
+        flops = flops_per_example(self.layout, sub) * stats.examples * s.train.local_epochs
+        mem = stats.param_memory_bytes or 4 * sum(int(v.numel()) for v in base.values())
+        return ClientResult(cid, round, stats.examples, stats.loss, train_s, ack["wire_bytes"], keep_rate=keep,
+                            flops=flops, param_memory_bytes=mem)
 
     def close(self) -> None:
         for ch in self._channels.values():
