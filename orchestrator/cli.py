@@ -19,7 +19,10 @@ import sys
 from typing import Sequence
 
 from . import realclient_cli
-from .spec import CompressionSpec, DataSpec, JobSpec, ModelSpec, ResourceSpec, SpecError, TrainingSpec
+from .spec import (
+    CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, ResourceSpec, SpecError, StrategySpec,
+    TrainingSpec,
+)
 
 __all__ = ["main"]
 
@@ -34,7 +37,7 @@ def _hidden(text: str) -> tuple[int, ...]:
 def _demo_parser(sub) -> None:
     d = JobSpec()
     p = sub.add_parser("demo", help="run the main job: federated training on an embedded local Ray")
-    p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default=d.data.dataset)
+    p.add_argument("--dataset", choices=["fashion-mnist", "digits", "japanese-vowels"], default=d.data.dataset)
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--clients", type=int, default=d.data.num_clients, help="population size")
     p.add_argument("--clients-per-round", type=int, default=d.training.clients_per_round)
@@ -56,6 +59,39 @@ def _demo_parser(sub) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
     p.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--model", choices=["mlp", "cnn", "conv1d", "gru"], default="mlp",
+                   help="cnn: --hidden C1,C2,FC; conv1d, gru: for japanese-vowels")
+    p.add_argument("--codec-params", type=_json_map, default={}, help='upload codec params as JSON, e.g. \'{"bits": 4}\'')
+    p.add_argument("--broadcast-params", type=_json_map, default={},
+                   help='download codec params as JSON; P2U: \'{"stage_bits": [4, 4], "start_after": 0}\'')
+    p.add_argument("--strategy", default="fedavg", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, ...")
+    p.add_argument("--server-lr", type=float, default=None)
+    p.add_argument("--shards", type=int, default=1, help="aggregation shards (gRPC servers)")
+    p.add_argument("--keep-rate", type=_rates, default=None,
+                   help="Federated Dropout keep rate(s), e.g. 0.75 or 0.5,0.75,1 (drawn per client)")
+    p.add_argument("--dropout-policy", choices=["random", "prefix", "rolling"], default="random")
+    p.add_argument("--omc-bits", type=int, default=None, help="OMC: train with parameters stored at this many bits")
+    p.add_argument("--dp-noise", type=float, default=None, help="differential privacy: noise multiplier")
+    p.add_argument("--dp-clip", type=float, default=1.0, help="differential privacy: update clip norm")
+
+
+def _json_map(text: str) -> dict:
+    import json
+
+    try:
+        v = json.loads(text)
+    except ValueError:
+        v = None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return v
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep-rate takes rates like 0.75 or 0.5,1, got {text!r}") from None
 
 
 def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
@@ -63,13 +99,20 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
         name="demo",
         seed=a.seed,
         data=DataSpec(dataset=a.dataset, data_dir=a.data_dir, num_clients=a.clients, partition=a.partition, alpha=a.alpha),
-        model=ModelSpec(hidden=tuple(a.hidden)),
+        model=ModelSpec(kind=a.model, hidden=tuple(a.hidden)),
         training=TrainingSpec(
             rounds=a.rounds, clients_per_round=a.clients_per_round, local_epochs=a.local_epochs,
             batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
         ),
-        compression=CompressionSpec(codec=a.codec, broadcast=a.broadcast),
-        resources=ResourceSpec(num_workers=a.workers, clients_per_call=a.clients_per_call, num_cpus=a.num_cpus),
+        compression=CompressionSpec(codec=a.codec, codec_params=a.codec_params, broadcast=a.broadcast,
+                                    broadcast_params=a.broadcast_params),
+        resources=ResourceSpec(num_workers=a.workers, clients_per_call=a.clients_per_call, num_cpus=a.num_cpus,
+                               shards=a.shards),
+        strategy=StrategySpec(name=a.strategy, **({"server_lr": a.server_lr} if a.server_lr is not None else {})),
+        dropout=DropoutSpec(keep_rates=a.keep_rate, mode="drawn" if len(a.keep_rate) > 1 else "fixed",
+                            policy=a.dropout_policy) if a.keep_rate else None,
+        omc=OMCSpec(bits=a.omc_bits) if a.omc_bits else None,
+        privacy=DPSpec(noise_multiplier=a.dp_noise, clip_norm=a.dp_clip) if a.dp_noise is not None else None,
     )
 
 

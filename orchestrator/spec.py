@@ -33,9 +33,9 @@ __all__ = [
     "TrainingSpec",
 ]
 
-DATASETS = ("fashion-mnist", "digits")
+DATASETS = ("fashion-mnist", "digits", "japanese-vowels")
 PARTITIONS = ("iid", "dirichlet")
-MODELS = ("mlp",)
+MODELS = ("mlp", "cnn", "conv1d", "gru")
 
 
 class SpecError(ValueError):
