@@ -164,7 +164,9 @@ def test_download_streams_the_round_model(service):
     core, ch = service
     g = _update(4)
     c = get_codec("identity")
-    core.open_round(2, tuple((k, c.encode(v)) for k, v in g.items()))
+    from fedray.workers.broadcast import make_broadcast
+
+    core.open_round(2, make_broadcast(g, codec="identity", codec_params={}, round=2))
     stages = serde.call_download(ch, job_id=JOB, round=2, client_id=7, token=client_token(SECRET, JOB, 7))
     assert len(stages) == 1 and stages[0].round == 2
     got = {k: c.decode(p) for k, p in stages[0].tensors}
