@@ -79,6 +79,12 @@ class Codec(abc.ABC):
     @abc.abstractmethod
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor: ...
 
+    def encode_many(self, xs: torch.Tensor, ctxs: "list[CodecContext] | None" = None) -> list[Payload]:
+        """Encode `xs[i]` for every i (clients sharing a tensor shape): the same payloads as
+        `encode` one by one. Codecs override this to vectorize over the leading axis."""
+        ctxs = ctxs or [CodecContext()] * len(xs)
+        return [self.encode(x, c) for x, c in zip(xs, ctxs)]
+
     def wire_bytes(self, shape: tuple[int, ...]) -> int | None:
         """Exact payload bytes for a tensor of `shape`, or None where it depends on the data."""
         return None

@@ -37,6 +37,7 @@ from fedray.proto.serde import TLSConfig
 
 from .checkpoint import open_store
 from .metrics import JobMetrics
+from .population import Population, SeededPartition
 from .privacy import add_gaussian_noise, noise_generator
 from .service import ServiceLimits
 from .shard import AggregationShard
@@ -68,6 +69,7 @@ class RoundRecord:
     param_memory_bytes: int = 0  # largest parameter memory a client held while training
     keep_rate: float = 1.0  # mean Federated Dropout keep rate
     p2u_stages: list | None = None  # P2U: accuracy after each stage against cumulative bytes
+    virtual_s: float | None = None  # population model: the round's duration in virtual time
 
 
 @dataclass
@@ -223,8 +225,17 @@ class JobRuntime:
         self.job_id = spec.service.job_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
         self.secret = _job_secret(spec)
         self.data = load_dataset(spec.data.dataset, spec.data.data_dir, spec.seed)
-        self.parts = partition(self.data.y_train, spec.data.num_clients, method=spec.data.partition,
-                               alpha=spec.data.alpha, seed=spec.seed)
+        if spec.data.examples_per_client is not None:  # O(clients) memory for huge populations
+            self.parts = SeededPartition(len(self.data.y_train), spec.data.num_clients,
+                                         examples_per_client=spec.data.examples_per_client, seed=spec.seed)
+        else:
+            self.parts = partition(self.data.y_train, spec.data.num_clients, method=spec.data.partition,
+                                   alpha=spec.data.alpha, seed=spec.seed)
+        self.population = None
+        if spec.population is not None:
+            self.population = Population(spec.data.num_clients, spec.seed, profile=spec.population.profile(),
+                                         examples=np.asarray(self.parts.sizes()))
+        self._bytes_up_estimate = 0.0
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
             self.model = build_model(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
@@ -253,7 +264,7 @@ class JobRuntime:
             hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
-            dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu,
+            dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
         )
         self.pool = RayPool(
             setup, self.data, self.parts, num_workers=res.num_workers or default_num_workers(),
@@ -316,11 +327,21 @@ class JobRuntime:
     def _round(self, r: int) -> RoundRecord:
         spec, tr = self.spec, self.spec.training
         t0 = time.perf_counter()
-        ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
         comp = spec.compression
         bcast = make_broadcast(self.params, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r,
                                omc_cfg=self.omc_cfg, quantized=self.quantized)
         down_per_client = bcast.bytes_used()
+        virtual_s = None
+        if self.population is not None:
+            pop = spec.population
+            sample = self.population.sample_round(
+                r, tr.clients_per_round, over_select=pop.over_select, deadline_s=pop.deadline_s,
+                bytes_up=self._bytes_up_estimate or self.fp32_bytes, bytes_down=down_per_client,
+                epochs=tr.local_epochs,
+            )
+            ids, virtual_s = np.sort(sample.train_ids), sample.virtual_s
+        else:
+            ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
         bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
         self._open(r, bref)
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
@@ -361,7 +382,10 @@ class JobRuntime:
             client_flops=int(np.mean([x.flops for x in ok])) if ok else 0,
             param_memory_bytes=max((x.param_memory_bytes for x in ok), default=0),
             keep_rate=float(np.mean([x.keep_rate for x in ok])) if ok else 1.0, p2u_stages=stages,
+            virtual_s=virtual_s,
         )
+        if ok:  # the stragglers model prices the next round's uploads at this round's real size
+            self._bytes_up_estimate = rec.bytes_up / len(ok)
         self.metrics.record_round(
             round=r, ok=len(ok), failed=len(failed), bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
             fp32_up=rec.bytes_up_fp32, accuracy=acc, wall_s=wall, decode_s=decode_s,

@@ -24,6 +24,7 @@ __all__ = [
     "DPSpec",
     "DropoutSpec",
     "OMCSpec",
+    "PopulationSpec",
     "JobSpec",
     "ModelSpec",
     "ResourceSpec",
@@ -78,6 +79,8 @@ class DataSpec:
     num_clients: int = 1000
     partition: str = "iid"
     alpha: float = 0.5
+    examples_per_client: int | None = None  # set: each client holds this many examples drawn from
+    # a seed (memory O(clients) ints; for populations far larger than the data set)
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
@@ -86,6 +89,8 @@ class DataSpec:
         _int("data.num_clients", self.num_clients, 1)
         _choice("data.partition", self.partition, PARTITIONS)
         _num("data.alpha", self.alpha, 0, lo_open=True)
+        if self.examples_per_client is not None:
+            _int("data.examples_per_client", self.examples_per_client, 1)
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,47 @@ class OMCSpec:
 
 
 @dataclass(frozen=True)
+class PopulationSpec:
+    """Device heterogeneity and stragglers in virtual time (FedScale's over-selection).
+
+    Each client gets a compute speed and up/down bandwidths (lognormal, seeded; or a trace CSV);
+    its virtual completion time is its compute plus the real encoded bytes over its bandwidth.
+    A round over-selects ceil(K * over_select) online clients, keeps the first K finishers (and,
+    with `deadline_s`, only those finishing by then) and never trains the rest.
+    """
+
+    over_select: float = 1.0
+    deadline_s: float | None = None
+    speed_median: float = 1.0
+    speed_sigma: float = 0.5
+    up_mbps_median: float = 10.0
+    up_sigma: float = 0.8
+    down_mbps_median: float = 40.0
+    down_sigma: float = 0.8
+    availability: float = 1.0
+    seconds_per_example: float = 1e-3
+    trace_file: str | None = None
+
+    def __post_init__(self) -> None:
+        _num("population.over_select", self.over_select, 1)
+        if self.deadline_s is not None:
+            _num("population.deadline_s", self.deadline_s, 0, lo_open=True)
+        try:
+            self.profile()
+        except ValueError as e:
+            raise SpecError(str(e).replace("DeviceProfileSpec.", "population.")) from None
+
+    def profile(self):
+        from .population import DeviceProfileSpec
+
+        return DeviceProfileSpec(
+            speed_median=self.speed_median, speed_sigma=self.speed_sigma, up_mbps_median=self.up_mbps_median,
+            up_sigma=self.up_sigma, down_mbps_median=self.down_mbps_median, down_sigma=self.down_sigma,
+            availability=self.availability, seconds_per_example=self.seconds_per_example, trace_file=self.trace_file,
+        )
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     """How the job uses the cluster."""
 
@@ -227,6 +273,7 @@ class ResourceSpec:
     shards: int = 1  # aggregation shards (gRPC servers); clients map to shards by a hash of their id
     shard_resource: str | None = None  # Ray custom resource that pins shards (e.g. fedray_aggregator)
     max_attempts: int = 3  # per client and round, over worker failures
+    batched: bool = True  # train same-shape clients of one call together (vmap / batched matmuls)
 
     def __post_init__(self) -> None:
         _int("resources.shards", self.shards, 1, 256)
@@ -283,6 +330,7 @@ class JobSpec:
     privacy: DPSpec | None = None  # client-level differential privacy (clip + Gaussian noise)
     dropout: DropoutSpec | None = None  # Federated Dropout subnets
     omc: OMCSpec | None = None  # OMC compressed training (downloads and uploads in its stored form)
+    population: PopulationSpec | None = None  # device profiles, over-selection, deadline (virtual time)
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
 
     def __post_init__(self) -> None:

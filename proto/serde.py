@@ -36,6 +36,8 @@ __all__ = [
     "retry_after_ms",
     "shard_index",
     "call_upload",
+    "call_upload_batch",
+    "BatchResult",
     "payload_from_meta",
     "upload_messages",
 ]
@@ -270,6 +272,41 @@ def new_digest() -> _Crc32:
     return _Crc32()
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    client_id: int
+    accepted: bool
+    code: grpc.StatusCode
+    message: str
+    wire_bytes: int
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def call_upload_batch(channel: grpc.Channel, updates: list[tuple[list, str]], *, timeout: float = 120.0) -> list[BatchResult]:
+    """Stream several updates (each a message list from `upload_messages`, with its client's
+    token) in one call; return one result per update, in order. One refused update does not
+    affect the others.
+
+    Raises:
+        grpc.RpcError: the call itself failed (service unreachable, deadline).
+    """
+    flat = []
+    for msgs, token in updates:
+        first = pb.UploadChunk()
+        first.CopyFrom(msgs[0])
+        first.header.token = token
+        flat.append(first)
+        flat.extend(msgs[1:])
+    ack = pb_grpc.AggregationStub(channel).UploadBatch(iter(flat), timeout=timeout)
+    out = []
+    for r, (msgs, _) in zip(ack.results, updates):
+        out.append(BatchResult(r.client_id, r.accepted, _CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message,
+                               sum(m.ByteSize() for m in msgs)))
+    return out
+
+
 def call_upload(stub_channel: grpc.Channel, messages: list, *, token: str, timeout: float = 60.0) -> dict:
     """Stream `messages` to the service; return the ack as a dict and the bytes sent.
 
@@ -429,6 +466,31 @@ class _Servicer(pb_grpc.AggregationServicer):
         except Exception as e:  # mapped to a status in one place: status_of
             self._abort(context, e)
 
+    def UploadBatch(self, request_iterator, context):
+        it = _Peekable(request_iterator)
+        results = []
+        while (first := it.next()) is not None:
+            cid = first.header.client_id if first.HasField("header") else 0
+            try:
+                if not first.HasField("header"):
+                    raise PayloadError("each update of a batch must start with a chunk carrying its header")
+                h = first.header
+                header = UpdateHeader(
+                    job_id=h.job_id, round=h.round, client_id=h.client_id, attempt=h.attempt, weight=h.weight,
+                    tensors=_entries(h.tensors), subnet_seed=h.subnet_seed, keep_rate=h.keep_rate,
+                    metrics=dict(h.metrics), digest=h.digest, weights=h.weights,
+                )
+                _, received = self._h.upload(header, _update_chunks(first, it), h.token)
+                results.append(pb.UploadResult(client_id=cid, accepted=True, bytes_received=received))
+            except Exception as e:
+                code = self._status_of(e)
+                if code is None:
+                    raise
+                results.append(pb.UploadResult(client_id=cid, accepted=False, code=code.value[0], message=str(e)))
+            while it.peek() is not None and not it.peek().HasField("header"):  # rest of a refused update
+                it.next()
+        return pb.UploadBatchAck(results=results)
+
     def Download(self, request, context):
         try:
             stages = self._h.download(
@@ -458,6 +520,28 @@ class _Servicer(pb_grpc.AggregationServicer):
             status=i.status, job_id=i.job_id, round=i.round, updates_committed=i.updates_committed,
             bytes_received=i.bytes_received,
         )
+
+
+class _Peekable:
+    def __init__(self, it) -> None:
+        self._it, self._next, self._has = it, None, False
+
+    def peek(self):
+        if not self._has:
+            self._next, self._has = next(self._it, None), True
+        return self._next
+
+    def next(self):
+        v = self.peek()
+        self._has = False
+        return v
+
+
+def _update_chunks(first, it: _Peekable):
+    yield first.offset, first.data
+    while it.peek() is not None and not it.peek().HasField("header"):
+        m = it.next()
+        yield m.offset, m.data
 
 
 def add_aggregation_service(

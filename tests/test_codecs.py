@@ -293,3 +293,19 @@ def test_different_seeds_differ_and_keys_matter():
     b = bytes(memoryview(codec.encode(x, CodecContext(seed=2, key="a")).data))
     c = bytes(memoryview(codec.encode(x, CodecContext(seed=1, key="b")).data))
     assert a != b and a != c
+
+
+def test_encode_many_equals_encode_one_by_one():
+    import torch
+
+    from fedray.compression import available_codecs, get_codec
+
+    xs = torch.randn(6, 12, 9)
+    for name in ("int8", "identity", "fp16", "sign"):
+        assert name in available_codecs()
+        for c in ([get_codec(name, granularity=g) for g in ("tensor", "channel")] if name == "int8" else [get_codec(name)]):
+            many = c.encode_many(xs)
+            for x, p in zip(xs, many):
+                q = c.encode(x)
+                assert (p.codec, p.shape, dict(p.params)) == (q.codec, q.shape, dict(q.params))
+                assert bytes(memoryview(p.data)) == bytes(memoryview(q.data))

@@ -20,6 +20,7 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
+from .batched import supports_batched, train_batched
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import Dataset, Partition
 from .models import build_model, model_layout, set_params
@@ -64,6 +65,7 @@ class TrainerSetup:
     dropout: Any = None  # orchestrator DropoutSpec-like: keep_rates, mode, probs, policy
     omc: Any = None  # OMCConfig
     prox_mu: float = 0.0  # FedProx
+    batched: bool = True  # train a call's clients together when the model allows (workers/batched.py)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class ClientTrainer:
         A failing client is reported in its result, not raised.
         """
         start = self._global(round, broadcast)
+        if self._batchable() and len(client_ids) > 1:
+            return self._batched(round, start, [int(c) for c in client_ids], servers, attempt)
         out = []
         for cid in client_ids:
             try:
@@ -139,6 +143,93 @@ class ClientTrainer:
             except ClientError as e:
                 out.append(ClientResult(int(cid), round, error=str(e)))
         return out
+
+    def _batchable(self) -> bool:
+        s = self.setup
+        return (s.batched and self._keep is None and s.omc is None and not s.prox_mu
+                and supports_batched(self.model))
+
+    def _batched(self, round: int, start, cids: list[int], servers, attempt: int) -> list[ClientResult]:
+        """Train every client of the call as one batched computation, then encode and upload each."""
+        s, d = self.setup, self.data
+        seeds = [client_seed(s.seed, round, c) for c in cids]
+        idx = [self.parts.client(c) for c in cids]
+        t0 = time.perf_counter()
+        try:
+            trained = train_batched(self.model, start, [d.x_train[i] for i in idx], [d.y_train[i] for i in idx],
+                                    s.train, seeds, d.scale, d.shift)
+        except Exception as e:  # the whole batch failed in training: report each client
+            return [ClientResult(c, round, error=str(ClientError("train", c, round, e))) for c in cids]
+        train_s = (time.perf_counter() - t0) / len(cids)
+        flops = flops_per_example(self.layout, None)
+        mem = 4 * sum(int(v.numel()) for v in start.values())
+        encoded, out = [], {}
+        if s.codec not in _STATEFUL:  # stateless codec: encode each tensor for all clients at once
+            try:
+                per = {k: self.codec.encode_many(torch.stack([p[k] for p, _ in trained]) - start[k]) for k in start}
+            except Exception as e:
+                return [ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in cids]
+            for i, (cid, (_, stats)) in enumerate(zip(cids, trained)):
+                msgs = serde.upload_messages(
+                    job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples),
+                    tensors=[(k, per[k][i]) for k in start], attempt=attempt,
+                    metrics={"loss": stats.loss, "train_s": train_s},
+                )
+                encoded.append((cid, stats, msgs))
+        else:
+            for cid, seed, (params, stats) in zip(cids, seeds, trained):
+                try:
+                    encoded.append((cid, stats, self._encode(round, cid, seed, params, start, stats, train_s, attempt)))
+                except ClientError as e:
+                    out[cid] = ClientResult(cid, round, error=str(e))
+        stats_of = {c: x for c, x, _ in encoded}
+        for cid, nbytes, err in self._upload_many(round, [(c, m) for c, _, m in encoded], servers, attempt):
+            st = stats_of[cid]
+            out[cid] = (ClientResult(cid, round, error=err) if err else
+                        ClientResult(cid, round, st.examples, st.loss, train_s, nbytes,
+                                     flops=flops * st.examples * s.train.local_epochs, param_memory_bytes=mem))
+        return [out[c] for c in cids]
+
+    def _encode(self, round, cid, seed, params, base, stats, train_s, attempt) -> list:
+        s = self.setup
+        try:
+            state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
+            tensors = [(k, self.codec.encode(params[k] - base[k], CodecContext(seed=seed, state=state, key=k)))
+                       for k in base]
+            return serde.upload_messages(
+                job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
+                attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
+            )
+        except Exception as e:
+            raise ClientError("encode", cid, round, e) from e
+
+    def _upload_many(self, round: int, updates: list[tuple[int, list]], servers, attempt: int):
+        """Upload many clients' updates: one UploadBatch stream per shard (the per-call gRPC cost is
+        paid once, not per client); refused updates with a retryable status go again one by one.
+
+        Yields (client id, wire bytes, error or None)."""
+        s = self.setup
+        by_shard: dict[int, list[tuple[int, list]]] = {}
+        for cid, msgs in updates:
+            by_shard.setdefault(serde.shard_index(cid, len(servers)), []).append((cid, msgs))
+        for shard, group in by_shard.items():
+            ch = self._chan(servers[shard])
+            tokens = [client_token(s.secret, s.job_id, cid) for cid, _ in group]
+            try:
+                results = serde.call_upload_batch(ch, [(m, t) for (_, m), t in zip(group, tokens)])
+            except grpc.RpcError:
+                results = [None] * len(group)  # the call failed as a whole: each goes on its own, with retries
+            for (cid, msgs), token, r in zip(group, tokens, results):
+                if r is not None and (r.accepted or (r.code == grpc.StatusCode.ALREADY_EXISTS and attempt > 0)):
+                    yield cid, r.wire_bytes, None
+                    continue
+                if r is not None and r.code not in _RETRYABLE:
+                    yield cid, 0, str(ClientError("upload", cid, round, RuntimeError(f"{r.code.name}: {r.message}")))
+                    continue
+                try:
+                    yield cid, upload_with_retry(ch, msgs, token, attempt=attempt)["wire_bytes"], None
+                except Exception as e:
+                    yield cid, 0, str(ClientError("upload", cid, round, e))
 
     def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int, servers: Sequence[str], attempt: int,
              broadcast: Broadcast) -> ClientResult:

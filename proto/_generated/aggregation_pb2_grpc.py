@@ -42,6 +42,11 @@ class AggregationStub:
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
                 response_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadAck.FromString,
                 _registered_method=True)
+        self.UploadBatch = channel.stream_unary(
+                '/fedray.v1.Aggregation/UploadBatch',
+                request_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
+                response_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/fedray.v1.Aggregation/Download',
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.DownloadRequest.SerializeToString,
@@ -64,6 +69,14 @@ class AggregationServicer:
 
     def Upload(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadBatch(self, request_iterator, context):
+        """Several updates in one stream (a worker uploading the clients of one call): each header
+        starts the next update, and each update is checked and committed on its own.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -93,6 +106,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.FromString,
                     response_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadAck.SerializeToString,
+            ),
+            'UploadBatch': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadBatch,
+                    request_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.FromString,
+                    response_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
@@ -137,6 +155,33 @@ class Aggregation:
             '/fedray.v1.Aggregation/Upload',
             fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
             fedray_dot_v1_dot_aggregation__pb2.UploadAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedray.v1.Aggregation/UploadBatch',
+            fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
+            fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
             options,
             channel_credentials,
             insecure,

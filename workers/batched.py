@@ -1,0 +1,195 @@
+"""Batched multi-client training: B clients that share a model shape train together as one
+computation (`torch.func.vmap` over stacked parameters), with the same result as training them
+one by one with `workers.train.train_local`.
+
+Each client keeps its own batch order (its own `torch.Generator` seeded like `train_local`), its
+own learning-rate step and its own momentum buffer. Clients hold different numbers of examples:
+every step gathers one batch per client, padded to `batch_size` and masked, so each client's loss
+is the mean cross-entropy over exactly its own batch. A client whose batches are used up is frozen
+(no update, momentum untouched) while the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from .train import TrainConfig, TrainStats
+
+__all__ = ["BatchedTrainingError", "supports_batched", "train_batched"]
+
+
+class BatchedTrainingError(RuntimeError):
+    """The model cannot be trained batched (an op without a vmap rule); train one by one."""
+
+
+def supports_batched(model: nn.Module) -> bool:
+    """Whether `model` can go through `train_batched` (no buffers such as BatchNorm statistics,
+    no recurrent layers, whose kernels have no vmap batching rule)."""
+    if any(True for _ in model.buffers()):
+        return False
+    return not any(isinstance(m, nn.RNNBase) for m in model.modules())
+
+
+def train_batched(
+    model_template: nn.Module, start_params: Mapping[str, torch.Tensor], xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray], cfg: TrainConfig, seeds: Sequence[int], scale: float, shift: float = 0.0,
+) -> list[tuple[dict[str, torch.Tensor], TrainStats]]:
+    """Train `len(xs)` clients from the same `start_params`, each on its own (x, y) with its own
+    seed, and return each client's final parameters (float32, by name) and stats.
+
+    Equal, within float tolerance, to `set_params(model, start); train_local(model, x, y, scale,
+    shift, cfg, seed)` per client. `model_template` is only read (its structure); its parameters
+    are left alone.
+
+    Raises:
+        ValueError: `xs`, `ys` and `seeds` differ in length, or a client's x and y do.
+        BatchedTrainingError: the model cannot be vmapped (see `supports_batched`).
+    """
+    b = len(xs)
+    if len(ys) != b or len(seeds) != b:
+        raise ValueError(f"xs, ys and seeds must have one entry per client, got {b}, {len(ys)}, {len(seeds)}")
+    if b == 0:
+        return []
+    if not supports_batched(model_template):
+        raise BatchedTrainingError(f"{type(model_template).__name__} has buffers or recurrent layers; use train_local")
+    sizes = [len(y) for y in ys]
+    for i, (x, n) in enumerate(zip(xs, sizes)):
+        if len(x) != n:
+            raise ValueError(f"client {i}: {len(x)} features but {n} labels")
+    bs = cfg.batch_size
+    x_all = torch.from_numpy(_features(np.concatenate(xs), scale, shift))
+    y_all = torch.from_numpy(np.concatenate(ys).astype(np.int64, copy=False))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    names = list(start_params)
+    params = {k: start_params[k].detach().to(torch.float32).unsqueeze(0).repeat(b, *[1] * start_params[k].dim())
+              for k in names}
+    bufs: dict[str, torch.Tensor] | None = None
+    step_fn = _mlp_step_fn(model_template) or _step_fn(model_template)
+    loss_sum = torch.zeros(b, dtype=torch.float64)
+    steps = torch.zeros(b, dtype=torch.int64)
+    gens = [torch.Generator().manual_seed(int(s) & 0x7FFFFFFFFFFFFFFF) for s in seeds]
+
+    for _ in range(cfg.local_epochs):
+        gidx, mask, count = _epoch_batches(gens, sizes, offsets, bs)
+        for s in range(gidx.shape[1]):
+            active = count[:, s] > 0
+            xb, yb, m, c = x_all[gidx[:, s]], y_all[gidx[:, s]], mask[:, s], count[:, s].clamp(min=1)
+            grads, loss = step_fn(params, xb, yb, m, c)
+            all_active = bool(active.all())
+            with torch.no_grad():
+                if cfg.momentum > 0:
+                    if bufs is None:  # the first step: every client has at least one batch, or is empty
+                        bufs = {k: g.clone() for k, g in grads.items()}
+                    else:
+                        for k in names:
+                            upd = bufs[k] * cfg.momentum + grads[k]
+                            bufs[k] = upd if all_active else torch.where(_bcast(active, upd), upd, bufs[k])
+                    grads = bufs
+                for k in names:
+                    new = params[k] - cfg.lr * grads[k]
+                    params[k] = new if all_active else torch.where(_bcast(active, new), new, params[k])
+                loss_sum += torch.where(active, loss.double(), 0.0)
+                steps += active.long()
+    out = []
+    for i in range(b):
+        st = int(steps[i])
+        out.append(({k: params[k][i].clone() for k in names},
+                     TrainStats(float(loss_sum[i]) / max(st, 1), st, sizes[i])))
+    return out
+
+
+def _step_fn(model: nn.Module):
+    """Per-client (grads, loss) of one masked batch, vmapped over the client axis."""
+
+    def loss_of(p, x, y, m, c):
+        out = functional_call(model, p, (x,))
+        ce = nn.functional.cross_entropy(out, y, reduction="none")
+        return (ce * m).sum() / c
+
+    return vmap(grad_and_value(loss_of), in_dims=(0, 0, 0, 0, 0))
+
+
+def _mlp_step_fn(model: nn.Module):
+    """For a `build_model("mlp", ...)` stack (Flatten, Linear, ReLU only): the same step with a
+    hand-written backward over batched matmuls. The functorch path costs ~1 ms of dispatch per
+    step whatever B is; this one a few dozen small kernels, which is what decides the speed of
+    clients with one or two batches each. Returns None for any other model."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    plan: list[tuple[str, str | None]] = []  # ("linear", name) or ("relu", None)
+    for name, m in model.named_children():
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            plan.append(("linear", name))
+        elif isinstance(m, nn.ReLU):
+            plan.append(("relu", None))
+        elif not isinstance(m, nn.Flatten):
+            return None
+    if not plan or plan[-1][0] != "linear":
+        return None
+
+    def step(p, x, y, m, c):
+        h = x.reshape(x.shape[0], x.shape[1], -1)
+        saved = []  # per op: its input (linear) or its output mask (relu)
+        for kind, name in plan:
+            if kind == "linear":
+                saved.append(h)
+                h = torch.baddbmm(p[name + ".bias"].unsqueeze(1), h, p[name + ".weight"].transpose(1, 2))
+            else:
+                h = torch.relu(h)
+                saved.append(h > 0)
+        logp = torch.log_softmax(h, dim=2)
+        nll = -logp.gather(2, y.unsqueeze(2)).squeeze(2)  # [B, bs]
+        w = m / c.unsqueeze(1)
+        loss = (nll * w).sum(dim=1)
+        dz = logp.exp()
+        dz.scatter_add_(2, y.unsqueeze(2), torch.full_like(dz[..., :1], -1.0))
+        dz *= w.unsqueeze(2)
+        grads: dict[str, torch.Tensor] = {}
+        for (kind, name), s in zip(reversed(plan), reversed(saved)):
+            if kind == "linear":
+                grads[name + ".weight"] = torch.bmm(dz.transpose(1, 2), s)
+                grads[name + ".bias"] = dz.sum(dim=1)
+                if s is not saved[0]:
+                    dz = torch.bmm(dz, p[name + ".weight"])
+            else:
+                dz = dz * s
+        return grads, loss
+
+    return step
+
+
+def _epoch_batches(gens, sizes, offsets, bs):
+    """One epoch's batches: (global index [B, S, bs], mask [B, S, bs], valid count [B, S]).
+
+    Client i's batch j is `perm_i[j*bs:(j+1)*bs]` exactly as in `train_local`; padded slots
+    point at the client's first example and have mask 0.
+    """
+    b = len(sizes)
+    n_steps = max(math.ceil(n / bs) for n in sizes)
+    gidx = torch.empty((b, n_steps * bs), dtype=torch.int64)
+    mask = torch.zeros((b, n_steps * bs), dtype=torch.float32)
+    for i, (g, n) in enumerate(zip(gens, sizes)):
+        gidx[i].fill_(int(offsets[i]))
+        if n:
+            gidx[i, :n] = torch.randperm(n, generator=g) + int(offsets[i])
+            mask[i, :n] = 1.0
+    mask = mask.view(b, n_steps, bs)
+    return gidx.view(b, n_steps, bs), mask, mask.sum(dim=2)
+
+
+def _bcast(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return active.view(-1, *[1] * (like.dim() - 1))
+
+
+def _features(x: np.ndarray, scale: float, shift: float) -> np.ndarray:
+    # The same float32 arithmetic as train._features, so both paths see identical inputs.
+    out = np.asarray(x, dtype=np.float32) * np.float32(scale)
+    out += np.float32(shift)
+    return out
