@@ -91,10 +91,10 @@ def _child(address: str, args: dict, checkpoint_dir: str, count_file: str) -> No
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--clients", type=int, default=400)
     p.add_argument("--per-round", type=int, default=40)
-    p.add_argument("--kill-every", type=float, default=0.4)
+    p.add_argument("--kill-every", type=float, default=0.25)
     p.add_argument("--driver-kill-round", type=int, default=8)
     p.add_argument("--seed", type=int, default=3)
     a = p.parse_args(argv)

@@ -1,0 +1,105 @@
+"""Batched multi-client training equals training the clients one by one (workers.train.train_local)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedray.workers.batched import BatchedTrainingError, supports_batched, train_batched
+from fedray.workers.data import load_digits, partition
+from fedray.workers.models import build_model, get_params, set_params
+from fedray.workers.train import TrainConfig, train_local
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(0)
+
+
+def _one_by_one(model, start, xs, ys, cfg, seeds, scale, shift):
+    out = []
+    for x, y, s in zip(xs, ys, seeds):
+        set_params(model, start)
+        st = train_local(model, x, y, scale, shift, cfg, s)
+        out.append((get_params(model), st))
+    return out
+
+
+def _check_equal(got, want, atol):
+    assert len(got) == len(want)
+    for (gp, gs), (wp, ws) in zip(got, want):
+        assert gp.keys() == wp.keys()
+        for k in wp:
+            torch.testing.assert_close(gp[k], wp[k], atol=atol, rtol=0)
+        assert (gs.steps, gs.examples) == (ws.steps, ws.examples)
+        assert gs.loss == pytest.approx(ws.loss, abs=1e-5)
+
+
+def _clients(d, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = [rng.choice(len(d.y_train), n, replace=False) for n in sizes]
+    return [d.x_train[i] for i in idx], [d.y_train[i] for i in idx]
+
+
+@pytest.mark.parametrize("momentum,epochs", [(0.0, 1), (0.0, 2), (0.9, 2)])
+def test_mlp_ragged_equals_one_by_one(digits, momentum, epochs):
+    # Ragged: 1 example, a partial batch, exact multiples of the batch, several batches with a tail.
+    sizes = [1, 5, 32, 64, 70, 100, 2, 33]
+    xs, ys = _clients(digits, sizes)
+    torch.manual_seed(1)
+    model = build_model("mlp", digits.input_shape, 10, (64,))
+    start = get_params(model)
+    cfg = TrainConfig(local_epochs=epochs, batch_size=32, lr=0.1, momentum=momentum)
+    seeds = [11 * i + 3 for i in range(len(sizes))]
+    got = train_batched(model, start, xs, ys, cfg, seeds, digits.scale, digits.shift)
+    want = _one_by_one(model, start, xs, ys, cfg, seeds, digits.scale, digits.shift)
+    _check_equal(got, want, atol=1e-5)
+    assert [s.steps for _, s in got] == [epochs * -(-n // 32) for n in sizes]
+
+
+def test_mlp_two_hidden_layers_benchmark_partition(digits):
+    parts = partition(digits.y_train, 1000, seed=0)
+    ids = list(range(40))
+    xs = [digits.x_train[parts.client(i)] for i in ids]
+    ys = [digits.y_train[parts.client(i)] for i in ids]
+    torch.manual_seed(2)
+    model = build_model("mlp", digits.input_shape, 10, (64, 32))
+    start = get_params(model)
+    cfg = TrainConfig(local_epochs=1, batch_size=32, lr=0.1)
+    got = train_batched(model, start, xs, ys, cfg, ids, digits.scale, digits.shift)
+    _check_equal(got, _one_by_one(model, start, xs, ys, cfg, ids, digits.scale, digits.shift), atol=1e-5)
+
+
+def test_generic_vmap_path_conv(digits):
+    # A CNN takes the torch.func (vmap + grad) path rather than the MLP fast path.
+    xs, ys = _clients(digits, [3, 40, 17])
+    torch.manual_seed(3)
+    model = build_model("cnn", digits.input_shape, 10, (4, 8, 16))
+    start = get_params(model)
+    cfg = TrainConfig(local_epochs=1, batch_size=16, lr=0.05, momentum=0.5)
+    got = train_batched(model, start, xs, ys, cfg, [1, 2, 3], digits.scale, digits.shift)
+    _check_equal(got, _one_by_one(model, start, xs, ys, cfg, [1, 2, 3], digits.scale, digits.shift), atol=1e-5)
+
+
+def test_start_params_and_template_untouched(digits):
+    xs, ys = _clients(digits, [10, 20])
+    model = build_model("mlp", digits.input_shape, 10, (16,))
+    before = get_params(model)
+    start = get_params(model)
+    train_batched(model, start, xs, ys, TrainConfig(), [0, 1], digits.scale, digits.shift)
+    for k in before:
+        assert torch.equal(start[k], before[k])
+        assert torch.equal(model.state_dict()[k], before[k])
+
+
+def test_rejects_mismatched_inputs_and_recurrent_models(digits):
+    xs, ys = _clients(digits, [4, 4])
+    model = build_model("mlp", digits.input_shape, 10, (8,))
+    with pytest.raises(ValueError, match="one entry per client"):
+        train_batched(model, get_params(model), xs, ys, TrainConfig(), [0], digits.scale, digits.shift)
+    gru = build_model("gru", (8, 8), 10, (8,))
+    assert not supports_batched(gru)
+    with pytest.raises(BatchedTrainingError):
+        train_batched(gru, get_params(gru), xs, ys, TrainConfig(), [0, 1], digits.scale, digits.shift)
+    assert train_batched(model, get_params(model), [], [], TrainConfig(), [], 1.0) == []
