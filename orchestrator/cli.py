@@ -20,8 +20,8 @@ from typing import Sequence
 
 from . import realclient_cli
 from .spec import (
-    CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, ResourceSpec, SpecError, StrategySpec,
-    TrainingSpec,
+    CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
+    ResourceSpec, SpecError, StrategySpec, TrainingSpec,
 )
 
 __all__ = ["main"]
@@ -73,6 +73,12 @@ def _demo_parser(sub) -> None:
     p.add_argument("--omc-bits", type=int, default=None, help="OMC: train with parameters stored at this many bits")
     p.add_argument("--dp-noise", type=float, default=None, help="differential privacy: noise multiplier")
     p.add_argument("--dp-clip", type=float, default=1.0, help="differential privacy: update clip norm")
+    p.add_argument("--prune-target", type=float, default=None,
+                   help="gradual magnitude pruning of the global model to this sparsity (cubic schedule)")
+    p.add_argument("--prune-end", type=int, default=None, help="round at which pruning reaches its target")
+    p.add_argument("--over-select", type=float, default=None,
+                   help="stragglers: over-select this factor of clients, keep the first finishers (virtual time)")
+    p.add_argument("--deadline", type=float, default=None, help="stragglers: round deadline in virtual seconds")
 
 
 def _json_map(text: str) -> dict:
@@ -113,6 +119,10 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
                             policy=a.dropout_policy) if a.keep_rate else None,
         omc=OMCSpec(bits=a.omc_bits) if a.omc_bits else None,
         privacy=DPSpec(noise_multiplier=a.dp_noise, clip_norm=a.dp_clip) if a.dp_noise is not None else None,
+        pruning=PruningSpec(target=a.prune_target, start_round=1, end_round=a.prune_end or max(a.rounds, 2))
+        if a.prune_target is not None else None,
+        population=PopulationSpec(over_select=a.over_select or 1.0, deadline_s=a.deadline)
+        if a.over_select is not None or a.deadline is not None else None,
     )
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fedray.compression import get_codec
 from fedray.workers.client import TrainerSetup
 from fedray.workers.data import load_dataset, partition
-from fedray.compression.fd import CountedSum
+from fedray.compression.fd import CountedSum, apply_mask, cubic_sparsity, magnitude_mask
 from fedray.compression.omc import quantizable_names
 from fedray.workers.broadcast import decode_broadcast, make_broadcast
 from fedray.workers.models import build_model, get_params, model_layout, num_params, set_params
@@ -70,6 +70,7 @@ class RoundRecord:
     keep_rate: float = 1.0  # mean Federated Dropout keep rate
     p2u_stages: list | None = None  # P2U: accuracy after each stage against cumulative bytes
     virtual_s: float | None = None  # population model: the round's duration in virtual time
+    sparsity: float = 0.0  # pruning: the fraction of weight-matrix entries pruned this round
 
 
 @dataclass
@@ -265,6 +266,7 @@ class JobRuntime:
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
+            pruning=spec.pruning is not None,
         )
         self.pool = RayPool(
             setup, self.data, self.parts, num_workers=res.num_workers or default_num_workers(),
@@ -328,8 +330,9 @@ class JobRuntime:
         spec, tr = self.spec, self.spec.training
         t0 = time.perf_counter()
         comp = spec.compression
+        sparse, sparsity = self._prune(r)
         bcast = make_broadcast(self.params, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r,
-                               omc_cfg=self.omc_cfg, quantized=self.quantized)
+                               omc_cfg=self.omc_cfg, quantized=self.quantized, sparse=sparse)
         down_per_client = bcast.bytes_used()
         virtual_s = None
         if self.population is not None:
@@ -382,7 +385,7 @@ class JobRuntime:
             client_flops=int(np.mean([x.flops for x in ok])) if ok else 0,
             param_memory_bytes=max((x.param_memory_bytes for x in ok), default=0),
             keep_rate=float(np.mean([x.keep_rate for x in ok])) if ok else 1.0, p2u_stages=stages,
-            virtual_s=virtual_s,
+            virtual_s=virtual_s, sparsity=sparsity,
         )
         if ok:  # the stragglers model prices the next round's uploads at this round's real size
             self._bytes_up_estimate = rec.bytes_up / len(ok)
@@ -394,6 +397,19 @@ class JobRuntime:
         self.log(f"round {r}/{tr.rounds}: accuracy {acc:.4f}, clients {rec.clients}, failed {rec.failed}, "
                  f"up {_mb(rec.bytes_up)}, down {_mb(rec.bytes_down)}, {wall:.2f}s") if not self.progress else None
         return rec
+
+    def _prune(self, r: int) -> tuple[dict | None, float]:
+        """Prune the global model to this round's sparsity (cubic schedule); the fractions kept."""
+        pr = self.spec.pruning
+        if pr is None:
+            return None, 0.0
+        s = cubic_sparsity(r, start=pr.start_round, end=pr.end_round, target=pr.target)
+        if s <= 0:
+            return None, 0.0
+        mask = magnitude_mask(self.params, s)
+        self.params = {k: v.clone() for k, v in self.params.items()}
+        apply_mask(self.params, mask)
+        return {k: float(m.float().mean()) for k, m in mask.items()}, s
 
     def _p2u_curve(self, b) -> list[dict]:
         """Accuracy of the round's broadcast after each P2U stage, against cumulative bytes."""

@@ -25,6 +25,7 @@ __all__ = [
     "DropoutSpec",
     "OMCSpec",
     "PopulationSpec",
+    "PruningSpec",
     "JobSpec",
     "ModelSpec",
     "ResourceSpec",
@@ -262,6 +263,22 @@ class PopulationSpec:
 
 
 @dataclass(frozen=True)
+class PruningSpec:
+    """Gradual magnitude pruning of the global model (Zhu & Gupta's cubic schedule): sparsity
+    grows from 0 at `start_round` to `target` at `end_round`; pruned weight matrices go down as
+    sparse payloads and clients keep pruned weights at zero."""
+
+    target: float = 0.8
+    start_round: int = 1
+    end_round: int = 10
+
+    def __post_init__(self) -> None:
+        _num("pruning.target", self.target, 0, 0.999)
+        _int("pruning.start_round", self.start_round, 1)
+        _int("pruning.end_round", self.end_round, self.start_round + 1)
+
+
+@dataclass(frozen=True)
 class ResourceSpec:
     """How the job uses the cluster."""
 
@@ -331,6 +348,7 @@ class JobSpec:
     dropout: DropoutSpec | None = None  # Federated Dropout subnets
     omc: OMCSpec | None = None  # OMC compressed training (downloads and uploads in its stored form)
     population: PopulationSpec | None = None  # device profiles, over-selection, deadline (virtual time)
+    pruning: PruningSpec | None = None  # server-side gradual magnitude pruning
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
 
     def __post_init__(self) -> None:
@@ -339,6 +357,9 @@ class JobSpec:
         if self.dropout is not None and self.strategy.needs_all_updates:
             raise SpecError(f"dropout: Federated Dropout averages per coordinate; strategy.name "
                             f"{self.strategy.name!r} needs whole updates (use fedavg, fedavgm, fedadam, ...)")
+        if self.pruning is not None and (self.omc is not None or self.compression.broadcast == "p2u"):
+            raise SpecError("pruning: the pruned model goes down as a sparse payload; it cannot be combined "
+                            "with omc or broadcast: p2u")
         if self.omc is not None:
             if self.dropout is not None:
                 raise SpecError("omc: OMC and Federated Dropout cannot be combined yet; set one of them")

@@ -8,12 +8,12 @@ from fedray.orchestrator.spec import (
 )
 
 
-def _spec(**kw) -> JobSpec:
+def _spec(rounds: int = 3, **kw) -> JobSpec:
     base = dict(
         name="comp", seed=4,
         data=DataSpec(dataset="digits", num_clients=40),
         model=ModelSpec(hidden=(64,)),
-        training=TrainingSpec(rounds=3, clients_per_round=10, local_epochs=3, batch_size=16, lr=0.1),
+        training=TrainingSpec(rounds=rounds, clients_per_round=10, local_epochs=3, batch_size=16, lr=0.1),
         resources=ResourceSpec(num_workers=2, clients_per_call=5, shards=2),
     )
     base.update(kw)
@@ -60,3 +60,16 @@ def test_error_feedback_codec_keeps_state_per_client(ray_session):
     res = _run(spec)
     assert res.final_accuracy > 0.3
     assert res.rounds[-1].bytes_up < 0.25 * res.rounds[-1].bytes_up_fp32
+
+
+def test_pruning_sends_sparse_models_and_clients_keep_the_mask(ray_session):
+    from fedray.orchestrator.spec import PruningSpec
+
+    full = _run(_spec(rounds=3))
+    pruned = _run(_spec(pruning=PruningSpec(target=0.8, start_round=1, end_round=3)))
+    assert [round(r.sparsity, 3) for r in pruned.rounds][-1] == 0.8
+    assert pruned.rounds[-1].bytes_down < 0.6 * full.rounds[-1].bytes_down  # sparse payloads go down
+    w = pruned.params["1.weight"]
+    # the final model is the round-3 pruned model plus client updates that kept pruned weights at 0
+    assert float((w == 0).float().mean()) > 0.75
+    assert pruned.final_accuracy > 0.4

@@ -56,9 +56,10 @@ def p2u_config(params: Mapping[str, Any]) -> P2UConfig:
 
 def make_broadcast(
     params: Mapping[str, torch.Tensor], *, codec: str, codec_params: Mapping[str, Any], round: int,
-    omc_cfg=None, quantized: Iterable[str] = (),
+    omc_cfg=None, quantized: Iterable[str] = (), sparse: Mapping[str, float] | None = None,
 ) -> Broadcast:
-    """Encode the global model for round `round`."""
+    """Encode the global model for round `round`. `sparse` (pruning) names tensors that go as
+    exact top-k payloads keeping that fraction of their entries (the unpruned ones)."""
     if omc_cfg is not None:
         from fedray.compression.omc import encode_params
 
@@ -70,7 +71,14 @@ def make_broadcast(
         stages = tuple(tuple((k, per[k][s]) for k in params) for s in range(cfg.num_stages))
         return Broadcast(stages, codec, dict(codec_params), use_stages=cfg.start_stage(round) + 1)
     c = get_codec(codec, **dict(codec_params))
-    return Broadcast((tuple((k, c.encode(v)) for k, v in params.items()),), codec, dict(codec_params))
+    sparse = sparse or {}
+    enc = []
+    for k, v in params.items():
+        if k in sparse:
+            enc.append((k, get_codec("topk", ratio=max(sparse[k], 1e-6), method="exact").encode(v)))
+        else:
+            enc.append((k, c.encode(v)))
+    return Broadcast((tuple(enc),), codec, dict(codec_params))
 
 
 def decode_broadcast(b: Broadcast, stages: int | None = None) -> dict[str, torch.Tensor]:

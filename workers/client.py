@@ -66,6 +66,7 @@ class TrainerSetup:
     omc: Any = None  # OMCConfig
     prox_mu: float = 0.0  # FedProx
     batched: bool = True  # train a call's clients together when the model allows (workers/batched.py)
+    pruning: bool = False  # keep the global model's zero weights (pruned) at zero while training
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class ClientTrainer:
 
     def _batchable(self) -> bool:
         s = self.setup
-        return (s.batched and self._keep is None and s.omc is None and not s.prox_mu
+        return (s.batched and self._keep is None and s.omc is None and not s.prox_mu and not s.pruning
                 and supports_batched(self.model))
 
     def _batched(self, round: int, start, cids: list[int], servers, attempt: int) -> list[ClientResult]:
@@ -258,7 +259,9 @@ class ClientTrainer:
                     om.release()
                 tensors = [(k, up[k]) for k in start]
             else:
-                stats = train_local(model, x, y, self.data.scale, self.data.shift, s.train, seed, prox_mu=s.prox_mu)
+                mask = {k: v != 0 for k, v in base.items() if v.dim() >= 2} if s.pruning else None
+                stats = train_local(model, x, y, self.data.scale, self.data.shift, s.train, seed, prox_mu=s.prox_mu,
+                                    mask=mask)
                 stage = "encode"
                 params = model.state_dict()
                 state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
