@@ -24,6 +24,7 @@ import torch
 
 from fedray.compression import CodecContext, available_codecs, get_codec
 from fedray.compression.fd import CountedSum, SubnetSpec, extract, flops_per_example, submodel_hidden
+from fedray.compression.payload import PayloadError
 from fedray.compression.omc import OMCConfig, OMCModel, decode_params, encode_params, quantizable_names
 from fedray.orchestrator.aggregation import RunningWeightedSum
 from fedray.workers.data import load_dataset, partition
@@ -152,6 +153,17 @@ def run_fp32(run: Run) -> dict:
 def run_omc(run: Run, arm: str, cfg: OMCConfig) -> dict:
     cfg = OMCConfig(**{**cfg.__dict__, "block_bytes": run.t.block_bytes})
     names = quantizable_names(build_model(run.t.kind, run.d.input_shape, run.d.num_classes, run.t.hidden))
+    try:
+        _omc_rounds(run, cfg, names)
+    except PayloadError as e:  # training diverged to NaN/inf: the stored form cannot hold it
+        print(f"{arm}: diverged ({e}); recorded as such", flush=True)
+        row = run.row(arm, run.global_params)
+        row["diverged"] = True
+        return row
+    return run.row(arm, decode_params(encode_params(run.global_params, cfg, quantized=names)))
+
+
+def _omc_rounds(run: Run, cfg: OMCConfig, names) -> None:
     for r in range(run.rounds):
         down = encode_params(run.global_params, cfg, quantized=names)  # RTN: deterministic broadcast
         agg = RunningWeightedSum({k: tuple(v.shape) for k, v in run.global_params.items()})
@@ -170,7 +182,6 @@ def run_omc(run: Run, arm: str, cfg: OMCConfig) -> dict:
             agg.add(decode_params(up), float(len(y)))
         run.global_params = agg.mean()
         run.log(decode_params(encode_params(run.global_params, cfg, quantized=names)))
-    return run.row(arm, decode_params(encode_params(run.global_params, cfg, quantized=names)))
 
 
 def _wire(codec, tensors, seed: int):
