@@ -9,6 +9,7 @@ running sum, apply the strategy, evaluate on the held-out test set, record metri
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import time
@@ -268,9 +269,10 @@ class JobRuntime:
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
             pruning=spec.pruning is not None,
         )
+        workers = res.num_workers or default_num_workers()
+        per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
         self.pool = RayPool(
-            setup, self.data, self.parts, num_workers=res.num_workers or default_num_workers(),
-            clients_per_call=res.clients_per_call, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
+            setup, self.data, self.parts, num_workers=workers, clients_per_call=per_call, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
             job_name=self.job_id, max_attempts=res.max_attempts,
         )
 

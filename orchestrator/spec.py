@@ -283,7 +283,7 @@ class ResourceSpec:
     """How the job uses the cluster."""
 
     num_workers: int = 0  # 0: one per CPU Ray reports
-    clients_per_call: int = 10
+    clients_per_call: int = 0  # 0: about two calls per worker per round (fewer calls, batched training)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     num_cpus: int | None = None  # for an embedded local Ray only
@@ -298,7 +298,7 @@ class ResourceSpec:
         if self.shard_resource is not None and (not isinstance(self.shard_resource, str) or not self.shard_resource):
             _fail("resources.shard_resource", "must be a Ray resource name or null", self.shard_resource)
         _int("resources.num_workers", self.num_workers, 0)
-        _int("resources.clients_per_call", self.clients_per_call, 1)
+        _int("resources.clients_per_call", self.clients_per_call, 0)
         _num("resources.cpus_per_worker", self.cpus_per_worker, 0)
         _num("resources.gpus_per_worker", self.gpus_per_worker, 0)
         if self.num_cpus is not None:
