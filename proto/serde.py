@@ -194,6 +194,14 @@ def payload_from_meta(m, data: bytes | memoryview = b"") -> Payload:
     )
 
 
+def _header(h) -> UpdateHeader:
+    return UpdateHeader(
+        job_id=h.job_id, round=h.round, client_id=h.client_id, attempt=h.attempt, weight=h.weight,
+        tensors=_entries(h.tensors), subnet_seed=h.subnet_seed, keep_rate=h.keep_rate,
+        metrics=dict(h.metrics), digest=h.digest, weights=h.weights,
+    )
+
+
 def _entries(metas) -> tuple[TensorEntry, ...]:
     return tuple(TensorEntry(m.name, payload_from_meta(m), int(m.nbytes)) for m in metas)
 
@@ -448,11 +456,7 @@ class _Servicer(pb_grpc.AggregationServicer):
             if first is None or not first.HasField("header"):
                 raise PayloadError("the first chunk of an upload must carry the update header")
             h = first.header
-            header = UpdateHeader(
-                job_id=h.job_id, round=h.round, client_id=h.client_id, attempt=h.attempt, weight=h.weight,
-                tensors=_entries(h.tensors), subnet_seed=h.subnet_seed, keep_rate=h.keep_rate,
-                metrics=dict(h.metrics), digest=h.digest, weights=h.weights,
-            )
+            header = _header(h)
 
             def chunks():
                 yield first.offset, first.data
@@ -475,11 +479,7 @@ class _Servicer(pb_grpc.AggregationServicer):
                 if not first.HasField("header"):
                     raise PayloadError("each update of a batch must start with a chunk carrying its header")
                 h = first.header
-                header = UpdateHeader(
-                    job_id=h.job_id, round=h.round, client_id=h.client_id, attempt=h.attempt, weight=h.weight,
-                    tensors=_entries(h.tensors), subnet_seed=h.subnet_seed, keep_rate=h.keep_rate,
-                    metrics=dict(h.metrics), digest=h.digest, weights=h.weights,
-                )
+                header = _header(h)
                 _, received = self._h.upload(header, _update_chunks(first, it), h.token)
                 results.append(pb.UploadResult(client_id=cid, accepted=True, bytes_received=received))
             except Exception as e:
