@@ -142,8 +142,8 @@ class _Adaptive:
             "v": {k: torch.full_like(p, self.tau ** 2) for k, p in params.items()},
         })
 
-    def _second_moment(self, v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def _second_moment(self, v: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:  # Adam, Yogi, Adagrad define it
+        raise NotImplementedError(f"{type(self).__name__} must define its second-moment update")
 
     def update(self, state: ServerOptState, params: Params, grad: Params) -> dict[str, torch.Tensor]:
         state.step += 1
