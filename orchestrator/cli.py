@@ -55,6 +55,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="worker actors (0: one per CPU)")
     p.add_argument("--clients-per-call", type=int, default=d.resources.clients_per_call)
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker actor (workers then train on CUDA)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
     p.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
@@ -113,7 +114,7 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
         compression=CompressionSpec(codec=a.codec, codec_params=a.codec_params, broadcast=a.broadcast,
                                     broadcast_params=a.broadcast_params),
         resources=ResourceSpec(num_workers=a.workers, clients_per_call=a.clients_per_call, num_cpus=a.num_cpus,
-                               shards=a.shards),
+                               shards=a.shards, gpus_per_worker=a.gpus_per_worker),
         strategy=StrategySpec(name=a.strategy, **({"server_lr": a.server_lr} if a.server_lr is not None else {})),
         dropout=DropoutSpec(keep_rates=a.keep_rate, mode="drawn" if len(a.keep_rate) > 1 else "fixed",
                             policy=a.dropout_policy) if a.keep_rate else None,

@@ -267,7 +267,7 @@ class JobRuntime:
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
-            pruning=spec.pruning is not None,
+            pruning=spec.pruning is not None, device=res.device,
         )
         workers = res.num_workers or default_num_workers()
         per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))

@@ -291,10 +291,14 @@ class ResourceSpec:
     shard_resource: str | None = None  # Ray custom resource that pins shards (e.g. fedray_aggregator)
     max_attempts: int = 3  # per client and round, over worker failures
     batched: bool = True  # train same-shape clients of one call together (vmap / batched matmuls)
+    device: str = "auto"  # auto: CUDA in workers Ray gives a GPU (gpus_per_worker > 0); cpu; cuda
 
     def __post_init__(self) -> None:
         _int("resources.shards", self.shards, 1, 256)
         _int("resources.max_attempts", self.max_attempts, 1, 100)
+        _choice("resources.device", self.device, ("auto", "cpu", "cuda"))
+        if self.device == "cuda" and not self.gpus_per_worker:
+            raise SpecError("resources.device: cuda needs resources.gpus_per_worker > 0 (Ray assigns the GPUs)")
         if self.shard_resource is not None and (not isinstance(self.shard_resource, str) or not self.shard_resource):
             _fail("resources.shard_resource", "must be a Ray resource name or null", self.shard_resource)
         _int("resources.num_workers", self.num_workers, 0)

@@ -72,3 +72,34 @@ def test_japanese_vowels_loader():
     assert d.num_classes == 9 and np.bincount(d.y_train).tolist() == [30] * 9
     assert d.x_train.dtype == np.float32 and abs(float(d.x_train[:, -1].mean())) < 0.5
     assert bool((d.x_train[:, 0] == 0).any())  # short utterances are left-padded with zeros
+
+
+def test_device_choice_follows_ray_gpu_assignment():
+    import torch
+
+    from fedray.orchestrator.spec import ResourceSpec, SpecError
+    from fedray.workers.train import pick_device
+
+    # No GPU was assigned to this process (and none is visible): auto trains on the CPU.
+    assert pick_device("auto") == torch.device("cpu") and pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        pick_device("tpu")
+    with pytest.raises(SpecError, match="resources.device"):
+        ResourceSpec(device="cuda")
+    assert ResourceSpec(device="cuda", gpus_per_worker=1).device == "cuda"
+
+
+def test_train_local_runs_where_the_model_is():
+    import torch
+
+    from fedray.workers.models import build_model
+    from fedray.workers.train import TrainConfig, train_local
+
+    m = build_model("mlp", (8, 8), 10, (16,))
+    x = np.random.default_rng(0).integers(0, 16, (20, 8, 8)).astype(np.uint8)
+    y = np.arange(20) % 10
+    st = train_local(m, x, y, 1 / 16, 0.0, TrainConfig(1, 8, 0.1, 0.0), seed=1)
+    assert st.steps == 3 and next(m.parameters()).device == torch.device("cpu")

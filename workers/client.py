@@ -24,7 +24,7 @@ from .batched import supports_batched, train_batched
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import Dataset, Partition
 from .models import build_model, model_layout, set_params
-from .train import TrainConfig, train_local
+from .train import TrainConfig, pick_device, train_local
 
 __all__ = [
     "ClientError", "ClientResult", "ClientTrainer", "TrainerSetup", "client_seed", "decode_model", "upload_with_retry",
@@ -67,6 +67,7 @@ class TrainerSetup:
     prox_mu: float = 0.0  # FedProx
     batched: bool = True  # train a call's clients together when the model allows (workers/batched.py)
     pruning: bool = False  # keep the global model's zero weights (pruned) at zero while training
+    device: str = "auto"  # auto: CUDA when Ray gave this actor a GPU; cpu; cuda
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class ClientTrainer:
         self.setup = setup
         self.data = data
         self.parts = parts
-        self.model = build_model(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
+        # OMC keeps its packed parameters in numpy on the host: it trains on the CPU.
+        self.device = pick_device("cpu" if setup.omc is not None else setup.device)
+        self.model = build_model(setup.model_kind, data.input_shape, data.num_classes, setup.hidden).to(self.device)
         self.layout = model_layout(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
         self.codec = get_codec(setup.codec, **dict(setup.codec_params))
         self._channels: dict[str, grpc.Channel] = {}
@@ -116,14 +119,14 @@ class ClientTrainer:
 
     def _global(self, round: int, broadcast: Broadcast) -> dict[str, torch.Tensor]:
         if self._cached is None or self._cached[0] != round:
-            self._cached = (round, decode_broadcast(broadcast))
+            self._cached = (round, {k: v.to(self.device) for k, v in decode_broadcast(broadcast).items()})
         return self._cached[1]
 
     def _model_for(self, hidden: tuple[int, ...]) -> torch.nn.Module:
         m = self._submodels.get(hidden)
         if m is None:
             s, d = self.setup, self.data
-            m = self._submodels[hidden] = build_model(s.model_kind, d.input_shape, d.num_classes, hidden)
+            m = self._submodels[hidden] = build_model(s.model_kind, d.input_shape, d.num_classes, hidden).to(self.device)
         return m
 
     def train_clients(
@@ -148,7 +151,7 @@ class ClientTrainer:
     def _batchable(self) -> bool:
         s = self.setup
         return (s.batched and self._keep is None and s.omc is None and not s.prox_mu and not s.pruning
-                and supports_batched(self.model))
+                and self.device.type == "cpu" and supports_batched(self.model))
 
     def _batched(self, round: int, start, cids: list[int], servers, attempt: int) -> list[ClientResult]:
         """Train every client of the call as one batched computation, then encode and upload each."""
@@ -265,7 +268,7 @@ class ClientTrainer:
                 stage = "encode"
                 params = model.state_dict()
                 state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
-                tensors = [(k, self.codec.encode(params[k] - base[k], CodecContext(seed=seed, state=state, key=k)))
+                tensors = [(k, self.codec.encode((params[k] - base[k]).cpu(), CodecContext(seed=seed, state=state, key=k)))
                            for k in base]
             train_s = time.perf_counter() - t0
             stage = "upload"

@@ -12,7 +12,7 @@ from torch import nn
 from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
 
-__all__ = ["TrainConfig", "TrainStats", "evaluate", "train_local"]
+__all__ = ["TrainConfig", "TrainStats", "evaluate", "pick_device", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,11 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, sh
         raise ValueError(f"prox_mu must be >= 0, got {prox_mu}")
     if omc is not None and (cfg.momentum or prox_mu or mask):
         raise ValueError("OMC training is plain SGD: it cannot be combined with momentum, prox_mu or mask")
-    xt = torch.from_numpy(_features(x, scale, shift))
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    device = _device_of(model)  # the client's examples go where the model is (a GPU actor: cuda)
+    xt = torch.from_numpy(_features(x, scale, shift)).to(device)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
     n = len(yt)
-    g = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    g = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)  # batch order on the CPU: the same on any device
     om = OMCModel(model, omc, seed=seed) if isinstance(omc, OMCConfig) else omc
     if om is not None and om.model is not model:
         raise ValueError("train_local: the OMCModel given wraps a different model")
@@ -105,6 +106,35 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, shift
         loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
     return correct / max(len(y), 1), loss_sum / max(len(y), 1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def pick_device(want: str = "auto") -> torch.device:
+    """The device a worker trains on: "auto" is CUDA when Ray assigned this process a GPU (the
+    job asked for `resources.gpus_per_worker`) and torch sees one, else the CPU.
+
+    Raises:
+        ValueError: "cuda" asked for but torch sees no CUDA device, or an unknown name.
+    """
+    if want == "cpu":
+        return torch.device("cpu")
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("resources.device is cuda but torch sees no CUDA device (install a CUDA build of torch)")
+        return torch.device("cuda")
+    if want != "auto":
+        raise ValueError(f"device must be auto, cpu or cuda, got {want!r}")
+    try:
+        import ray
+
+        assigned = bool(ray.is_initialized() and ray.get_gpu_ids())
+    except Exception:  # outside a Ray worker
+        assigned = False
+    return torch.device("cuda") if assigned and torch.cuda.is_available() else torch.device("cpu")
 
 
 def _features(x: np.ndarray, scale: float, shift: float) -> np.ndarray:
