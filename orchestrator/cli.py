@@ -80,6 +80,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--over-select", type=float, default=None,
                    help="stragglers: over-select this factor of clients, keep the first finishers (virtual time)")
     p.add_argument("--deadline", type=float, default=None, help="stragglers: round deadline in virtual seconds")
+    p.add_argument("--client-eval", action="store_true", help="clients also evaluate each received model on their data")
 
 
 def _json_map(text: str) -> dict:
@@ -109,7 +110,7 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
         model=ModelSpec(kind=a.model, hidden=tuple(a.hidden)),
         training=TrainingSpec(
             rounds=a.rounds, clients_per_round=a.clients_per_round, local_epochs=a.local_epochs,
-            batch_size=a.batch_size, lr=a.lr, momentum=a.momentum,
+            batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, client_eval=a.client_eval,
         ),
         compression=CompressionSpec(codec=a.codec, codec_params=a.codec_params, broadcast=a.broadcast,
                                     broadcast_params=a.broadcast_params),

@@ -40,6 +40,7 @@ from .checkpoint import open_store
 from .metrics import JobMetrics
 from .population import Population, SeededPartition
 from .privacy import add_gaussian_noise, noise_generator
+from .strategy import aggregate_metrics
 from .service import ServiceLimits
 from .shard import AggregationShard
 from .spec import JobSpec
@@ -72,6 +73,8 @@ class RoundRecord:
     p2u_stages: list | None = None  # P2U: accuracy after each stage against cumulative bytes
     virtual_s: float | None = None  # population model: the round's duration in virtual time
     sparsity: float = 0.0  # pruning: the fraction of weight-matrix entries pruned this round
+    client_eval_accuracy: float | None = None  # client-side evaluation, weighted by examples
+    client_eval_loss: float | None = None
 
 
 @dataclass
@@ -267,7 +270,7 @@ class JobRuntime:
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
-            pruning=spec.pruning is not None, device=res.device,
+            pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
         )
         workers = res.num_workers or default_num_workers()
         per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
@@ -387,7 +390,7 @@ class JobRuntime:
             client_flops=int(np.mean([x.flops for x in ok])) if ok else 0,
             param_memory_bytes=max((x.param_memory_bytes for x in ok), default=0),
             keep_rate=float(np.mean([x.keep_rate for x in ok])) if ok else 1.0, p2u_stages=stages,
-            virtual_s=virtual_s, sparsity=sparsity,
+            virtual_s=virtual_s, sparsity=sparsity, **_client_eval(ok),
         )
         if ok:  # the stragglers model prices the next round's uploads at this round's real size
             self._bytes_up_estimate = rec.bytes_up / len(ok)
@@ -471,6 +474,15 @@ class JobRuntime:
             decode_s += part["decode_s"]
             count += part["count"]
         return agg, decode_s, count
+
+
+def _client_eval(ok) -> dict:
+    """Client-side evaluation of the round's model, aggregated over clients by their examples."""
+    rows = [(x.examples, {"accuracy": x.eval_accuracy, "loss": x.eval_loss}) for x in ok if x.eval_accuracy is not None]
+    if not rows:
+        return {}
+    m = aggregate_metrics(rows)
+    return {"client_eval_accuracy": m["accuracy"], "client_eval_loss": m["loss"]}
 
 
 def _mb(n: int) -> str:

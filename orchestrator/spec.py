@@ -122,6 +122,7 @@ class TrainingSpec:
     lr: float = 0.05
     momentum: float = 0.0
     min_clients: int = 1  # a round with fewer successful updates fails
+    client_eval: bool = False  # clients also evaluate the received model on their own data
 
     def __post_init__(self) -> None:
         _int("training.min_clients", self.min_clients, 1)

@@ -27,3 +27,18 @@ def test_dp_job_reports_growing_epsilon(ray_session):
     res = run_job(_spec(privacy=DPSpec(noise_multiplier=1.0, clip_norm=1.0)), progress=False, log=lambda s: None)
     eps = [r.epsilon for r in res.rounds]
     assert eps[0] is not None and 0 < eps[0] < eps[1]
+
+
+def test_client_side_evaluation_is_aggregated_by_examples(ray_session):
+    import dataclasses
+
+    spec = _spec()
+    spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, client_eval=True))
+    res = run_job(spec, progress=False, log=lambda s: None)
+    r1, r2 = res.rounds
+    # round 1's clients evaluated the random initial model; round 2's the trained one
+    assert r1.client_eval_accuracy is not None and 0 <= r1.client_eval_accuracy < 0.4
+    assert r2.client_eval_accuracy > r1.client_eval_accuracy + 0.2
+    assert r2.client_eval_loss < r1.client_eval_loss
+    off = run_job(_spec(), progress=False, log=lambda s: None)
+    assert off.rounds[0].client_eval_accuracy is None

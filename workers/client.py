@@ -24,7 +24,7 @@ from .batched import supports_batched, train_batched
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import Dataset, Partition
 from .models import build_model, model_layout, set_params
-from .train import TrainConfig, pick_device, train_local
+from .train import TrainConfig, evaluate, pick_device, train_local
 
 __all__ = [
     "ClientError", "ClientResult", "ClientTrainer", "TrainerSetup", "client_seed", "decode_model", "upload_with_retry",
@@ -68,6 +68,7 @@ class TrainerSetup:
     batched: bool = True  # train a call's clients together when the model allows (workers/batched.py)
     pruning: bool = False  # keep the global model's zero weights (pruned) at zero while training
     device: str = "auto"  # auto: CUDA when Ray gave this actor a GPU; cpu; cuda
+    client_eval: bool = False  # each client evaluates the received model on its own data first
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ class ClientResult:
     keep_rate: float = 1.0
     flops: int = 0  # analytic training FLOPs of this client's round
     param_memory_bytes: int = 0  # parameter memory held while training (OMC: stored + transient peak)
+    eval_accuracy: float | None = None  # client-side evaluation of the received model on local data
+    eval_loss: float | None = None
 
 
 def decode_model(stage_tensors: Sequence[tuple[str, Payload]], codec_name: str, codec_params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -158,6 +161,10 @@ class ClientTrainer:
         s, d = self.setup, self.data
         seeds = [client_seed(s.seed, round, c) for c in cids]
         idx = [self.parts.client(c) for c in cids]
+        evals = {}
+        if s.client_eval:
+            set_params(self.model, start)
+            evals = {c: evaluate(self.model, d.x_train[i], d.y_train[i], d.scale, d.shift) for c, i in zip(cids, idx)}
         t0 = time.perf_counter()
         try:
             trained = train_batched(self.model, start, [d.x_train[i] for i in idx], [d.y_train[i] for i in idx],
@@ -191,7 +198,9 @@ class ClientTrainer:
             st = stats_of[cid]
             out[cid] = (ClientResult(cid, round, error=err) if err else
                         ClientResult(cid, round, st.examples, st.loss, train_s, nbytes,
-                                     flops=flops * st.examples * s.train.local_epochs, param_memory_bytes=mem))
+                                     flops=flops * st.examples * s.train.local_epochs, param_memory_bytes=mem,
+                                     eval_accuracy=evals.get(cid, (None, None))[0],
+                                     eval_loss=evals.get(cid, (None, None))[1]))
         return [out[c] for c in cids]
 
     def _encode(self, round, cid, seed, params, base, stats, train_s, attempt) -> list:
@@ -251,6 +260,7 @@ class ClientTrainer:
             set_params(model, base)
             idx = self.parts.client(cid)
             x, y = self.data.x_train[idx], self.data.y_train[idx]
+            ev = evaluate(model, x, y, self.data.scale, self.data.shift) if s.client_eval else (None, None)
             if s.omc is not None:
                 om = OMCModel(model, s.omc, seed=seed)
                 try:
@@ -284,7 +294,7 @@ class ClientTrainer:
         flops = flops_per_example(self.layout, sub) * stats.examples * s.train.local_epochs
         mem = stats.param_memory_bytes or 4 * sum(int(v.numel()) for v in base.values())
         return ClientResult(cid, round, stats.examples, stats.loss, train_s, ack["wire_bytes"], keep_rate=keep,
-                            flops=flops, param_memory_bytes=mem)
+                            flops=flops, param_memory_bytes=mem, eval_accuracy=ev[0], eval_loss=ev[1])
 
     def close(self) -> None:
         for ch in self._channels.values():

@@ -98,10 +98,11 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, sh
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, shift: float = 0.0, batch: int = 4096) -> tuple[float, float]:
     """(accuracy, mean cross-entropy loss) of `model` on (x, y)."""
     model.eval()
+    device = _device_of(model)
     correct, loss_sum = 0, 0.0
     for i in range(0, len(y), batch):
-        xb = torch.from_numpy(_features(x[i : i + batch], scale, shift))
-        yb = torch.from_numpy(np.asarray(y[i : i + batch], dtype=np.int64))
+        xb = torch.from_numpy(_features(x[i : i + batch], scale, shift)).to(device)
+        yb = torch.from_numpy(np.asarray(y[i : i + batch], dtype=np.int64)).to(device)
         out = model(xb)
         loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
