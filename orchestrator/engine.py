@@ -23,7 +23,6 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from fedray.compression import get_codec
 from fedray.workers.client import TrainerSetup
 from fedray.workers.data import load_dataset, partition
 from fedray.compression.fd import CountedSum, apply_mask, cubic_sparsity, magnitude_mask

@@ -202,8 +202,6 @@ class AggregationCore:
         key = (p.codec, p.version)
         c = self._codecs.get(key)
         if c is None:
-            if p.codec == "omc":
-                import fedray.compression.omc  # noqa: F401  (registers "omc")
             # The job's own settings for its codecs (composite codecs check them); defaults otherwise.
             c = get_codec(p.codec, **self._codec_params.get(p.codec, {}))  # UnknownCodecError is a PayloadError
             self._codecs[key] = c

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from fedray.compression import CodecContext, PayloadError, decode_checked, get_codec
 from fedray.compression.omc import (
-    OMCConfig, OMCModel, QuantizedParam, _pack, _unpack, decode_params, dequantize, encode_params,
+    OMCConfig, OMCModel, _pack, _unpack, decode_params, dequantize, encode_params,
     fit_transform, quantizable_names, quantize,
 )
 from fedray.workers.models import build_model, get_params

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fedray.compression import get_codec
-from fedray.compression.payload import Payload
 from fedray.orchestrator.service import AggregationCore, ServiceLimits, create_server
 from fedray.proto import serde
 from fedray.proto.auth import client_token

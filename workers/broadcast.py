@@ -100,8 +100,6 @@ def decode_tensors(tensors: Sequence[tuple[str, Payload]], codec: str, params: M
     out = {}
     for name, p in tensors:
         if p.codec not in cache:
-            if p.codec == "omc":
-                import fedray.compression.omc  # noqa: F401  (registers "omc")
             cache[p.codec] = get_codec(p.codec, **(dict(params) if p.codec == codec else {}))
         out[name] = decode_checked(cache[p.codec], p)
     return out
