@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedray.compression import CodecContext, PayloadError, available_codecs, decode_checked, get_codec
+from fedray.compression import CodecContext, Payload, PayloadError, available_codecs, decode_checked, get_codec
 
 SETTINGS = settings(max_examples=15, deadline=None)
 
@@ -309,3 +309,63 @@ def test_encode_many_equals_encode_one_by_one():
                 q = c.encode(x)
                 assert (p.codec, p.shape, dict(p.params)) == (q.codec, q.shape, dict(q.params))
                 assert bytes(memoryview(p.data)) == bytes(memoryview(q.data))
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=lambda v: v if isinstance(v, str) else "")
+@SETTINGS
+@given(x=tensors(), seed=st.integers(0, 2**32))
+def test_decode_into_equals_decode(name, params, x, seed):
+    """`decode_into` a reused buffer (what the service does) gives exactly `decode`'s values,
+    whatever the buffer held before and whatever its shape."""
+    codec = get_codec(name, **params)
+    ctx = CodecContext(seed=seed, key="layer.weight")
+    p = codec.encode(x, ctx)
+    buf = torch.full((x.numel(),), float("nan"))
+    y = codec.decode_into(p, buf, ctx)
+    assert tuple(y.shape) == tuple(x.shape) and y.data_ptr() == buf.data_ptr()
+    assert torch.equal(y, codec.decode(p, ctx).to(torch.float32))
+
+
+def test_decode_into_refuses_unfit_buffers():
+    codec = get_codec("int8")
+    p = codec.encode(torch.randn(4, 6))
+    for bad in (torch.empty(23), torch.empty(24, dtype=torch.float64), torch.empty(6, 8)[:, ::2], np.empty(24)):
+        with pytest.raises(ValueError, match="decode_into"):
+            codec.decode_into(p, bad)
+    assert torch.equal(codec.decode_into(p, torch.empty(2, 12)), codec.decode(p))
+
+
+def _int8_oracle(x: np.ndarray, scale: np.float32) -> np.ndarray:
+    inv = np.float32(1.0) / scale if scale > 0 else np.float32(0)
+    return np.clip(np.rint(x * inv), -127, 127).astype(np.int8)
+
+
+@SETTINGS
+@given(x=arrays(np.float32, st.integers(0, 3000), elements=st.floats(allow_nan=False, allow_infinity=False, width=32)))
+def test_int8_codes_equal_clamped_oracle(x):
+    """The encoder skips the clamp (its docstring says why): its codes equal a clamped oracle's
+    on any finite input, extremes included."""
+    p = get_codec("int8").encode(torch.from_numpy(x))
+    data = bytes(memoryview(p.data))
+    scale = np.frombuffer(data, np.float32, count=1)[0]
+    assert scale == np.float32(float(np.abs(x).max(initial=0)) / 127.0)
+    assert np.array_equal(np.frombuffer(data, np.int8, offset=4), _int8_oracle(x, scale))
+
+
+def test_finite_output_codecs_bound_their_scales():
+    """Codecs that skip decode_checked's finiteness pass refuse scales that could overflow."""
+    fmax = float(np.finfo(np.float32).max)
+    int8 = get_codec("int8")
+    p = int8.encode(torch.tensor([-1.0, 1.0]))
+    ok = np.array([fmax / 128], np.float32).tobytes() + np.array([-128, 127], np.int8).tobytes()
+    y = decode_checked(int8, Payload(p.codec, p.version, p.dtype, p.shape, p.params, ok))
+    assert bool(torch.isfinite(y).all()) and float(y[0]) < -1e36
+    over = np.array([fmax / 100], np.float32).tobytes() + np.array([-128, 127], np.int8).tobytes()
+    with pytest.raises(PayloadError, match="scales"):
+        decode_checked(int8, Payload(p.codec, p.version, p.dtype, p.shape, p.params, over))
+    uni = get_codec("uniform", bits=4)  # affine: (min, step) per group
+    p = uni.encode(torch.tensor([0.0, 1.0]))
+    huge = np.array([-fmax / 2, fmax / 20], np.float32).tobytes() + bytes([0xFF])
+    with pytest.raises(PayloadError, match="range"):
+        decode_checked(uni, Payload(p.codec, p.version, p.dtype, p.shape, p.params, huge))
+    assert all(get_codec(n).finite_output for n in ("int8", "int4", "uniform", "sign", "scaled_sign"))

@@ -27,22 +27,52 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     if bits == 1:
         return np.packbits(codes.astype(np.uint8, copy=False), bitorder="little")
     if bits in (2, 4):
-        per = 8 // bits
-        c = codes.astype(np.uint8, copy=False)
-        pad = (-n) % per
-        if pad:
-            c = np.concatenate([c, np.zeros(pad, np.uint8)])
-        c = c.reshape(-1, per)
-        out = c[:, 0].copy()
-        for j in range(1, per):
-            out |= c[:, j] << np.uint8(bits * j)
-        return out
+        return _pack_narrow(np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1), bits)
     if not 0 < bits <= _MAX_BITS:
         raise ValueError(f"bit width {bits} is outside 1..{_MAX_BITS}")
     # Generic width: expand each value to its little-endian bits, keep `bits` of them, repack.
     u = codes.astype("<u4", copy=False).reshape(-1, 1).view(np.uint8)
     planes = np.unpackbits(u, axis=1, bitorder="little")[:, :bits]
     return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+# 2- and 4-bit packing on whole words instead of strided byte slices: the bytes of a
+# little-endian word are consecutive codes, so shifting the word moves each code into its place
+# in the low byte (two shift-or steps for 4 codes of 2 bits, one for 2 codes of 4 bits), and a
+# narrowing cast keeps that byte. Unpacking runs the same steps backwards. About 2x faster than
+# the strided version here (compression.md E.5).
+_WORD = {2: np.dtype("<u4"), 4: np.dtype("<u2")}
+
+
+def _pack_narrow(c: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    n = c.size
+    if n % per:
+        c = np.concatenate([c, np.zeros(per - n % per, np.uint8)])
+    v = c.view(_WORD[bits])
+    if bits == 4:
+        w = v >> np.uint16(4)
+        w |= v
+    else:
+        t = v >> np.uint32(6)
+        t |= v
+        w = t >> np.uint32(12)
+        w |= t
+    return w.astype(np.uint8)
+
+
+def _unpack_narrow(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
+    w = buf.astype(_WORD[bits])
+    if bits == 4:
+        t = w << np.uint16(4)
+        t |= w
+        t &= np.uint16(0x0F0F)
+    else:
+        w |= w << np.uint32(12)
+        t = w << np.uint32(6)
+        t |= w
+        t &= np.uint32(0x03030303)
+    return t.view(np.uint8)[:n]
 
 
 def unpack(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -53,16 +83,12 @@ def unpack(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
     if bits == 1:
         return np.unpackbits(buf, count=n, bitorder="little")
     if bits in (2, 4):
-        per = 8 // bits
-        mask = np.uint8((1 << bits) - 1)
-        out = np.empty((buf.size, per), np.uint8)
-        for j in range(per):
-            np.bitwise_and(buf >> np.uint8(bits * j), mask, out=out[:, j])
-        return out.reshape(-1)[:n]
+        return _unpack_narrow(buf, bits, n)
     planes = np.unpackbits(buf, count=n * bits, bitorder="little").reshape(n, bits)
     full = np.zeros((n, 32), np.uint8)
     full[:, :bits] = planes
-    return np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(-1)
+    codes = np.packbits(full, axis=1, bitorder="little").view("<u4").reshape(-1)
+    return codes.astype(np.uint8) if bits <= 8 else codes
 
 
 # Elias-Fano: k sorted indices in [0, d). Low L bits of each index are stored plainly; the high

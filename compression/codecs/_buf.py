@@ -6,7 +6,7 @@ import numpy as np
 
 from ..payload import Payload, PayloadError
 
-__all__ = ["CHUNK", "TINY", "as_bytes", "chunks", "expect_nbytes", "flat32", "nbytes_at_least", "view"]
+__all__ = ["BIG_CHUNK", "CHUNK", "TINY", "as_bytes", "chunks", "expect_nbytes", "flat32", "nbytes_at_least", "view"]
 
 
 def as_bytes(p: Payload) -> memoryview:
@@ -58,13 +58,17 @@ TINY = np.float32(4.0) / np.finfo(np.float32).max
 # 64K float32 = 256 KiB: a block and its temporaries stay in L2 while a codec makes its several
 # passes, so each element is read from memory once (compression.md E.5).
 CHUNK = 1 << 16
+# 256K float32 = 1 MiB: for loops of two or three cheap passes per block (int8, sign, 4-bit
+# dequantize) numpy's per-call overhead matters more than L2 misses; measured 8-15% faster than
+# CHUNK on 32M values here (single thread).
+BIG_CHUNK = 1 << 18
 
 
-def chunks(n: int, block: int):
-    """Yield (start, stop, first_group, rows, width) covering [0, n) in cache-sized pieces, where
-    x[start:stop].reshape(rows, width) has one group of `block` elements per row."""
-    if block <= CHUNK:
-        per = max(1, CHUNK // block) * block
+def chunks(n: int, block: int, size: int = CHUNK):
+    """Yield (start, stop, first_group, rows, width) covering [0, n) in pieces of about `size`
+    elements, where x[start:stop].reshape(rows, width) has one group of `block` elements per row."""
+    if block <= size:
+        per = max(1, size // block) * block
         for s in range(0, n, per):
             e = min(n, s + per)
             full = (e - s) // block
@@ -75,5 +79,5 @@ def chunks(n: int, block: int):
     else:
         for g in range(-(-n // block)):
             gs, ge = g * block, min(n, (g + 1) * block)
-            for s in range(gs, ge, CHUNK):
-                yield s, min(ge, s + CHUNK), g, 1, min(ge, s + CHUNK) - s
+            for s in range(gs, ge, size):
+                yield s, min(ge, s + size), g, 1, min(ge, s + size) - s

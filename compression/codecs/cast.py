@@ -37,14 +37,14 @@ class _Cast16(Codec):
         return self._payload(x, {}, out.view(np.uint8))
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
-        n = self._check(p)
+        return self._decode_fresh(p, ctx)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         bits = view(expect_nbytes(p, 2 * n), np.int16, n, 0)
         with warnings.catch_warnings():  # read-only source: torch warns, we only read it
             warnings.simplefilter("ignore", UserWarning)
             src = torch.from_numpy(bits).view(self._torch_dtype)
-        out = np.empty(n, np.float32)
         torch.from_numpy(out).copy_(src)
-        return torch.from_numpy(out).reshape(p.shape).to(getattr(torch, p.dtype))
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
         return 2 * int(np.prod(shape, dtype=np.int64))

@@ -21,10 +21,10 @@ class Identity(Codec):
         return self._payload(x, {}, a.reshape(-1).view(np.uint8))
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
-        n = self._check(p)
-        mv = expect_nbytes(p, 4 * n)
-        out = view(mv, np.float32, n, 0).reshape(p.shape).copy()
-        return torch.from_numpy(out).to(getattr(torch, p.dtype))
+        return self._decode_fresh(p, ctx)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
+        np.copyto(out, view(expect_nbytes(p, 4 * n), np.float32, n, 0))
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
         return 4 * int(np.prod(shape, dtype=np.int64))

@@ -2,6 +2,11 @@
 
 Wire layout: `nscales` float32 scales, then one int8 code per value. Scale = absmax / 127, so
 the round-to-nearest error of a value is at most scale / 2.
+
+Encode and decode make two passes per 1 MiB block (scale and round, then narrow; widen, then
+scale) and no clamp: with scale = absmax / 127, |x / scale| is at most 127 plus a few ulp, which
+rounds to 127. The decoder bounds every scale by FLT_MAX / 128, so no code (an int8 is at least
+-128) can decode to infinity.
 """
 
 from __future__ import annotations
@@ -11,16 +16,19 @@ import torch
 
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError, param
-from ._buf import CHUNK, TINY, chunks, expect_nbytes, flat32, view
+from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, view
 
 __all__ = ["Int8"]
 
 _GRANULARITIES = ("tensor", "channel")
+_MAX_SCALE = np.float32(np.finfo(np.float32).max / 128)
 
 
 @register_codec("int8")
 class Int8(Codec):
     """Symmetric int8, round to nearest; `granularity` is "tensor" or "channel" (dim 0)."""
+
+    finite_output = True
 
     def __init__(self, granularity: str = "tensor") -> None:
         if granularity not in _GRANULARITIES:
@@ -49,14 +57,13 @@ class Int8(Codec):
         buf = np.empty(4 * rows + n, dtype=np.uint8)
         buf[: 4 * rows] = scale.view(np.uint8)
         codes = buf[4 * rows :].view(np.int8)
-        tmp = np.empty(CHUNK, np.float32)
-        # One pass over x in cache-sized blocks: scale, round half to even, clamp, narrow.
-        for s, e, g0, nrow, w in chunks(n, max(1, n // rows)):
+        tmp = np.empty(min(BIG_CHUNK, max(n, 1)), np.float32)
+        # One pass over x in cache-sized blocks: scale and round half to even, then narrow.
+        for s, e, g0, nrow, w in chunks(n, max(1, n // max(rows, 1)), BIG_CHUNK):
             t = tmp[: e - s].reshape(nrow, w)
             np.multiply(xf[s:e].reshape(nrow, w), inv[g0 : g0 + nrow, None], out=t)
             np.rint(t, out=t)
-            np.clip(t, -127, 127, out=t)
-            codes[s:e] = t.reshape(-1)
+            np.copyto(codes[s:e].reshape(nrow, w), t, casting="unsafe")
         return self._payload(x, {"rows": rows}, buf)
 
     def encode_many(self, xs: torch.Tensor, ctxs=None) -> list[Payload]:
@@ -70,8 +77,7 @@ class Int8(Codec):
         scale = (torch.maximum(-m.amin(dim=2), m.amax(dim=2)) / 127.0).numpy()  # (b, rows)
         inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
         t = m.numpy() * inv[:, :, None]
-        np.rint(t, out=t)
-        np.clip(t, -127, 127, out=t)
+        np.rint(t, out=t)  # within [-127, 127] without a clamp (module docstring)
         buf = np.empty((b, 4 * rows + n), dtype=np.uint8)
         buf[:, : 4 * rows] = scale.astype(np.float32).view(np.uint8).reshape(b, 4 * rows)
         buf[:, 4 * rows :] = t.reshape(b, n).astype(np.int8).view(np.uint8)
@@ -79,17 +85,22 @@ class Int8(Codec):
         return [self._payload(proto, {"rows": rows}, buf[i]) for i in range(b)]
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
-        n = self._check(p)
+        return self._decode_fresh(p, ctx)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         rows = param(p, "rows", int, 1, max(n, 1))
         if n % rows:
             raise PayloadError(f"int8: {rows} scale rows do not divide {n} values")
         mv = expect_nbytes(p, 4 * rows + n)
         scales = view(mv, np.float32, rows, 0)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise PayloadError("int8: scales must be finite and non-negative")
-        codes = view(mv, np.int8, n, 4 * rows).reshape(rows, -1)
-        out = np.multiply(codes, scales[:, None], dtype=np.float32)
-        return torch.from_numpy(out.reshape(p.shape)).to(getattr(torch, p.dtype))
+        if not (np.isfinite(scales).all() and (scales >= 0).all() and (scales <= _MAX_SCALE).all()):
+            raise PayloadError(f"int8: scales must be finite, non-negative and at most {_MAX_SCALE:.3e}")
+        codes = view(mv, np.int8, n, 4 * rows)
+        for s, e, g0, nrow, w in chunks(n, max(1, n // max(rows, 1)), BIG_CHUNK):
+            o = out[s:e]
+            np.copyto(o, codes[s:e], casting="unsafe")  # int8 -> float32 is exact
+            o2 = o.reshape(nrow, w)
+            np.multiply(o2, scales[g0 : g0 + nrow, None], out=o2)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
         return 4 * self._rows(shape) + int(np.prod(shape, dtype=np.int64))

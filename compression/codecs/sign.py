@@ -15,37 +15,40 @@ import torch
 
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError
-from ._buf import CHUNK, expect_nbytes, flat32, view
+from ._buf import BIG_CHUNK, expect_nbytes, flat32, view
 
 __all__ = ["ScaledSign", "Sign"]
 
-# Byte -> its 8 bits as +1 / -1 (bit set = negative), for a one-gather decode.
-_PATTERNS = np.where(
-    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little"), -1.0, 1.0
-).astype(np.float32)
-
-
 def pack_signs(xf: np.ndarray, out: np.ndarray) -> None:
     """Write the sign bits of `xf` into `out` (ceil(n/8) bytes), in cache-sized blocks."""
-    neg = np.empty(CHUNK, np.bool_)
-    for a in range(0, xf.size, CHUNK):
-        e = min(xf.size, a + CHUNK)
+    neg = np.empty(min(BIG_CHUNK, xf.size), np.bool_)
+    for a in range(0, xf.size, BIG_CHUNK):
+        e = min(xf.size, a + BIG_CHUNK)
         np.less(xf[a:e], 0, out=neg[: e - a])
         out[a // 8 : (e + 7) // 8] = np.packbits(neg[: e - a], bitorder="little")
 
 
-def unpack_signs(bits: np.ndarray, n: int, scale: float) -> np.ndarray:
-    table = _PATTERNS if scale == 1.0 else _PATTERNS * np.float32(scale)
-    out = np.empty((bits.size, 8), np.float32)
-    step = CHUNK // 8
-    for a in range(0, bits.size, step):
-        np.take(table, bits[a : a + step], axis=0, out=out[a : a + step])
-    return out.reshape(-1)[:n]
+def unpack_signs_into(bits: np.ndarray, out: np.ndarray, scale: float) -> None:
+    """Decode sign bits into `out` (float32, n values) as +-scale, in blocks: unpack to one byte
+    per value, turn 0/1 into +1/-1 as int8 (-u | 1), widen into `out`, then scale. Two cheap
+    byte passes and one float32 write per value."""
+    n = out.size
+    for a in range(0, n, BIG_CHUNK):  # BIG_CHUNK is a multiple of 8: blocks start on a byte
+        e = min(n, a + BIG_CHUNK)
+        u = np.unpackbits(bits[a // 8 : (e + 7) // 8], count=e - a, bitorder="little")
+        np.negative(u, out=u)
+        np.bitwise_or(u, 1, out=u)
+        o = out[a:e]
+        np.copyto(o, u.view(np.int8), casting="unsafe")
+        if scale != 1.0:
+            np.multiply(o, np.float32(scale), out=o)
 
 
 @register_codec("sign")
 class Sign(Codec):
     """Signs only: 1 bit per value, decoded as +-1."""
+
+    finite_output = True
 
     def encode(self, x: torch.Tensor, ctx: CodecContext = CodecContext()) -> Payload:
         xf = flat32(x)
@@ -54,10 +57,10 @@ class Sign(Codec):
         return self._payload(x, {}, out)
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
-        n = self._check(p)
-        bits = view(expect_nbytes(p, (n + 7) // 8), np.uint8, -1, 0)
-        out = unpack_signs(bits, n, 1.0)
-        return torch.from_numpy(out).reshape(p.shape).to(getattr(torch, p.dtype))
+        return self._decode_fresh(p, ctx)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
+        unpack_signs_into(view(expect_nbytes(p, (n + 7) // 8), np.uint8, -1, 0), out, 1.0)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
         return (math.prod(shape) + 7) // 8
@@ -66,6 +69,8 @@ class Sign(Codec):
 @register_codec("scaled_sign")
 class ScaledSign(Codec):
     """Signs times the mean absolute value (||x||_1 / d): 1 bit per value plus one float32."""
+
+    finite_output = True
 
     def encode(self, x: torch.Tensor, ctx: CodecContext = CodecContext()) -> Payload:
         xf = flat32(x)
@@ -77,13 +82,14 @@ class ScaledSign(Codec):
         return self._payload(x, {}, out)
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
-        n = self._check(p)
+        return self._decode_fresh(p, ctx)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         mv = expect_nbytes(p, 4 + (n + 7) // 8)
         scale = float(view(mv, np.float32, 1, 0)[0])
         if not math.isfinite(scale) or scale < 0:
             raise PayloadError("scaled_sign: scale must be finite and non-negative")
-        out = unpack_signs(view(mv, np.uint8, -1, 4), n, scale)
-        return torch.from_numpy(out).reshape(p.shape).to(getattr(torch, p.dtype))
+        unpack_signs_into(view(mv, np.uint8, -1, 4), out, scale)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
         return 4 + (math.prod(shape) + 7) // 8

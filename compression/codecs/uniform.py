@@ -23,13 +23,14 @@ import torch
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError, param
 from ._bits import pack, packed_nbytes, unpack
-from ._buf import CHUNK, TINY, chunks, expect_nbytes, flat32, view
+from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, view
 
 __all__ = ["Int4", "Uniform"]
 
 _MODES = ("symmetric", "affine")
 _GRANULARITIES = ("tensor", "channel", "block")
 _ROUNDINGS = ("nearest", "stochastic")
+_HALF_MAX = float(np.finfo(np.float32).max) / 2
 
 
 def _levels(bits: int, mode: str) -> int:
@@ -70,6 +71,19 @@ def _step_offset(meta: np.ndarray, groups: int, bits: int, mode: str):
     return meta[groups:], meta[:groups]
 
 
+# Adding 1.5 * 2**23 to a float32 in [0, 2**22) rounds it to the nearest integer (ties to even,
+# like np.rint), which then sits in the low bits of the sum's bit pattern: one add replaces
+# rint and leaves the code in the low byte for the narrowing copy.
+_MAGIC = np.float32(1.5 * 2**23)
+
+
+def _piecewise(n: int, block: int, bits: int) -> bool:
+    """Whether every piece of `chunks(n, block, BIG_CHUNK)` starts on a whole byte of the packed
+    stream, so that pieces can be packed and unpacked on their own while they are in cache."""
+    per = 8 // math.gcd(bits, 8)
+    return block % per == 0 or block >= n
+
+
 def quantize(xf: np.ndarray, *, bits: int, mode: str, block: int, stochastic: bool, rng) -> np.ndarray:
     """Observe, quantize and pack `xf` (flat float32); return the wire bytes."""
     n = xf.size
@@ -83,31 +97,54 @@ def quantize(xf: np.ndarray, *, bits: int, mode: str, block: int, stochastic: bo
     step, off = _step_offset(meta, groups, bits, mode)
     with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(step > TINY, np.float32(1.0) / step, np.float32(0.0)).astype(np.float32)
-    shift = (-off * inv).astype(np.float32)
-    codes = np.empty(n, np.uint8)
-    tmp = np.empty(CHUNK, np.float32)
-    noise = np.empty(CHUNK, np.float32) if stochastic else None
+    out = np.empty(4 * meta.size + packed_nbytes(n, bits), np.uint8)
+    out[: 4 * meta.size] = meta.view(np.uint8)
+    packed = out[4 * meta.size :]
+    piecewise = _piecewise(n, block, bits)
+    codes = np.empty(min(BIG_CHUNK, n) if piecewise else n, np.uint8)
+    tmp = np.empty(min(BIG_CHUNK, max(n, 1)), np.float32)
+    noise = np.empty_like(tmp) if stochastic else None
     top = np.float32(levels - 1)
-    for s, e, g0, rows, w in chunks(n, block):
+    center = (levels - 1) / 2
+    # Symmetric: x / step lies in [-(L-1)/2, (L-1)/2] up to a few ulp, so adding the center and
+    # rounding stays in [0, L-1]. Affine: subtract the group minimum first (x - min is >= 0 and
+    # <= max - min, exactly rounded), so no cancellation can push a code outside [0, L-1]. Only
+    # stochastic rounding (floor(t + u)) needs a clamp, at the top.
+    add = np.float32(center + float(_MAGIC)) if center.is_integer() and not stochastic else None
+    for s, e, g0, rows, w in chunks(n, block, BIG_CHUNK):
         t = tmp[: e - s].reshape(rows, w)
-        np.multiply(xf[s:e].reshape(rows, w), inv[g0 : g0 + rows, None], out=t)
-        np.add(t, shift[g0 : g0 + rows, None], out=t)
+        x = xf[s:e].reshape(rows, w)
+        if mode == "symmetric":
+            np.multiply(x, inv[g0 : g0 + rows, None], out=t)
+            if add is None:
+                np.add(t, np.float32(center), out=t)
+        else:
+            np.subtract(x, mn[g0 : g0 + rows, None], out=t)
+            np.multiply(t, inv[g0 : g0 + rows, None], out=t)
         if stochastic:
             u = rng.random(e - s, dtype=np.float32, out=noise[: e - s])
             np.add(t, u.reshape(rows, w), out=t)
             np.floor(t, out=t)
+            np.minimum(t, top, out=t)
+            src = t
         else:
-            np.rint(t, out=t)
-        np.clip(t, 0, top, out=t)
-        codes[s:e] = t.reshape(-1)
-    out = np.empty(4 * meta.size + packed_nbytes(n, bits), np.uint8)
-    out[: 4 * meta.size] = meta.view(np.uint8)
-    out[4 * meta.size :] = pack(codes, bits)
+            np.add(t, add if add is not None else _MAGIC, out=t)
+            src = t.view(np.uint32)  # the code is the low byte
+        c = codes[: e - s] if piecewise else codes[s:e]
+        np.copyto(c.reshape(rows, w), src, casting="unsafe")
+        if piecewise:
+            packed[s * bits // 8 : (e * bits + 7) // 8] = pack(c, bits)
+    if not piecewise:
+        packed[:] = pack(codes, bits)
     return out
 
 
-def dequantize(p: Payload, n: int, *, bits: int, mode: str, block: int) -> np.ndarray:
-    """Validate sizes and metadata of payload `p`, then decode its n values (float32)."""
+def dequantize_into(p: Payload, n: int, out: np.ndarray, *, bits: int, mode: str, block: int) -> None:
+    """Validate sizes and metadata of payload `p`, then decode its n values into `out` (float32).
+
+    Every group's values are bounded before anything is written, |off| + (2**b - 1) * step <=
+    FLT_MAX / 2, so no code can decode to infinity (`Uniform.finite_output`).
+    """
     groups = -(-n // block) if n else 0
     nmeta = groups * (1 if mode == "symmetric" else 2)
     mv = expect_nbytes(p, 4 * nmeta + packed_nbytes(n, bits))
@@ -118,13 +155,34 @@ def dequantize(p: Payload, n: int, *, bits: int, mode: str, block: int) -> np.nd
         step, off = _step_offset(meta, groups, bits, mode)
     if not (np.isfinite(step).all() and np.isfinite(off).all()) or (step < 0).any():
         raise PayloadError(f"{p.codec}: quantization steps must be finite and non-negative")
-    codes = unpack(view(mv, np.uint8, -1, 4 * nmeta), bits, n)
-    out = np.empty(n, np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for s, e, g0, rows, w in chunks(n, block):
-            o = out[s:e].reshape(rows, w)
-            np.multiply(codes[s:e].reshape(rows, w), step[g0 : g0 + rows, None], out=o)
+    top = (1 << bits) - 1
+    if groups and float(np.max(np.abs(off.astype(np.float64)) + top * step.astype(np.float64))) > _HALF_MAX:
+        raise PayloadError(f"{p.codec}: group ranges exceed the float32 range")
+    data = view(mv, np.uint8, -1, 4 * nmeta)
+    piecewise = _piecewise(n, block, bits)
+    codes = None if piecewise else unpack(data, bits, n)
+    # Symmetric with an integer center (bits >= 2): decode (c - center) * step, the center
+    # subtracted on the bytes (as int8), so that the float pass is one widening and one multiply.
+    levels = _levels(bits, mode)
+    center = np.uint8((levels - 1) // 2) if mode == "symmetric" and bits >= 2 else None
+    for s, e, g0, rows, w in chunks(n, block, BIG_CHUNK):
+        c = unpack(data[s * bits // 8 : (e * bits + 7) // 8], bits, e - s) if piecewise else codes[s:e]
+        o = out[s:e]
+        if center is not None:
+            np.copyto(o, np.subtract(c, center).view(np.int8), casting="unsafe")
+            o = o.reshape(rows, w)
+            np.multiply(o, step[g0 : g0 + rows, None], out=o)
+        else:
+            np.copyto(o, c, casting="unsafe")
+            o = o.reshape(rows, w)
+            np.multiply(o, step[g0 : g0 + rows, None], out=o)
             np.add(o, off[g0 : g0 + rows, None], out=o)
+
+
+def dequantize(p: Payload, n: int, *, bits: int, mode: str, block: int) -> np.ndarray:
+    """`dequantize_into` a fresh array."""
+    out = np.empty(n, np.float32)
+    dequantize_into(p, n, out, bits=bits, mode=mode, block=block)
     return out
 
 
@@ -148,6 +206,8 @@ class Uniform(Codec):
         block: group size for granularity="block".
         rounding: "nearest" (deterministic) or "stochastic" (unbiased; seeded from the context).
     """
+
+    finite_output = True
 
     def __init__(self, bits: int = 8, mode: str = "affine", granularity: str = "tensor",
                  block: int = 4096, rounding: str = "nearest") -> None:
@@ -185,10 +245,11 @@ class Uniform(Codec):
         return self._payload(x, {"bits": self.bits, "mode": self.mode, "block": block}, data)
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
-        n = self._check(p)
+        return self._decode_fresh(p, ctx)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         bits, mode, block = read_format(p, n)
-        out = dequantize(p, n, bits=bits, mode=mode, block=block)
-        return torch.from_numpy(out).reshape(p.shape).to(getattr(torch, p.dtype))
+        dequantize_into(p, n, out, bits=bits, mode=mode, block=block)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
         n = math.prod(shape)
