@@ -8,6 +8,7 @@ Usage:
 Codecs and wire formats: docs/compression.md.
 """
 
+from .accumulate import add_scaled_
 from .codec import (
     Codec,
     CodecContext,
@@ -31,6 +32,7 @@ __all__ = [
     "Payload",
     "PayloadError",
     "UnknownCodecError",
+    "add_scaled_",
     "available_codecs",
     "decode_checked",
     "decode_stages",

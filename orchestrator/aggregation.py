@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Union
+from typing import Callable, Mapping, Protocol, Union
 
 import torch
+
+from fedray.compression import add_scaled_
 
 __all__ = [
     "BufferFullError",
@@ -71,7 +73,23 @@ class RunningWeightedSum:
         """
         _check_update(update, self._shapes, weight)
         for k, x in update.items():
-            self.sums[k].add_(x, alpha=weight)  # promotes to float64 in place: no temporary copy
+            add_scaled_(self.sums[k].view(-1), x.reshape(-1), weight)  # blockwise: no float64 temporary
+        self.total_weight += weight
+        self.count += 1
+
+    def add_folds(self, folds: Mapping[str, Callable[[torch.Tensor, float], None]], weight: float) -> None:
+        """Fold in one update given as one `add(acc, alpha)` per tensor (`Codec.fold`: each adds
+        alpha x its decoded tensor into a float64 sum, straight from the payload's codes).
+
+        Raises:
+            ValueError: tensor names differ from the template, or weight <= 0.
+        """
+        if not weight > 0 or not math.isfinite(weight):
+            raise ValueError(f"update weight must be finite and > 0, got {weight}")
+        if set(folds) != set(self._shapes):
+            raise ValueError(f"update tensors {sorted(folds)} != expected {sorted(self._shapes)}")
+        for k, add in folds.items():
+            add(self.sums[k], weight)
         self.total_weight += weight
         self.count += 1
 

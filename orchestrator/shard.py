@@ -21,7 +21,7 @@ class AggregationShard:
 
     def __init__(
         self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]], host: str = "127.0.0.1",
-        port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int = 8,
+        port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int | None = None,
         tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
         strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None, max_clients: int = 1 << 16,
         codecs=None, dropout=None, layout=None, seed: int = 0,

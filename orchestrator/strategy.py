@@ -215,6 +215,12 @@ class FedAvg:
         """True when the round must be collected with `BufferedUpdates` (median, trimmed mean, Krum)."""
         return self.aggregator.buffered
 
+    @property
+    def folds_raw_updates(self) -> bool:
+        """True when updates go into a `RunningWeightedSum` unchanged (no clipping): the service
+        may then fold each payload's codes straight into the sum (`Codec.fold`)."""
+        return not self.aggregator.buffered and self.clip_norm is None
+
     def __repr__(self) -> str:
         return f"FedAvg(aggregator={self.aggregator!r}, server_optimizer={self.optimizer!r}, clip_norm={self.clip_norm})"
 

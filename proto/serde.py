@@ -6,11 +6,14 @@ This is the only module that imports generated code. Everything else speaks `Pay
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
+import google_crc32c
 import grpc
+import numpy as np
 
 from fedray.compression.payload import Payload, PayloadError
 
@@ -38,6 +41,10 @@ __all__ = [
     "call_upload",
     "call_upload_batch",
     "BatchResult",
+    "WireChunk",
+    "WireUpload",
+    "encode_upload",
+    "wire_nbytes",
     "payload_from_meta",
     "upload_messages",
 ]
@@ -76,6 +83,7 @@ class UpdateHeader:
     metrics: Mapping[str, float] = field(default_factory=dict)
     digest: bytes = b""
     weights: bool = False
+    digest_kind: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -198,7 +206,7 @@ def _header(h) -> UpdateHeader:
     return UpdateHeader(
         job_id=h.job_id, round=h.round, client_id=h.client_id, attempt=h.attempt, weight=h.weight,
         tensors=_entries(h.tensors), subnet_seed=h.subnet_seed, keep_rate=h.keep_rate,
-        metrics=dict(h.metrics), digest=h.digest, weights=h.weights,
+        metrics=dict(h.metrics), digest=h.digest, weights=h.weights, digest_kind=h.digest_kind,
     )
 
 
@@ -256,14 +264,206 @@ def upload_messages(
         offset += len(msgs[-1].data)
     if not msgs:
         msgs.append(pb.UploadChunk(data=b"", offset=0))
-    header.digest = h.digest()
+    header.digest, header.digest_kind = h.digest(), DIGEST_CRC32C
     msgs[0].header.CopyFrom(header)
     return msgs
 
 
+# -- the chunk messages on the wire, without protobuf's copies ------------------------------------
+#
+# UploadChunk carries ~1 MB of payload bytes (fields: 1 header, 2 data, 3 offset). protobuf's
+# Python runtime copies a bytes field twice on the way in (parse, then attribute access) and
+# twice on the way out (the field assignment, then serialization). The functions below speak the
+# same wire format: the server reads `data` as a memoryview of the buffer gRPC received (no copy),
+# and a client's data chunks are framed once (one join) and reused across retries.
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(mv: memoryview, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if i >= len(mv) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = mv[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+@dataclass(frozen=True)
+class WireChunk:
+    """One received UploadChunk: its header (parsed) if any, its data as a view of gRPC's buffer,
+    and its offset. `error` is set (and the rest empty) when the bytes are not a valid message."""
+
+    header: object | None
+    data: memoryview
+    offset: int
+    error: str | None = None
+
+    def HasField(self, name: str) -> bool:  # the one pb.UploadChunk method the servicer uses
+        return name == "header" and self.header is not None
+
+
+def _parse_upload_chunk(buf: bytes) -> WireChunk:
+    mv = memoryview(buf)
+    headers, data, offset, i = [], mv[0:0], 0, 0
+    try:
+        while i < len(mv):
+            key, i = _read_varint(mv, i)
+            field, wire = key >> 3, key & 7
+            if wire == 2:
+                ln, i = _read_varint(mv, i)
+                if i + ln > len(mv):
+                    raise ValueError("length-delimited field runs past the end")
+                if field == 1:
+                    headers.append(mv[i : i + ln])
+                elif field == 2:
+                    data = mv[i : i + ln]  # last one wins, as protobuf does
+                i += ln
+            elif wire == 0:
+                v, i = _read_varint(mv, i)
+                if field == 3:
+                    offset = v
+            elif wire in (1, 5):
+                i += 8 if wire == 1 else 4
+            else:
+                raise ValueError(f"wire type {wire} of field {field}")
+        if i != len(mv):
+            raise ValueError("message ends inside a field")
+        header = None
+        if headers:  # repeated occurrences of a message field merge, as protobuf does
+            header = pb.UpdateHeader.FromString(b"".join(headers))
+    except Exception as e:  # DecodeError or ValueError: refused by the servicer as INVALID_ARGUMENT
+        return WireChunk(None, mv[0:0], 0, error=f"malformed UploadChunk: {e}")
+    return WireChunk(header, data, offset)
+
+
+def _to_wire(m) -> bytes:
+    """Request serializer: pre-framed bytes as they are, protobuf messages serialized."""
+    return m if isinstance(m, bytes) else m.SerializeToString()
+
+
+def _frame_chunk(data, offset: int, header: bytes = b"") -> bytes:
+    parts = []
+    if header:
+        parts += [b"\x0a", _varint(len(header)), header]
+    if len(data):
+        parts += [b"\x12", _varint(len(data)), data]
+    if offset:
+        parts += [b"\x18", _varint(offset)]
+    return b"".join(parts)
+
+
+def _framed_len(n: int, offset: int, header_len: int = 0) -> int:
+    out = 1 + len(_varint(header_len)) + header_len if header_len else 0
+    out += 1 + len(_varint(n)) + n if n else 0
+    return out + (1 + len(_varint(offset)) if offset else 0)
+
+
+@dataclass(frozen=True)
+class WireUpload:
+    """One update ready to stream: its header and its payload bytes as ~1 MB views (no copy of
+    the payloads). `messages()` frames each chunk as it is sent, one copy into the bytes gRPC
+    sends, with the header in the first chunk as `upload_messages` does (a separate header
+    message would cost every upload one more gRPC event on both sides). Memory beyond the
+    payloads is O(chunks), so updates over 2 GiB stream like small ones. `encode_upload` builds it."""
+
+    header: object  # pb.UpdateHeader, digest included
+    chunks: tuple  # memoryview or bytes, in stream order
+
+    def messages(self, token: str | None = None) -> Iterator[bytes]:
+        h = self.header
+        if token is not None:  # UploadBatch carries each update's token in its header
+            h = pb.UpdateHeader()
+            h.CopyFrom(self.header)
+            h.token = token
+        first = self.chunks[0] if self.chunks else b""
+        yield _frame_chunk(first, 0, h.SerializeToString())
+        offset = len(first)
+        for c in self.chunks[1:]:
+            yield _frame_chunk(c, offset)
+            offset += len(c)
+
+    def with_header(self, header) -> "WireUpload":
+        """The same payload under another header (the load benchmark's many clients)."""
+        return WireUpload(header, self.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire (framing included), without framing anything."""
+        total, offset = 0, 0
+        for i, c in enumerate(self.chunks or (b"",)):
+            total += _framed_len(len(c), offset, self.header.ByteSize() if i == 0 else 0)
+            offset += len(c)
+        return total
+
+
+def encode_upload(
+    *, job_id: str, round: int, client_id: int, weight: float, tensors: Iterable[tuple[str, Payload]],
+    attempt: int = 0, subnet_seed: int = 0, keep_rate: float = 1.0, metrics: Mapping[str, float] | None = None,
+    chunk_bytes: int = CHUNK_BYTES, weights: bool = False,
+) -> WireUpload:
+    """`upload_messages` for the hot path: the same stream on the wire, no copy until it is sent."""
+    tensors = list(tensors)
+    header = pb.UpdateHeader(
+        job_id=job_id, round=round, client_id=client_id, attempt=attempt, weight=weight,
+        tensors=[_meta(n, p) for n, p in tensors], subnet_seed=subnet_seed, keep_rate=keep_rate,
+        metrics=dict(metrics or {}), weights=weights,
+    )
+    chunks, h = [], new_digest()
+    for data in _chunked((memoryview(p.data).cast("B") for _, p in tensors), chunk_bytes):
+        h.update(data)
+        chunks.append(data)
+    header.digest, header.digest_kind = h.digest(), DIGEST_CRC32C
+    return WireUpload(header, tuple(chunks))
+
+
+def _wire(update, token: str | None = None) -> Iterable:
+    return update.messages(token) if isinstance(update, WireUpload) else update
+
+
+def wire_nbytes(update) -> int:
+    """Bytes on the wire of an update (a `WireUpload` or a message list)."""
+    return update.nbytes if isinstance(update, WireUpload) else sum(m.ByteSize() for m in update)
+
+
+_STUBS: "weakref.WeakKeyDictionary[grpc.Channel, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _upload_stubs(channel: grpc.Channel) -> tuple:
+    """(Upload, UploadBatch) callables of a channel, made once per channel."""
+    stubs = _STUBS.get(channel)
+    if stubs is None:
+        stubs = _STUBS[channel] = (
+            channel.stream_unary(_UPLOAD, request_serializer=_to_wire, response_deserializer=pb.UploadAck.FromString),
+            channel.stream_unary(_UPLOAD_BATCH, request_serializer=_to_wire,
+                                 response_deserializer=pb.UploadBatchAck.FromString),
+        )
+    return stubs
+
+
+_SERVICE = "fedray.v1.Aggregation"
+_UPLOAD, _UPLOAD_BATCH = f"/{_SERVICE}/Upload", f"/{_SERVICE}/UploadBatch"
+
+
+DIGEST_CRC32, DIGEST_CRC32C = 0, 1
+
+
 class _Crc32:
-    """Incremental CRC-32 (zlib): 2 GB/s here against 0.8 GB/s for BLAKE2b. It catches corruption
-    in transit; authenticity comes from the token, not from this checksum."""
+    """Incremental CRC-32 (zlib): what clients before `digest_kind` sent; about 2 GB/s here."""
 
     def __init__(self) -> None:
         self._crc = 0
@@ -275,9 +475,36 @@ class _Crc32:
         return self._crc.to_bytes(4, "big")
 
 
-def new_digest() -> _Crc32:
-    """The upload checksum (CRC-32 of the concatenated tensor payloads)."""
-    return _Crc32()
+class _Crc32c:
+    """Incremental CRC-32C (google-crc32c, SSE4.2): about 20 GB/s here, against 2 GB/s for zlib's
+    CRC-32 (0.05 against 0.5 ms per MB on the server). It catches corruption in transit;
+    authenticity comes from the token, not from this checksum."""
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data) -> None:
+        view = np.frombuffer(data, np.uint8)  # zero-copy; the library takes read-only buffers only
+        view.flags.writeable = False
+        self._crc = google_crc32c.extend(self._crc, view)
+
+    def digest(self) -> bytes:
+        return self._crc.to_bytes(4, "big")
+
+
+_DIGESTS = {DIGEST_CRC32: _Crc32, DIGEST_CRC32C: _Crc32c}
+
+
+def new_digest(kind: int = DIGEST_CRC32C):
+    """The upload checksum of `digest_kind` `kind` (default: CRC-32C, what fedray sends).
+
+    Raises:
+        PayloadError: an unknown kind.
+    """
+    try:
+        return _DIGESTS[kind]()
+    except KeyError:
+        raise PayloadError(f"unknown digest_kind {kind}; this server knows {sorted(_DIGESTS)}") from None
 
 
 @dataclass(frozen=True)
@@ -292,43 +519,56 @@ class BatchResult:
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-def call_upload_batch(channel: grpc.Channel, updates: list[tuple[list, str]], *, timeout: float = 120.0) -> list[BatchResult]:
-    """Stream several updates (each a message list from `upload_messages`, with its client's
-    token) in one call; return one result per update, in order. One refused update does not
-    affect the others.
+def call_upload_batch(channel: grpc.Channel, updates: list[tuple[object, str]], *, timeout: float = 120.0) -> list[BatchResult]:
+    """Stream several updates (each a `WireUpload`, or a message list from `upload_messages`,
+    with its client's token) in one call; return one result per update, in order. One refused
+    update does not affect the others.
 
     Raises:
         grpc.RpcError: the call itself failed (service unreachable, deadline).
     """
-    flat = []
-    for msgs, token in updates:
-        first = pb.UploadChunk()
-        first.CopyFrom(msgs[0])
-        first.header.token = token
-        flat.append(first)
-        flat.extend(msgs[1:])
-    ack = pb_grpc.AggregationStub(channel).UploadBatch(iter(flat), timeout=timeout)
+    def flat():
+        for update, token in updates:
+            if isinstance(update, WireUpload):
+                yield from update.messages(token)
+                continue
+            first = pb.UploadChunk()
+            first.CopyFrom(update[0])
+            first.header.token = token
+            yield first
+            yield from update[1:]
+
+    ack = _upload_stubs(channel)[1](flat(), timeout=timeout)
     out = []
-    for r, (msgs, _) in zip(ack.results, updates):
+    for r, (update, _) in zip(ack.results, updates):
         out.append(BatchResult(r.client_id, r.accepted, _CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message,
-                               sum(m.ByteSize() for m in msgs)))
+                               wire_nbytes(update)))
     return out
 
 
-def call_upload(stub_channel: grpc.Channel, messages: list, *, token: str, timeout: float = 60.0) -> dict:
-    """Stream `messages` to the service; return the ack as a dict and the bytes sent.
+def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: float = 60.0) -> dict:
+    """Stream one update (a `WireUpload`, or the messages of `upload_messages`, any iterable) to
+    the service; return the ack as a dict and the bytes sent.
 
     Raises:
         grpc.RpcError: the service rejected the update (the status code says why).
     """
-    stub = pb_grpc.AggregationStub(stub_channel)
-    ack = stub.Upload(iter(messages), timeout=timeout, metadata=((TOKEN_METADATA_KEY, token),))
+    sent = 0
+
+    def framed():  # any iterable of messages (a generator too); counts the bytes as they go
+        nonlocal sent
+        for m in _wire(messages):
+            b = _to_wire(m)
+            sent += len(b)
+            yield b
+
+    ack = _upload_stubs(stub_channel)[0](framed(), timeout=timeout, metadata=((TOKEN_METADATA_KEY, token),))
     return {
         "accepted": ack.accepted,
         "bytes_received": ack.bytes_received,
         "round": ack.round,
         "client_id": ack.client_id,
-        "wire_bytes": sum(m.ByteSize() for m in messages),
+        "wire_bytes": sent,
     }
 
 
@@ -452,7 +692,7 @@ class _Servicer(pb_grpc.AggregationServicer):
 
     def Upload(self, request_iterator, context):
         try:
-            first = next(request_iterator, None)
+            first = _valid(next(request_iterator, None))
             if first is None or not first.HasField("header"):
                 raise PayloadError("the first chunk of an upload must carry the update header")
             h = first.header
@@ -461,7 +701,7 @@ class _Servicer(pb_grpc.AggregationServicer):
             def chunks():
                 yield first.offset, first.data
                 for msg in request_iterator:
-                    if msg.HasField("header"):
+                    if _valid(msg).HasField("header"):
                         raise PayloadError("only the first chunk of an upload may carry a header")
                     yield msg.offset, msg.data
 
@@ -476,6 +716,7 @@ class _Servicer(pb_grpc.AggregationServicer):
         while (first := it.next()) is not None:
             cid = first.header.client_id if first.HasField("header") else 0
             try:
+                _valid(first)
                 if not first.HasField("header"):
                     raise PayloadError("each update of a batch must start with a chunk carrying its header")
                 h = first.header
@@ -540,8 +781,15 @@ class _Peekable:
 def _update_chunks(first, it: _Peekable):
     yield first.offset, first.data
     while it.peek() is not None and not it.peek().HasField("header"):
-        m = it.next()
+        m = _valid(it.next())
         yield m.offset, m.data
+
+
+def _valid(msg):
+    """A received chunk, or PayloadError when its bytes did not parse."""
+    if msg is not None and getattr(msg, "error", None):
+        raise PayloadError(msg.error)
+    return msg
 
 
 def add_aggregation_service(
@@ -552,4 +800,24 @@ def add_aggregation_service(
 
     `status_of` maps a domain exception to its gRPC status (None re-raises it as INTERNAL).
     """
-    pb_grpc.add_AggregationServicer_to_server(_Servicer(handler, job_id, status_of), server)
+    sv = _Servicer(handler, job_id, status_of)
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        # The upload streams parse their chunks without copying the payload bytes (WireChunk).
+        "Upload": grpc.stream_unary_rpc_method_handler(
+            sv.Upload, request_deserializer=_parse_upload_chunk, response_serializer=pb.UploadAck.SerializeToString),
+        "UploadBatch": grpc.stream_unary_rpc_method_handler(
+            sv.UploadBatch, request_deserializer=_parse_upload_chunk,
+            response_serializer=pb.UploadBatchAck.SerializeToString),
+        "Download": grpc.unary_stream_rpc_method_handler(
+            sv.Download, request_deserializer=pb.DownloadRequest.FromString,
+            response_serializer=pb.ModelChunk.SerializeToString),
+        "Health": unary(sv.Health, request_deserializer=pb.HealthRequest.FromString,
+                        response_serializer=pb.HealthReply.SerializeToString),
+        "GetJob": unary(sv.GetJob, request_deserializer=pb.JobRequest.FromString,
+                        response_serializer=pb.JobInfo.SerializeToString),
+    }
+    declared = {m.name for m in pb.DESCRIPTOR.services_by_name["Aggregation"].methods}
+    if declared != set(handlers):  # a method added to the .proto must be served here too
+        raise RuntimeError(f"Aggregation methods {sorted(declared)} != served {sorted(handlers)}")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))

@@ -51,11 +51,16 @@ def _decode_safely(codec, p: Payload) -> None:
         if buf is not None:
             with pytest.raises(PayloadError):
                 decode_checked(codec, p, out=buf)
+            with pytest.raises(PayloadError):
+                codec.fold(p)  # the service's path refuses exactly what decoding refuses
         return
     assert tuple(out.shape) == tuple(p.shape)
     assert bool(torch.isfinite(out).all())
     if buf is not None:
         assert torch.equal(decode_checked(codec, p, out=buf).to(out.dtype), out)
+        acc = torch.zeros(buf.numel(), dtype=torch.float64)
+        codec.fold(p)(acc, 1.0)
+        assert bool(torch.isfinite(acc).all())
 
 
 mutation = st.one_of(

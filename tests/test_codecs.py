@@ -369,3 +369,17 @@ def test_finite_output_codecs_bound_their_scales():
     with pytest.raises(PayloadError, match="range"):
         decode_checked(uni, Payload(p.codec, p.version, p.dtype, p.shape, p.params, huge))
     assert all(get_codec(n).finite_output for n in ("int8", "int4", "uniform", "sign", "scaled_sign"))
+
+
+@pytest.mark.parametrize("name,params", ALL, ids=lambda v: v if isinstance(v, str) else "")
+@SETTINGS
+@given(x=tensors(), seed=st.integers(0, 2**32), alpha=st.floats(0.5, 1e3))
+def test_fold_adds_alpha_times_the_decoded_tensor(name, params, x, seed, alpha):
+    codec = get_codec(name, **params)
+    ctx = CodecContext(seed=seed, key="layer.weight")
+    p = codec.encode(x, ctx)
+    acc = torch.ones(x.numel(), dtype=torch.float64)
+    codec.fold(p, ctx)(acc, alpha)
+    y = codec.decode(p, ctx).double().reshape(-1)
+    big = float(y.abs().max()) if y.numel() else 0.0
+    assert torch.allclose(acc, 1 + alpha * y, rtol=0, atol=1e-6 * alpha * (big + 1))

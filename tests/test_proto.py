@@ -35,3 +35,61 @@ def test_upload_messages_chunk_and_carry_metadata():
     meta = h.tensors[1]
     p = serde.payload_from_meta(meta)
     assert p.params == tensors[1][1].params and p.shape == (300, 1000) and meta.nbytes == tensors[1][1].nbytes
+
+
+def _random_chunk(rng: np.random.Generator):
+    from fedray.proto._generated import aggregation_pb2 as pb
+
+    m = pb.UploadChunk(data=rng.bytes(int(rng.integers(0, 3000))), offset=int(rng.integers(0, 2**40)))
+    if rng.random() < 0.5:
+        m.header.job_id = "j"
+        m.header.client_id = int(rng.integers(0, 2**63))
+        m.header.weight = float(rng.random())
+        m.header.tensors.add(name="w", codec="int8", shape=[3, 4], nbytes=16)
+    return m
+
+
+def test_zero_copy_chunk_parser_agrees_with_protobuf():
+    from fedray.proto._generated import aggregation_pb2 as pb
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        m = _random_chunk(rng)
+        wire = m.SerializeToString()
+        got = serde._parse_upload_chunk(wire)
+        assert got.error is None
+        assert bytes(got.data) == m.data and got.offset == m.offset
+        assert got.HasField("header") == m.HasField("header")
+        if m.HasField("header"):
+            assert got.header == m.header
+    # Repeated header fields merge and unknown fields are skipped, as protobuf does.
+    a, b = pb.UploadChunk(), pb.UploadChunk()
+    a.header.job_id, b.header.client_id = "j", 9
+    unknown = b"\x20\x05" + b"\x2a\x02hi" + b"\x31" + bytes(8) + b"\x3d" + bytes(4)
+    got = serde._parse_upload_chunk(a.SerializeToString() + unknown + b.SerializeToString())
+    assert (got.header.job_id, got.header.client_id) == ("j", 9)
+    # Garbage is reported, not raised (the servicer turns it into INVALID_ARGUMENT).
+    for bad in (b"\x12\xff\xff\xff\xff\x0f", b"\x12\x05abc", b"\x0b", b"\x80" * 11, b"\x0a\x02\xff\xff"):
+        assert serde._parse_upload_chunk(bad).error
+
+
+def test_wire_upload_is_the_same_stream_as_upload_messages():
+    codec = get_codec("int8")
+    rng = np.random.default_rng(1)
+    tensors = [(f"t{i}", codec.encode(torch.from_numpy(rng.standard_normal(s).astype(np.float32))))
+               for i, s in enumerate([(700, 1000), (10,), (0,)])]
+    kw = dict(job_id="j", round=2, client_id=5, weight=3.0, tensors=tensors, chunk_bytes=1 << 18)
+    msgs, wire = serde.upload_messages(**kw), serde.encode_upload(**kw)
+    framed = list(wire.messages(token="tok"))
+    parsed = [serde._parse_upload_chunk(b) for b in framed]
+    assert parsed[0].header.token == "tok" and not any(p.HasField("header") for p in parsed[1:])
+    h = parsed[0].header
+    h.ClearField("token")
+    assert h == msgs[0].header  # digest, tensor metadata, everything
+    assert [bytes(p.data) for p in parsed] == [m.data for m in msgs]  # the same chunks
+    assert [p.offset for p in parsed] == [m.offset for m in msgs]
+    assert wire.nbytes == sum(len(b) for b in wire.messages())
+    # protobuf reads the framed bytes as the same messages
+    from fedray.proto._generated import aggregation_pb2 as pb
+
+    assert pb.UploadChunk.FromString(next(wire.messages())) == msgs[0]

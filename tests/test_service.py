@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -133,15 +135,17 @@ def test_malformed_upload_is_invalid_argument_and_leaves_the_sum_untouched(servi
     assert _code(lambda: _send(ch, bad, client_id=2)) == grpc.StatusCode.INVALID_ARGUMENT
     part = core.close_round(1)
     assert part["count"] == 1 and part["total_weight"] == 10.0
+    # Bit-identical to a service that only ever saw the good update...
     ref = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
     ref.open_round(1)
+    msgs = _msgs(good, client_id=1)
+    ref.upload(serde._header(msgs[0].header), ((m.offset, m.data) for m in msgs), client_token(SECRET, JOB, 1))
+    want = ref.close_round(1)["sums"]
     c = get_codec("int8")
-    from fedray.orchestrator.aggregation import RunningWeightedSum
-
-    oracle = RunningWeightedSum(SHAPES)
-    oracle.add({k: c.decode(c.encode(v)) for k, v in good.items()}, 10.0)
     for k in SHAPES:
-        assert torch.equal(part["sums"][k], oracle.sums[k])
+        assert torch.equal(part["sums"][k], want[k])
+        # ...which holds weight x the decoded good update (float64 rounding apart).
+        assert torch.allclose(part["sums"][k], 10.0 * c.decode(c.encode(good[k])).double(), rtol=1e-6, atol=0)
 
 
 def test_auth_job_round_and_duplicates(service):
@@ -210,3 +214,128 @@ def test_a_client_is_accepted_only_by_its_own_shard():
         assert core.close_round(1)["count"] == 0
     finally:
         server.stop(None)
+
+
+def _upload_in_process(core, update, client_id, codec="int8", chunk_bytes=4096):
+    msgs = _msgs(update, client_id=client_id, codec=codec, chunk_bytes=chunk_bytes)
+    return core.upload(serde._header(msgs[0].header), ((m.offset, m.data) for m in msgs),
+                       client_token(SECRET, JOB, client_id))
+
+
+def test_staging_buffers_are_reused_without_aliasing():
+    """A buffered strategy (median) keeps every update: the reused decode buffers must not leak
+    one upload's values into another's."""
+    from fedray.orchestrator.strategy import StrategySpec
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES, strategy=StrategySpec(name="median"))
+    assert not core._folds  # the decode-into-staging path
+    core.open_round(1)
+    ups = {cid: _update(100 + cid) for cid in (1, 2, 3)}
+    for cid, u in ups.items():
+        _upload_in_process(core, u, cid)
+    buf = core.close_round(1)["agg"]
+    c = get_codec("int8")
+    for got, cid in zip(buf.updates, ups):
+        for k in SHAPES:
+            assert torch.equal(got[k], c.decode(c.encode(ups[cid][k])))
+    assert len(core._scratch._free[64 * 300]) == 1  # one upload at a time: one buffer, reused
+
+
+def test_fold_path_equals_decode_path():
+    """The fold path (int8 and identity straight into the float64 sum) and the staging path
+    (decode to float32, then add) give the same sums up to float32 rounding of the decoded values."""
+    from fedray.orchestrator.strategy import StrategySpec
+
+    sums = []
+    for spec in (StrategySpec(), StrategySpec(clip_norm=1e9)):  # clip_norm (never reached) forces decoding
+        core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES, strategy=spec)
+        core.open_round(1)
+        for cid in (1, 2):
+            _upload_in_process(core, _update(cid), cid, codec="int8")
+        _upload_in_process(core, _update(3), 3, codec="identity", chunk_bytes=1 << 20)
+        sums.append((core._folds, core.close_round(1)["sums"]))
+    assert sums[0][0] and not sums[1][0]
+    for k in SHAPES:
+        assert torch.allclose(sums[0][1][k], sums[1][1][k], rtol=0, atol=1e-5)  # |values| <= ~40: float32 ulp ~4e-6
+
+
+def test_wire_uploads_and_garbage_chunks(service):
+    """Pre-framed uploads (`encode_upload`, the workers' path) are accepted by Upload and
+    UploadBatch; bytes that are not an UploadChunk are INVALID_ARGUMENT and change nothing."""
+    core, ch = service
+    c = get_codec("int8")
+
+    def wire(cid):
+        return serde.encode_upload(job_id=JOB, round=1, client_id=cid, weight=2.0,
+                                   tensors=[(k, c.encode(v)) for k, v in _update(cid).items()], chunk_bytes=4096)
+
+    assert serde.call_upload(ch, wire(1), token=client_token(SECRET, JOB, 1))["accepted"]
+    res = serde.call_upload_batch(ch, [(wire(2), client_token(SECRET, JOB, 2)), (wire(3), client_token(SECRET, JOB, 3))])
+    assert [r.accepted for r in res] == [True, True] and res[0].wire_bytes == wire(2).nbytes
+    good = list(wire(4).messages())
+    for bad in ([b"\x12\xff\xff"], [good[0], b"\x0b\x00"], [good[0], good[1][:-3]] + good[2:]):
+        assert _code(lambda: serde.call_upload(ch, bad, token=client_token(SECRET, JOB, 4))) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+    part = core.close_round(1)
+    assert part["count"] == 3 and part["total_weight"] == 6.0
+
+
+def test_crc32_digests_of_older_clients_still_verify(service):
+    """Clients from before digest_kind send zlib CRC-32 (kind 0): accepted when it matches,
+    refused when the bytes do not; an unknown kind is refused."""
+    import zlib
+
+    core, ch = service
+    msgs = _msgs(_update(5), client_id=5)
+    msgs[0].header.digest_kind = 0
+    msgs[0].header.digest = zlib.crc32(b"".join(m.data for m in msgs)).to_bytes(4, "big")
+    assert _send(ch, msgs, client_id=5)["accepted"]
+    bad = _msgs(_update(6), client_id=6)
+    bad[0].header.digest_kind = 0  # the CRC-32C value read as a CRC-32: a mismatch
+    assert _code(lambda: _send(ch, bad, client_id=6)) == grpc.StatusCode.INVALID_ARGUMENT
+    odd = _msgs(_update(7), client_id=7)
+    odd[0].header.digest_kind = 7
+    with pytest.raises(grpc.RpcError) as e:
+        _send(ch, odd, client_id=7)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "digest_kind" in e.value.details()
+    assert core.close_round(1)["count"] == 1
+
+
+def test_uploads_past_the_inflight_limit_get_resource_exhausted_and_retry():
+    """Two uploads stall mid-stream at max_inflight=2: a third is refused with RESOURCE_EXHAUSTED
+    and a retry-after-ms hint; once the two finish, fedray's retrying client gets through."""
+    import threading
+
+    from fedray.workers.client import upload_with_retry
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES, limits=ServiceLimits(max_inflight=2))
+    server, port = create_server(core, "127.0.0.1:0")
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+    core.open_round(1)
+    go = threading.Event()
+
+    def stalled(msgs):
+        yield msgs[0]
+        go.wait(30)
+        yield from msgs[1:]
+
+    done = []
+    threads = [threading.Thread(target=lambda c=c: done.append(serde.call_upload(
+        ch, stalled(_msgs(_update(c), client_id=c)), token=client_token(SECRET, JOB, c), timeout=30))) for c in (1, 2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while core._inflight < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(grpc.RpcError) as e:
+        _send(ch, _msgs(_update(3), client_id=3), client_id=3)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert serde.retry_after_ms(e.value) and "in flight" in e.value.details()
+    threading.Timer(0.3, go.set).start()
+    ack = upload_with_retry(ch, _msgs(_update(3), client_id=3), client_token(SECRET, JOB, 3), tries=20)
+    for t in threads:
+        t.join(10)
+    assert ack["accepted"] and len(done) == 2 and all(a["accepted"] for a in done)
+    assert core.close_round(1)["count"] == 3
+    ch.close()
+    server.stop(None)

@@ -166,12 +166,12 @@ def test_ten_thousand_hostile_requests(live):
             p = {t.name: serde.payload_from_meta(t) for t in msgs[0].header.tensors}
             data = memoryview(b"".join(m.data for m in msgs))
             off = 0
-            dec = {}
+            folds = {}  # what a service that saw only the good updates adds (Codec.fold)
             for t in msgs[0].header.tensors:
                 q = p[t.name]
-                dec[t.name] = codec.decode(type(q)(q.codec, q.version, q.dtype, q.shape, q.params, data[off: off + t.nbytes]))
+                folds[t.name] = codec.fold(type(q)(q.codec, q.version, q.dtype, q.shape, q.params, data[off: off + t.nbytes]))
                 off += t.nbytes
-            ref.add(dec, 3.0)
+            ref.add_folds(folds, 3.0)
             committed.append(cid)
         name, mutate, tok, want = muts[int(rng.integers(len(muts)))]
         cid = int(committed[int(rng.integers(len(committed)))]) if tok == "replay" else 10_000 + n

@@ -181,7 +181,7 @@ class ClientTrainer:
             except Exception as e:
                 return [ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in cids]
             for i, (cid, (_, stats)) in enumerate(zip(cids, trained)):
-                msgs = serde.upload_messages(
+                msgs = serde.encode_upload(
                     job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples),
                     tensors=[(k, per[k][i]) for k in start], attempt=attempt,
                     metrics={"loss": stats.loss, "train_s": train_s},
@@ -209,7 +209,7 @@ class ClientTrainer:
             state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
             tensors = [(k, self.codec.encode(params[k] - base[k], CodecContext(seed=seed, state=state, key=k)))
                        for k in base]
-            return serde.upload_messages(
+            return serde.encode_upload(
                 job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
                 attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
             )
@@ -282,7 +282,7 @@ class ClientTrainer:
                            for k in base]
             train_s = time.perf_counter() - t0
             stage = "upload"
-            msgs = serde.upload_messages(
+            msgs = serde.encode_upload(
                 job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
                 attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
                 subnet_seed=seed if sub is not None else 0, keep_rate=keep, weights=s.omc is not None,
@@ -318,7 +318,7 @@ def upload_with_retry(channel: grpc.Channel, msgs: list, token: str, *, attempt:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.ALREADY_EXISTS and (attempt > 0 or i > 0):
                 return {"accepted": True, "bytes_received": 0, "round": 0, "client_id": 0,
-                        "wire_bytes": sum(m.ByteSize() for m in msgs), "duplicate": True}
+                        "wire_bytes": serde.wire_nbytes(msgs), "duplicate": True}
             if e.code() not in _RETRYABLE or i == tries - 1:
                 raise
             hint = serde.retry_after_ms(e)

@@ -115,8 +115,8 @@ class RemoteClient:
         codec = get_codec(comp["codec"], **comp["codec_params"])
         params = get_params(model)
         tensors = [(k, codec.encode(params[k] - start[k], CodecContext(seed=seed, key=k))) for k in start]
-        msgs = serde.upload_messages(job_id=self.job_id, round=info.round, client_id=self.client_id,
-                                     weight=float(stats.examples), tensors=tensors, metrics={"loss": stats.loss})
+        msgs = serde.encode_upload(job_id=self.job_id, round=info.round, client_id=self.client_id,
+                                   weight=float(stats.examples), tensors=tensors, metrics={"loss": stats.loss})
         return upload_with_retry(self.channel, msgs, self.token)
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 
 from ..payload import Payload, PayloadError
 
-__all__ = ["BIG_CHUNK", "CHUNK", "TINY", "as_bytes", "chunks", "expect_nbytes", "flat32", "nbytes_at_least", "view"]
+__all__ = ["BIG_CHUNK", "CHUNK", "TINY", "all_finite", "as_bytes", "readonly_tensor", "chunks", "expect_nbytes", "flat32", "nbytes_at_least", "view"]
 
 
 def as_bytes(p: Payload) -> memoryview:
@@ -39,6 +39,40 @@ def nbytes_at_least(p: Payload, minimum: int) -> memoryview:
 def view(mv: memoryview, dtype: np.dtype | str, count: int, offset: int) -> np.ndarray:
     """A read-only numpy view of `count` items of `dtype` at byte `offset` of `mv` (no copy)."""
     return np.frombuffer(mv, dtype=dtype, count=count, offset=offset)
+
+
+_READONLY_WARNED = False
+
+
+def readonly_tensor(a: np.ndarray):
+    """A torch view of a read-only numpy array (payload bytes), for reading only."""
+    global _READONLY_WARNED
+    import torch
+
+    if _READONLY_WARNED or a.flags.writeable:
+        return torch.from_numpy(a)
+    import warnings
+
+    # torch warns once per process that the buffer is not writable (we only read it); catching
+    # that one warning costs ~0.1 ms, so only the first call pays for it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    _READONLY_WARNED = True
+    return t
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every value of a flat float array is finite, in blocks (no n-byte temporary)."""
+    n = a.size
+    if n <= BIG_CHUNK:
+        return bool(np.isfinite(a).all())
+    ok = np.empty(BIG_CHUNK, np.bool_)
+    for s in range(0, n, BIG_CHUNK):
+        e = min(n, s + BIG_CHUNK)
+        if not np.isfinite(a[s:e], out=ok[: e - s]).all():
+            return False
+    return True
 
 
 def flat32(x) -> np.ndarray:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..accumulate import add_scaled_
 from ..codec import Codec, CodecContext, register_codec
-from ..payload import Payload
-from ._buf import expect_nbytes, view
+from ..payload import Payload, PayloadError
+from ._buf import all_finite, expect_nbytes, readonly_tensor, view
 
 __all__ = ["Identity"]
 
@@ -22,6 +23,17 @@ class Identity(Codec):
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
         return self._decode_fresh(p, ctx)
+
+    def fold(self, p: Payload, ctx: CodecContext = CodecContext(), *, scratch=None):
+        """Add the float32 payload bytes into the sum as they are (no copy)."""
+        n = self._check(p)
+        if p.dtype != "float32":  # a declared narrower dtype is checked by decoding
+            return super().fold(p, ctx, scratch=scratch)
+        vals = view(expect_nbytes(p, 4 * n), np.float32, n, 0)
+        if not all_finite(vals):
+            raise PayloadError("identity: payload holds NaN or infinity")
+        t = readonly_tensor(vals)
+        return lambda acc, alpha: add_scaled_(acc.view(-1), t, alpha)
 
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         np.copyto(out, view(expect_nbytes(p, 4 * n), np.float32, n, 0))

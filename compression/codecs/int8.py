@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..accumulate import add_scaled_
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError, param
-from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, view
+from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, readonly_tensor, view
 
 __all__ = ["Int8"]
 
@@ -87,15 +88,33 @@ class Int8(Codec):
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
         return self._decode_fresh(p, ctx)
 
-    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
+    def _parts(self, p: Payload, n: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(rows, scales, codes) of a checked payload, validated."""
         rows = param(p, "rows", int, 1, max(n, 1))
         if n % rows:
             raise PayloadError(f"int8: {rows} scale rows do not divide {n} values")
         mv = expect_nbytes(p, 4 * rows + n)
         scales = view(mv, np.float32, rows, 0)
-        if not (np.isfinite(scales).all() and (scales >= 0).all() and (scales <= _MAX_SCALE).all()):
+        if rows == 1:  # the common case, checked without three numpy reductions
+            ok = 0.0 <= float(scales[0]) <= _MAX_SCALE  # False for NaN too
+        else:
+            ok = bool(np.isfinite(scales).all() and (scales >= 0).all() and (scales <= _MAX_SCALE).all())
+        if not ok:
             raise PayloadError(f"int8: scales must be finite, non-negative and at most {_MAX_SCALE:.3e}")
-        codes = view(mv, np.int8, n, 4 * rows)
+        return rows, scales, view(mv, np.int8, n, 4 * rows)
+
+    def fold(self, p: Payload, ctx: CodecContext = CodecContext(), *, scratch=None):
+        """One scale per tensor: add alpha * scale * codes into the float64 sum in one mixed-dtype
+        pass over the int8 bytes (no float32 copy); per-channel scales take the default path."""
+        n = self._check(p)
+        rows, scales, codes = self._parts(p, n)
+        if rows != 1 or p.dtype != "float32":  # a declared narrower dtype is checked by decoding
+            return super().fold(p, ctx, scratch=scratch)
+        scale, c = float(scales[0]), readonly_tensor(codes)
+        return lambda acc, alpha: add_scaled_(acc.view(-1), c, alpha * scale)
+
+    def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
+        rows, scales, codes = self._parts(p, n)
         for s, e, g0, nrow, w in chunks(n, max(1, n // max(rows, 1)), BIG_CHUNK):
             o = out[s:e]
             np.copyto(o, codes[s:e], casting="unsafe")  # int8 -> float32 is exact

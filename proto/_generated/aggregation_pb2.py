@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64ray/v1/aggregation.proto\x12\tfedray.v1\"7\n\x05Param\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01s\x18\x03 \x01(\tH\x00\x42\x07\n\x05value\"\xe2\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x15\n\rcodec_version\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x31\n\x06params\x18\x06 \x03(\x0b\x32!.fedray.v1.TensorMeta.ParamsEntry\x12\x0e\n\x06nbytes\x18\x07 \x01(\x04\x1a?\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.fedray.v1.Param:\x02\x38\x01\"\xc8\x02\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12&\n\x07tensors\x18\x06 \x03(\x0b\x32\x15.fedray.v1.TensorMeta\x12\x13\n\x0bsubnet_seed\x18\n \x01(\x04\x12\x11\n\tkeep_rate\x18\x0b \x01(\x01\x12\x0e\n\x06\x64igest\x18\x0c \x01(\x0c\x12\x0f\n\x07weights\x18\r \x01(\x08\x12\x35\n\x07metrics\x18\x14 \x03(\x0b\x32$.fedray.v1.UpdateHeader.MetricsEntry\x12\r\n\x05token\x18\x15 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"T\n\x0bUploadChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedray.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"W\n\tUploadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x11\n\tclient_id\x18\x04 \x01(\x04\"j\n\x0cUploadResult\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\":\n\x0eUploadBatchAck\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.fedray.v1.UploadResult\"i\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x16\n\tmax_stage\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0c\n\n_max_stage\"w\n\x0bModelHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.fedray.v1.TensorMeta\x12\r\n\x05stage\x18\x04 \x01(\r\x12\x12\n\nnum_stages\x18\x05 \x01(\r\"R\n\nModelChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedray.v1.ModelHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"/\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x04\"\x8e\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nround_open\x18\x03 \x01(\x08\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x12\n\nnum_rounds\x18\x05 \x01(\r\x12\x11\n\tspec_json\x18\n \x01(\t\x12\x17\n\x0fshard_addresses\x18\x0b \x03(\t\"\x0f\n\rHealthRequest\"o\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x19\n\x11updates_committed\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x32\xbd\x02\n\x0b\x41ggregation\x12\x38\n\x06Upload\x12\x16.fedray.v1.UploadChunk\x1a\x14.fedray.v1.UploadAck(\x01\x12\x42\n\x0bUploadBatch\x12\x16.fedray.v1.UploadChunk\x1a\x19.fedray.v1.UploadBatchAck(\x01\x12?\n\x08\x44ownload\x12\x1a.fedray.v1.DownloadRequest\x1a\x15.fedray.v1.ModelChunk0\x01\x12:\n\x06Health\x12\x18.fedray.v1.HealthRequest\x1a\x16.fedray.v1.HealthReply\x12\x33\n\x06GetJob\x12\x15.fedray.v1.JobRequest\x1a\x12.fedray.v1.JobInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64ray/v1/aggregation.proto\x12\tfedray.v1\"7\n\x05Param\x12\x0b\n\x01i\x18\x01 \x01(\x03H\x00\x12\x0b\n\x01\x66\x18\x02 \x01(\x01H\x00\x12\x0b\n\x01s\x18\x03 \x01(\tH\x00\x42\x07\n\x05value\"\xe2\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x15\n\rcodec_version\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\x03\x12\x31\n\x06params\x18\x06 \x03(\x0b\x32!.fedray.v1.TensorMeta.ParamsEntry\x12\x0e\n\x06nbytes\x18\x07 \x01(\x04\x1a?\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.fedray.v1.Param:\x02\x38\x01\"\xdd\x02\n\x0cUpdateHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12&\n\x07tensors\x18\x06 \x03(\x0b\x32\x15.fedray.v1.TensorMeta\x12\x13\n\x0bsubnet_seed\x18\n \x01(\x04\x12\x11\n\tkeep_rate\x18\x0b \x01(\x01\x12\x0e\n\x06\x64igest\x18\x0c \x01(\x0c\x12\x0f\n\x07weights\x18\r \x01(\x08\x12\x13\n\x0b\x64igest_kind\x18\x0e \x01(\r\x12\x35\n\x07metrics\x18\x14 \x03(\x0b\x32$.fedray.v1.UpdateHeader.MetricsEntry\x12\r\n\x05token\x18\x15 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"T\n\x0bUploadChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedray.v1.UpdateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"W\n\tUploadAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x11\n\tclient_id\x18\x04 \x01(\x04\"j\n\x0cUploadResult\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\":\n\x0eUploadBatchAck\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.fedray.v1.UploadResult\"i\n\x0f\x44ownloadRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x11\n\tclient_id\x18\x03 \x01(\x04\x12\x16\n\tmax_stage\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0c\n\n_max_stage\"w\n\x0bModelHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.fedray.v1.TensorMeta\x12\r\n\x05stage\x18\x04 \x01(\r\x12\x12\n\nnum_stages\x18\x05 \x01(\r\"R\n\nModelChunk\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.fedray.v1.ModelHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"/\n\nJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x04\"\x8e\x01\n\x07JobInfo\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nround_open\x18\x03 \x01(\x08\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x12\n\nnum_rounds\x18\x05 \x01(\r\x12\x11\n\tspec_json\x18\n \x01(\t\x12\x17\n\x0fshard_addresses\x18\x0b \x03(\t\"\x0f\n\rHealthRequest\"o\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x19\n\x11updates_committed\x18\x04 \x01(\x04\x12\x16\n\x0e\x62ytes_received\x18\x05 \x01(\x04\x32\xbd\x02\n\x0b\x41ggregation\x12\x38\n\x06Upload\x12\x16.fedray.v1.UploadChunk\x1a\x14.fedray.v1.UploadAck(\x01\x12\x42\n\x0bUploadBatch\x12\x16.fedray.v1.UploadChunk\x1a\x19.fedray.v1.UploadBatchAck(\x01\x12?\n\x08\x44ownload\x12\x1a.fedray.v1.DownloadRequest\x1a\x15.fedray.v1.ModelChunk0\x01\x12:\n\x06Health\x12\x18.fedray.v1.HealthRequest\x1a\x16.fedray.v1.HealthReply\x12\x33\n\x06GetJob\x12\x15.fedray.v1.JobRequest\x1a\x12.fedray.v1.JobInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,31 +45,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORMETA_PARAMSENTRY']._serialized_start=263
   _globals['_TENSORMETA_PARAMSENTRY']._serialized_end=326
   _globals['_UPDATEHEADER']._serialized_start=329
-  _globals['_UPDATEHEADER']._serialized_end=657
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=611
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=657
-  _globals['_UPLOADCHUNK']._serialized_start=659
-  _globals['_UPLOADCHUNK']._serialized_end=743
-  _globals['_UPLOADACK']._serialized_start=745
-  _globals['_UPLOADACK']._serialized_end=832
-  _globals['_UPLOADRESULT']._serialized_start=834
-  _globals['_UPLOADRESULT']._serialized_end=940
-  _globals['_UPLOADBATCHACK']._serialized_start=942
-  _globals['_UPLOADBATCHACK']._serialized_end=1000
-  _globals['_DOWNLOADREQUEST']._serialized_start=1002
-  _globals['_DOWNLOADREQUEST']._serialized_end=1107
-  _globals['_MODELHEADER']._serialized_start=1109
-  _globals['_MODELHEADER']._serialized_end=1228
-  _globals['_MODELCHUNK']._serialized_start=1230
-  _globals['_MODELCHUNK']._serialized_end=1312
-  _globals['_JOBREQUEST']._serialized_start=1314
-  _globals['_JOBREQUEST']._serialized_end=1361
-  _globals['_JOBINFO']._serialized_start=1364
-  _globals['_JOBINFO']._serialized_end=1506
-  _globals['_HEALTHREQUEST']._serialized_start=1508
-  _globals['_HEALTHREQUEST']._serialized_end=1523
-  _globals['_HEALTHREPLY']._serialized_start=1525
-  _globals['_HEALTHREPLY']._serialized_end=1636
-  _globals['_AGGREGATION']._serialized_start=1639
-  _globals['_AGGREGATION']._serialized_end=1956
+  _globals['_UPDATEHEADER']._serialized_end=678
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=632
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=678
+  _globals['_UPLOADCHUNK']._serialized_start=680
+  _globals['_UPLOADCHUNK']._serialized_end=764
+  _globals['_UPLOADACK']._serialized_start=766
+  _globals['_UPLOADACK']._serialized_end=853
+  _globals['_UPLOADRESULT']._serialized_start=855
+  _globals['_UPLOADRESULT']._serialized_end=961
+  _globals['_UPLOADBATCHACK']._serialized_start=963
+  _globals['_UPLOADBATCHACK']._serialized_end=1021
+  _globals['_DOWNLOADREQUEST']._serialized_start=1023
+  _globals['_DOWNLOADREQUEST']._serialized_end=1128
+  _globals['_MODELHEADER']._serialized_start=1130
+  _globals['_MODELHEADER']._serialized_end=1249
+  _globals['_MODELCHUNK']._serialized_start=1251
+  _globals['_MODELCHUNK']._serialized_end=1333
+  _globals['_JOBREQUEST']._serialized_start=1335
+  _globals['_JOBREQUEST']._serialized_end=1382
+  _globals['_JOBINFO']._serialized_start=1385
+  _globals['_JOBINFO']._serialized_end=1527
+  _globals['_HEALTHREQUEST']._serialized_start=1529
+  _globals['_HEALTHREQUEST']._serialized_end=1544
+  _globals['_HEALTHREPLY']._serialized_start=1546
+  _globals['_HEALTHREPLY']._serialized_end=1657
+  _globals['_AGGREGATION']._serialized_start=1660
+  _globals['_AGGREGATION']._serialized_end=1977
 # @@protoc_insertion_point(module_scope)
