@@ -248,24 +248,16 @@ def upload_messages(
     chunk_bytes: int = CHUNK_BYTES,
     weights: bool = False,
 ) -> list:
-    """The UploadChunk messages of one update: a header, then the payload bytes in chunks."""
-    tensors = list(tensors)
-    header = pb.UpdateHeader(
-        job_id=job_id, round=round, client_id=client_id, attempt=attempt, weight=weight,
-        tensors=[_meta(n, p) for n, p in tensors], subnet_seed=subnet_seed, keep_rate=keep_rate,
-        metrics=dict(metrics or {}), weights=weights,
-    )
-    msgs = []
-    offset = 0
-    h = new_digest()
-    for data in _chunked((memoryview(p.data).cast("B") for _, p in tensors), chunk_bytes):
-        h.update(data)
-        msgs.append(pb.UploadChunk(data=bytes(data), offset=offset))
-        offset += len(msgs[-1].data)
-    if not msgs:
-        msgs.append(pb.UploadChunk(data=b"", offset=0))
-    header.digest, header.digest_kind = h.digest(), DIGEST_CRC32C
-    msgs[0].header.CopyFrom(header)
+    """The UploadChunk messages of one update: a header, then the payload bytes in chunks (as
+    protobuf objects, e.g. to inspect or alter; `encode_upload` is the same stream, uncopied)."""
+    w = encode_upload(job_id=job_id, round=round, client_id=client_id, weight=weight, tensors=tensors,
+                      attempt=attempt, subnet_seed=subnet_seed, keep_rate=keep_rate, metrics=metrics,
+                      chunk_bytes=chunk_bytes, weights=weights)
+    msgs, offset = [], 0
+    for c in w.chunks or (b"",):
+        msgs.append(pb.UploadChunk(data=bytes(c), offset=offset))
+        offset += len(c)
+    msgs[0].header.CopyFrom(w.header)
     return msgs
 
 
