@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 __all__ = ["add_scaled_"]
@@ -12,20 +13,41 @@ _LOCAL = threading.local()
 _ADD_CHUNK = 1 << 18  # 2 MiB of float64: measured fastest here (0.5 ms per 1M int8 codes, 0.63 at 64K)
 
 
-def add_scaled_(acc, src, alpha: float) -> None:
-    """acc += alpha * src for a float64 `acc` and a same-size `src` of any real dtype (int8 codes,
-    float32 values), both flat. torch's mixed-dtype add_ widens all of `src` into a fresh
-    float64 temporary first (8 bytes per value of first-touch page faults); this widens one
-    cache-sized block at a time into a per-thread buffer."""
+def add_scaled_(acc: torch.Tensor, src, alpha: float) -> None:
+    """acc += alpha * src for a flat float64 tensor `acc` and a same-size flat `src` (a tensor or
+    a numpy array) of any real dtype: int8 codes, float32 values. The product is formed in
+    float64. torch's mixed-dtype add_ widens all of `src` into a fresh float64 temporary first
+    (8 bytes per value of first-touch page faults); large inputs go one cache-sized block at a
+    time through a per-thread buffer instead, small ones through numpy (a few microseconds
+    against ~15 for torch's dispatch, which matters at 6 tensors per update and thousands of
+    updates per second)."""
+    n = src.numel() if isinstance(src, torch.Tensor) else src.size
+    if n <= _ADD_CHUNK:
+        a = acc.numpy().reshape(-1)  # a view: acc is contiguous
+        s = src.numpy() if isinstance(src, torch.Tensor) else src
+        np.add(a, np.multiply(s, alpha, dtype=np.float64), out=a)
+        return
+    if not isinstance(src, torch.Tensor):
+        src = _tensor(src)
+    acc = acc.view(-1)
     if src.dtype == torch.float64:
         acc.add_(src, alpha=alpha)
         return
     tmp = getattr(_LOCAL, "f64", None)
     if tmp is None:
         tmp = _LOCAL.f64 = torch.empty(_ADD_CHUNK, dtype=torch.float64)
-    n = src.numel()
     for s in range(0, n, _ADD_CHUNK):
         e = min(n, s + _ADD_CHUNK)
         t = tmp[: e - s]
         t.copy_(src[s:e])
         acc[s:e].add_(t, alpha=alpha)
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    import warnings
+
+    with warnings.catch_warnings():  # read-only payload bytes: we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)

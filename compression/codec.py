@@ -118,6 +118,22 @@ class Codec(abc.ABC):
         y = decode_checked(self, p, ctx, out=scratch() if scratch is not None else None).reshape(-1)
         return lambda acc, alpha: add_scaled_(acc.view(-1), y, alpha)
 
+    def folder(self, meta: Payload) -> Callable[..., Callable[[torch.Tensor, float], None]]:
+        """`fold` in two steps, for a server that sees the same tensor metadata on every upload:
+        whatever depends on `meta` alone (codec, version, dtype, shape, params) is checked here,
+        once; the returned `prepare(data, scratch=None)` checks the bytes and returns the add.
+
+        Raises:
+            PayloadError: the metadata is malformed (`prepare` raises it for bad bytes).
+        """
+        check_shape(meta)
+
+        def prepare(data, scratch=None):
+            return self.fold(Payload(meta.codec, meta.version, meta.dtype, meta.shape, meta.params, data),
+                             scratch=scratch)
+
+        return prepare
+
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         """Hook for codecs with an in-place decoder: write the `n` values of `p` (already checked
         by `_check`) into the flat float32 array `out`."""

@@ -62,6 +62,7 @@ class RunningWeightedSum:
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         self._shapes = {k: tuple(s) for k, s in shapes.items()}
         self.sums = {k: torch.zeros(s, dtype=torch.float64) for k, s in self._shapes.items()}
+        self._flat = {k: v.view(-1) for k, v in self.sums.items()}
         self.total_weight = 0.0
         self.count = 0
 
@@ -73,7 +74,7 @@ class RunningWeightedSum:
         """
         _check_update(update, self._shapes, weight)
         for k, x in update.items():
-            add_scaled_(self.sums[k].view(-1), x.reshape(-1), weight)  # blockwise: no float64 temporary
+            add_scaled_(self._flat[k], x.detach().reshape(-1), weight)  # blockwise: no float64 temporary
         self.total_weight += weight
         self.count += 1
 
@@ -88,10 +89,18 @@ class RunningWeightedSum:
             raise ValueError(f"update weight must be finite and > 0, got {weight}")
         if set(folds) != set(self._shapes):
             raise ValueError(f"update tensors {sorted(folds)} != expected {sorted(self._shapes)}")
+        flat = self._flat
         for k, add in folds.items():
-            add(self.sums[k], weight)
+            add(flat[k], weight)
         self.total_weight += weight
         self.count += 1
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_flat"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._flat = {k: v.view(-1) for k, v in self.sums.items()}
 
     def merge(self, other: "RunningWeightedSum") -> None:
         """Add another partial sum (e.g. another shard's) into this one."""

@@ -273,9 +273,12 @@ class JobRuntime:
         )
         workers = res.num_workers or default_num_workers()
         per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
+        cpus = res.cpus_per_worker
+        if cpus is None:  # more workers than CPUs share them (uploads leave a worker idle part of a call)
+            cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / workers)
         self.pool = RayPool(
-            setup, self.data, self.parts, num_workers=workers, clients_per_call=per_call, num_cpus=res.cpus_per_worker, num_gpus=res.gpus_per_worker,
-            job_name=self.job_id, max_attempts=res.max_attempts,
+            setup, self.data, self.parts, num_workers=workers, clients_per_call=per_call, num_cpus=cpus,
+            num_gpus=res.gpus_per_worker, job_name=self.job_id, max_attempts=res.max_attempts,
         )
 
     def run(self, *, on_round=None, resume: bool = False) -> JobResult:

@@ -149,6 +149,23 @@ class _RoundState:
     stripes: "queue.SimpleQueue | None" = None
     parts: tuple = ()
     pending: set[int] = field(default_factory=set)  # clients whose commit is adding right now
+    closing: bool = False  # close_round is waiting for `pending` to drain
+
+
+class _Turns:
+    """At most `n` threads inside at once; a C-level queue of tokens (a threading.Semaphore is
+    a Python Condition: ~10 us an acquire, paid several times per upload)."""
+
+    def __init__(self, n: int) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(n):
+            self._q.put(None)
+
+    def __enter__(self) -> None:
+        self._q.get()
+
+    def __exit__(self, *exc) -> None:
+        self._q.put(None)
 
 
 class _ScratchPool:
@@ -216,8 +233,9 @@ class AggregationCore:
         self._committed_total = 0
         self._bytes_total = 0
         self._codecs: dict[tuple[str, tuple], Codec] = {}
+        self._folders: dict[bytes, object] = {}
         self._scratch = _ScratchPool(keep=limits.max_inflight)
-        self._active = threading.BoundedSemaphore(limits.active)
+        self._active = _Turns(limits.active)
         # Plain FedAvg family: tensors fold straight into the running sum (module docstring).
         self._folds = (dropout is None and privacy is None and getattr(self._strategy, "folds_raw_updates", False))
 
@@ -266,6 +284,7 @@ class AggregationCore:
             if st is None or st.round != round:
                 raise RoundClosedError(f"round {round} is not open")
             self._state = None
+            st.closing = True
             while st.pending:  # commits that checked in before the close finish their adds
                 self._cond.wait()
         for part in st.parts[1:]:
@@ -398,7 +417,8 @@ class AggregationCore:
                     st.decode_s += decode_s
                     self._committed_total += 1
                     self._bytes_total += received
-                self._cond.notify_all()
+                if st.closing:
+                    self._cond.notify_all()
 
     def _receive(self, h: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], fold: bool, held: list):
         """Read the stream; validate (and fold or decode) each tensor as soon as its bytes are in.
@@ -418,12 +438,9 @@ class AggregationCore:
         digest = serde.new_digest(h.digest_kind)
 
         def done(data) -> None:
-            nonlocal nxt, decode_s
+            nonlocal nxt
             t = h.tensors[nxt]
-            with self._active:
-                t0 = time.perf_counter()
-                staged[t.name] = self._decode(t, data, fold, held)
-                decode_s += time.perf_counter() - t0
+            staged[t.name] = self._decode(t, data, fold, held)
             nxt += 1
 
         for offset, data in chunks:
@@ -432,24 +449,27 @@ class AggregationCore:
                 raise PayloadError(f"chunk at offset {offset}, expected {filled}")
             if filled + n > total:
                 raise PayloadError(f"upload sends more than the {total} bytes its header declares")
-            digest.update(data)
             mv, c0, c1 = memoryview(data), filled, filled + n
             filled = c1
-            while nxt < len(spans) and spans[nxt][0] <= c1:
-                a, b = spans[nxt]
-                if partial is None and c0 <= a and b <= c1:
-                    done(mv[a - c0 : b - c0])
-                    continue
-                if partial is None:
-                    # np.empty, not bytearray: its pages are touched only as bytes arrive, so a
-                    # header that declares gigabytes and sends little costs little
-                    partial = np.empty(b - a, np.uint8)
-                lo, hi = max(a, c0), min(b, c1)
-                partial[lo - a : hi - a] = np.frombuffer(mv[lo - c0 : hi - c0], np.uint8)
-                if b > c1:
-                    break
-                done(memoryview(partial))
-                partial = None
+            with self._active:  # CPU work only (per chunk): a slow stream never holds a turn
+                t0 = time.perf_counter()
+                digest.update(data)
+                while nxt < len(spans) and spans[nxt][0] <= c1:
+                    a, b = spans[nxt]
+                    if partial is None and c0 <= a and b <= c1:
+                        done(mv[a - c0 : b - c0])
+                        continue
+                    if partial is None:
+                        # np.empty, not bytearray: its pages are touched only as bytes arrive, so
+                        # a header that declares gigabytes and sends little costs little
+                        partial = np.empty(b - a, np.uint8)
+                    lo, hi = max(a, c0), min(b, c1)
+                    partial[lo - a : hi - a] = np.frombuffer(mv[lo - c0 : hi - c0], np.uint8)
+                    if b > c1:
+                        break
+                    done(memoryview(partial))
+                    partial = None
+                decode_s += time.perf_counter() - t0
         while nxt < len(spans) and spans[nxt][0] == spans[nxt][1] == filled:  # trailing empty tensors
             done(memoryview(b""))
         if filled != total:
@@ -458,12 +478,23 @@ class AggregationCore:
             raise PayloadError("upload digest does not match its bytes: corrupted in transit, or no digest sent")
         return staged, total, decode_s
 
+    def _folder(self, t: serde.TensorEntry):
+        """The codec's per-metadata fold plan (`Codec.folder`), made once per distinct metadata."""
+        plan = self._folders.get(t.key) if t.key else None
+        if plan is None:
+            plan = self._codec(t.payload).folder(t.payload)
+            if t.key:
+                if len(self._folders) >= 4096:
+                    self._folders.clear()
+                self._folders[t.key] = plan
+        return plan
+
     def _decode(self, t: serde.TensorEntry, data: memoryview, fold: bool, held: list):
-        p = Payload(t.payload.codec, t.payload.version, t.payload.dtype, t.payload.shape, t.payload.params, data)
         try:
-            codec = self._codec(p)
             if fold:
-                return codec.fold(p, scratch=lambda: self._scratch.take(p.numel, held))
+                return self._folder(t)(data, scratch=lambda: self._scratch.take(t.payload.numel, held))
+            p = Payload(t.payload.codec, t.payload.version, t.payload.dtype, t.payload.shape, t.payload.params, data)
+            codec = self._codec(p)
             out = self._scratch.take(p.numel, held) if p.numel else None
             return decode_checked(codec, p, out=out).to(getattr(torch, p.dtype))
         except UnknownCodecError:

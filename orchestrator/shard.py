@@ -36,6 +36,10 @@ class AggregationShard:
         )
         self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers, tls=tls)
         self._host = host
+        import gc
+
+        gc.collect()
+        gc.freeze()  # as the worker actors do (workers/pool.py: _freeze_heap)
 
     def address(self) -> str:
         return f"{self._host}:{self._port}"

@@ -285,7 +285,7 @@ class ResourceSpec:
 
     num_workers: int = 0  # 0: one per CPU Ray reports
     clients_per_call: int = 0  # 0: about two calls per worker per round (fewer calls, batched training)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by num_workers, at most 1
     gpus_per_worker: float = 0.0
     num_cpus: int | None = None  # for an embedded local Ray only
     shards: int = 1  # aggregation shards (gRPC servers); clients map to shards by a hash of their id
@@ -304,7 +304,8 @@ class ResourceSpec:
             _fail("resources.shard_resource", "must be a Ray resource name or null", self.shard_resource)
         _int("resources.num_workers", self.num_workers, 0)
         _int("resources.clients_per_call", self.clients_per_call, 0)
-        _num("resources.cpus_per_worker", self.cpus_per_worker, 0)
+        if self.cpus_per_worker is not None:
+            _num("resources.cpus_per_worker", self.cpus_per_worker, 0)
         _num("resources.gpus_per_worker", self.gpus_per_worker, 0)
         if self.num_cpus is not None:
             _int("resources.num_cpus", self.num_cpus, 1)

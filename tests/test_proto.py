@@ -93,3 +93,20 @@ def test_wire_upload_is_the_same_stream_as_upload_messages():
     from fedray.proto._generated import aggregation_pb2 as pb
 
     assert pb.UploadChunk.FromString(next(wire.messages())) == msgs[0]
+
+
+def test_pack_parser_agrees_with_protobuf():
+    from fedray.proto._generated import aggregation_pb2 as pb
+
+    rng = np.random.default_rng(3)
+    chunks = [_random_chunk(rng) for _ in range(20)]
+    frames = [c.SerializeToString() for c in chunks]
+    packs = list(serde._pack_frames(frames, limit=8000))
+    assert len(packs) > 1
+    got = [c for p in packs for c in serde._parse_upload_pack(p)]
+    want = [c for p in packs for c in pb.UploadPack.FromString(p).chunks]
+    assert len(got) == len(want) == 20
+    for g, w in zip(got, want):
+        assert g.error is None and bytes(g.data) == w.data and g.offset == w.offset
+        assert g.HasField("header") == w.HasField("header") and (not w.HasField("header") or g.header == w.header)
+    assert serde._parse_upload_pack(b"\x0a\x05ab")[-1].error

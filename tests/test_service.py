@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedray.compression import get_codec
-from fedray.orchestrator.service import AggregationCore, ServiceLimits, create_server
+from fedray.orchestrator.service import AggregationCore, ServiceLimits, create_server, status_of
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
@@ -339,3 +339,31 @@ def test_uploads_past_the_inflight_limit_get_resource_exhausted_and_retry():
     assert core.close_round(1)["count"] == 3
     ch.close()
     server.stop(None)
+
+
+def test_packed_batches_fall_back_for_servers_without_uploadpacked():
+    """A server of an older fedray (no UploadPacked) answers UNIMPLEMENTED: the client sends the
+    same updates again as a plain UploadBatch, and remembers to for that channel."""
+    from concurrent import futures
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
+    core.open_round(1)
+    sv = serde._Servicer(core, JOB, status_of)
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=serde.GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedray.v1.Aggregation", {
+        "UploadBatch": grpc.stream_unary_rpc_method_handler(
+            sv.UploadBatch, request_deserializer=serde._parse_upload_chunk,
+            response_serializer=lambda m: m.SerializeToString())}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+    c = get_codec("int8")
+    try:
+        for cid in (1, 2):
+            w = serde.encode_upload(job_id=JOB, round=1, client_id=cid, weight=1.0,
+                                    tensors=[(k, c.encode(v)) for k, v in _update(cid).items()])
+            assert serde.call_upload_batch(ch, [(w, client_token(SECRET, JOB, cid))])[0].accepted
+        assert ch in serde._NO_PACKED and core.close_round(1)["count"] == 2
+    finally:
+        ch.close()
+        server.stop(None)

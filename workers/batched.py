@@ -21,7 +21,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from .train import TrainConfig, TrainStats
 
-__all__ = ["BatchedTrainingError", "supports_batched", "train_batched"]
+__all__ = ["BatchedTrainingError", "supports_batched", "train_batched", "train_batched_stacked"]
 
 
 class BatchedTrainingError(RuntimeError):
@@ -40,8 +40,18 @@ def train_batched(
     model_template: nn.Module, start_params: Mapping[str, torch.Tensor], xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray], cfg: TrainConfig, seeds: Sequence[int], scale: float, shift: float = 0.0,
 ) -> list[tuple[dict[str, torch.Tensor], TrainStats]]:
+    """Train `len(xs)` clients and return each one's (parameters, stats); see `train_batched_stacked`."""
+    params, stats = train_batched_stacked(model_template, start_params, xs, ys, cfg, seeds, scale, shift)
+    return [({k: v[i].clone() for k, v in params.items()}, st) for i, st in enumerate(stats)]
+
+
+def train_batched_stacked(
+    model_template: nn.Module, start_params: Mapping[str, torch.Tensor], xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray], cfg: TrainConfig, seeds: Sequence[int], scale: float, shift: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], list[TrainStats]]:
     """Train `len(xs)` clients from the same `start_params`, each on its own (x, y) with its own
-    seed, and return each client's final parameters (float32, by name) and stats.
+    seed; return their final parameters stacked (float32, by name, client i at index i) and
+    each client's stats.
 
     Equal, within float tolerance, to `set_params(model, start); train_local(model, x, y, scale,
     shift, cfg, seed)` per client. `model_template` is only read (its structure); its parameters
@@ -55,7 +65,7 @@ def train_batched(
     if len(ys) != b or len(seeds) != b:
         raise ValueError(f"xs, ys and seeds must have one entry per client, got {b}, {len(ys)}, {len(seeds)}")
     if b == 0:
-        return []
+        return {k: v.detach().to(torch.float32).unsqueeze(0)[:0] for k, v in start_params.items()}, []
     if not supports_batched(model_template):
         raise BatchedTrainingError(f"{type(model_template).__name__} has buffers or recurrent layers; use train_local")
     sizes = [len(y) for y in ys]
@@ -97,12 +107,8 @@ def train_batched(
                     params[k] = new if all_active else torch.where(_bcast(active, new), new, params[k])
                 loss_sum += torch.where(active, loss.double(), 0.0)
                 steps += active.long()
-    out = []
-    for i in range(b):
-        st = int(steps[i])
-        out.append(({k: params[k][i].clone() for k in names},
-                     TrainStats(float(loss_sum[i]) / max(st, 1), st, sizes[i])))
-    return out
+    losses, counts = loss_sum.tolist(), steps.tolist()
+    return params, [TrainStats(losses[i] / max(counts[i], 1), counts[i], sizes[i]) for i in range(b)]
 
 
 def _step_fn(model: nn.Module):

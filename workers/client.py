@@ -20,7 +20,7 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
-from .batched import supports_batched, train_batched
+from .batched import supports_batched, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import Dataset, Partition
 from .models import build_model, model_layout, set_params
@@ -167,8 +167,8 @@ class ClientTrainer:
             evals = {c: evaluate(self.model, d.x_train[i], d.y_train[i], d.scale, d.shift) for c, i in zip(cids, idx)}
         t0 = time.perf_counter()
         try:
-            trained = train_batched(self.model, start, [d.x_train[i] for i in idx], [d.y_train[i] for i in idx],
-                                    s.train, seeds, d.scale, d.shift)
+            stacked, trained = train_batched_stacked(self.model, start, [d.x_train[i] for i in idx],
+                                                     [d.y_train[i] for i in idx], s.train, seeds, d.scale, d.shift)
         except Exception as e:  # the whole batch failed in training: report each client
             return [ClientResult(c, round, error=str(ClientError("train", c, round, e))) for c in cids]
         train_s = (time.perf_counter() - t0) / len(cids)
@@ -177,10 +177,10 @@ class ClientTrainer:
         encoded, out = [], {}
         if s.codec not in _STATEFUL:  # stateless codec: encode each tensor for all clients at once
             try:
-                per = {k: self.codec.encode_many(torch.stack([p[k] for p, _ in trained]) - start[k]) for k in start}
+                per = {k: self.codec.encode_many(stacked[k] - start[k]) for k in start}
             except Exception as e:
                 return [ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in cids]
-            for i, (cid, (_, stats)) in enumerate(zip(cids, trained)):
+            for i, (cid, stats) in enumerate(zip(cids, trained)):
                 msgs = serde.encode_upload(
                     job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples),
                     tensors=[(k, per[k][i]) for k in start], attempt=attempt,
@@ -188,7 +188,8 @@ class ClientTrainer:
                 )
                 encoded.append((cid, stats, msgs))
         else:
-            for cid, seed, (params, stats) in zip(cids, seeds, trained):
+            for i, (cid, seed, stats) in enumerate(zip(cids, seeds, trained)):
+                params = {k: v[i] for k, v in stacked.items()}
                 try:
                     encoded.append((cid, stats, self._encode(round, cid, seed, params, start, stats, train_s, attempt)))
                 except ClientError as e:

@@ -62,6 +62,7 @@ class LocalPool(WorkerPool):
 class _WorkerActor:
     def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition) -> None:
         self._t = ClientTrainer(setup, data, parts)
+        _freeze_heap()
 
     def train_clients(self, round: int, broadcast, client_ids: list[int], servers, attempt: int) -> list[ClientResult]:
         return self._t.train_clients(round, broadcast, client_ids, servers, attempt)
@@ -96,7 +97,7 @@ class RayPool(WorkerPool):
     def __init__(
         self, setup: TrainerSetup, data: Dataset, parts: Partition, *, num_workers: int,
         clients_per_call: int = 10, num_cpus: float = 1.0, num_gpus: float = 0.0, job_name: str = "fedray",
-        max_attempts: int = 3,
+        max_attempts: int = 3, start_timeout_s: float = 300.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -108,7 +109,17 @@ class RayPool(WorkerPool):
         self._spawned = 0
         self.replaced = 0
         self._slots = [_Slot(self._spawn(), i) for i in range(num_workers)]
-        ray.get([s.actor.ping.remote() for s in self._slots])
+        pings = [s.actor.ping.remote() for s in self._slots]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=start_timeout_s)
+        if len(ready) < len(pings):
+            have = ray.cluster_resources()
+            self.shutdown()
+            raise RuntimeError(
+                f"{len(pings) - len(ready)} of {num_workers} worker actors did not start within {start_timeout_s:.0f} s: "
+                f"each asks for {num_cpus} CPU and {num_gpus} GPU, the cluster has {have.get('CPU', 0)} CPU and "
+                f"{have.get('GPU', 0)} GPU; lower resources.num_workers or resources.cpus_per_worker/gpus_per_worker"
+            )
+        ray.get(pings)
 
     def _spawn(self):
         name = f"{self._job}:worker-{self._spawned}"
@@ -168,6 +179,16 @@ class RayPool(WorkerPool):
         for s in self._slots:
             ray.kill(s.actor)
         self._slots = []
+
+
+def _freeze_heap() -> None:
+    """Move everything allocated so far (Ray, torch, the data set) out of the garbage collector's
+    reach: a full collection would otherwise scan those objects again and again while the actor
+    serves calls that allocate many small ones."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def default_num_workers() -> int:

@@ -11,6 +11,8 @@ rounds to 127. The decoder bounds every scale by FLT_MAX / 128, so no code (an i
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import torch
 
@@ -22,7 +24,8 @@ from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, readonly_tenso
 __all__ = ["Int8"]
 
 _GRANULARITIES = ("tensor", "channel")
-_MAX_SCALE = np.float32(np.finfo(np.float32).max / 128)
+_MAX_SCALE = float(np.finfo(np.float32).max / 128)
+_F32 = struct.Struct("<f")
 
 
 @register_codec("int8")
@@ -112,6 +115,27 @@ class Int8(Codec):
             return super().fold(p, ctx, scratch=scratch)
         scale, c = float(scales[0]), readonly_tensor(codes)
         return lambda acc, alpha: add_scaled_(acc.view(-1), c, alpha * scale)
+
+    def folder(self, meta: Payload):
+        """One scale per tensor: metadata checked once; per upload only the size, the scale's
+        range and a view of the codes (a few microseconds, against ~25 for `fold`)."""
+        n = self._check(meta)
+        rows = param(meta, "rows", int, 1, max(n, 1))
+        if rows != 1 or meta.dtype != "float32":
+            return super().folder(meta)
+        size = 4 + n
+
+        def prepare(data, scratch=None):
+            if len(data) != size:
+                raise PayloadError(f"int8: payload has {len(data)} bytes, shape {meta.shape} with params "
+                                   f"{dict(meta.params)} needs exactly {size}")
+            scale = _F32.unpack_from(data)[0]
+            if not 0.0 <= scale <= _MAX_SCALE:  # False for NaN too
+                raise PayloadError(f"int8: scales must be finite, non-negative and at most {_MAX_SCALE:.3e}")
+            c = np.frombuffer(data, np.int8, n, 4)
+            return lambda acc, alpha: add_scaled_(acc, c, alpha * scale)
+
+        return prepare
 
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         rows, scales, codes = self._parts(p, n)

@@ -47,6 +47,11 @@ class AggregationStub:
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
                 response_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
                 _registered_method=True)
+        self.UploadPacked = channel.stream_unary(
+                '/fedray.v1.Aggregation/UploadPacked',
+                request_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadPack.SerializeToString,
+                response_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/fedray.v1.Aggregation/Download',
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.DownloadRequest.SerializeToString,
@@ -81,6 +86,13 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadPacked(self, request_iterator, context):
+        """UploadBatch with its chunks packed (UploadPack); the same per-update checks and results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Download(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -110,6 +122,11 @@ def add_AggregationServicer_to_server(servicer, server):
             'UploadBatch': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadBatch,
                     request_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.FromString,
+                    response_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.SerializeToString,
+            ),
+            'UploadPacked': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadPacked,
+                    request_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadPack.FromString,
                     response_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
@@ -181,6 +198,33 @@ class Aggregation:
             target,
             '/fedray.v1.Aggregation/UploadBatch',
             fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
+            fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPacked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedray.v1.Aggregation/UploadPacked',
+            fedray_dot_v1_dot_aggregation__pb2.UploadPack.SerializeToString,
             fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
             options,
             channel_credentials,
