@@ -353,11 +353,14 @@ class JobRuntime:
         else:
             ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
         bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
-        self._open(r, bref)
+        # The workers start without waiting for the shards' answers to the open: a shard holds an
+        # upload for the round it is about to open until the open lands (AggregationCore.upload).
+        opening = [a.open_round.remote(r, bref) for a in self.shards.actors]
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
         try:
             results = {x.client_id: x for x in self.pool.run_round(
                 r, bref, ids, self.shards.addresses, on_batch=lambda b: bar.update(len(b)))}
+            self._settle_open(r, bref, opening, ids, results)
             self._wait_real_clients(r, sum(x.error is None for x in results.values()))
             agg, decode_s, count = self._close(r, bref, ids, results)
         finally:
@@ -428,19 +431,29 @@ class JobRuntime:
             out.append({"stage": k, "cumulative_bytes": cum, "accuracy": acc})
         return out
 
-    def _open(self, r: int, bref) -> None:
-        refs = [a.open_round.remote(r, bref) for a in self.shards.actors]
-        for i, ref in enumerate(refs):
+    def _settle_open(self, r: int, bref, opening: list, ids, results: dict) -> None:
+        """Check that every shard opened round r; one that was down is restarted, opened, and its
+        clients (whose uploads it could not take) are trained again."""
+        n = len(self.shards.actors)
+        for i, ref in enumerate(opening):
+            try:
+                ray.get(ref)
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                pass
             for _ in range(self.spec.resources.max_attempts):
+                self.log(f"round {r}: aggregation shard {i} is down; restarting it")
+                self.shards.restart(i)
                 try:
-                    ray.get(ref)
+                    ray.get(self.shards.actors[i].open_round.remote(r, bref))
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    self.log(f"round {r}: aggregation shard {i} is down; restarting it")
-                    self.shards.restart(i)
-                    ref = self.shards.actors[i].open_round.remote(r, bref)
+                    continue
             else:
                 raise JobError(f"round {r}: aggregation shard {i} could not be started")
+            mine = [c for c in ids if serde.shard_index(int(c), n) == i]
+            for x in self.pool.run_round(r, bref, mine, self.shards.addresses):
+                results[x.client_id] = x
 
     def _wait_real_clients(self, r: int, simulated_ok: int) -> None:
         want = self.spec.service.real_clients

@@ -222,6 +222,7 @@ class AggregationCore:
         self._num_rounds = num_rounds
         self._last_round = 0
         self._finished = False
+        self._open_wait_s = 5.0  # the gap between a round's open and its first upload is milliseconds
         self._secret = secret
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._limits = limits
@@ -257,9 +258,10 @@ class AggregationCore:
         stripes: queue.SimpleQueue = queue.SimpleQueue()
         for part in parts:
             stripes.put(part)
-        with self._lock:
+        with self._cond:
             self._state = _RoundState(round, agg, broadcast, set(), stripes=stripes, parts=tuple(parts))
             self._last_round = round
+            self._cond.notify_all()  # uploads that arrived before the open (upload)
 
     def set_addresses(self, addresses: tuple[str, ...]) -> None:
         """Every shard's address, for GetJob (known only once all shards have started)."""
@@ -272,9 +274,10 @@ class AggregationCore:
 
     def finish(self) -> None:
         """Mark the job finished: real clients polling GetJob stop."""
-        with self._lock:
+        with self._cond:
             self._finished = True
             self._state = None
+            self._cond.notify_all()
 
     def close_round(self, round: int) -> dict:
         """Close the round; return its collector (`agg`: a partial sum, or the buffered updates of
@@ -355,6 +358,11 @@ class AggregationCore:
         self._check_header(header, sub)
         with self._lock:
             st = self._state
+            if st is None and header.round == self._last_round + 1 and not self._finished:
+                # The driver opens a round without waiting for the answer: an upload for the
+                # round about to open waits for the open (bounded), anything else is refused.
+                self._cond.wait_for(lambda: self._state is not None or self._finished, timeout=self._open_wait_s)
+                st = self._state
             if st is None or st.round != header.round:
                 open_r = None if st is None else st.round
                 raise RoundClosedError(f"round {header.round} is not open (open round: {open_r})")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedray.compression import get_codec
-from fedray.orchestrator.service import AggregationCore, ServiceLimits, create_server, status_of
+from fedray.orchestrator.service import AggregationCore, RoundClosedError, ServiceLimits, create_server, status_of
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
@@ -367,3 +367,33 @@ def test_packed_batches_fall_back_for_servers_without_uploadpacked():
     finally:
         ch.close()
         server.stop(None)
+
+
+def test_an_upload_that_beats_the_round_open_waits_for_it():
+    """The driver opens a round without waiting for the shard's answer: an upload for the next
+    round waits (bounded) for the open; one for any other round is refused at once."""
+    import threading
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
+    core.open_round(1)
+    core.close_round(1)
+    timer = threading.Timer(0.3, core.open_round, args=(2,))
+    timer.start()
+    t0 = time.monotonic()
+    _upload_in_process_round(core, 2)
+    assert 0.2 < time.monotonic() - t0 < 4 and core.committed(2) == 1
+    with pytest.raises(RoundClosedError):  # round 3 is not next while 2 is open
+        _upload_in_process_round(core, 3)
+    core.close_round(2)
+    core._open_wait_s = 0.2
+    t0 = time.monotonic()
+    with pytest.raises(RoundClosedError):  # next, but never opened
+        _upload_in_process_round(core, 3)
+    assert time.monotonic() - t0 >= 0.2
+    with pytest.raises(RoundClosedError):  # stale: refused without waiting
+        _upload_in_process_round(core, 1)
+
+
+def _upload_in_process_round(core, rnd, cid=1):
+    msgs = _msgs(_update(cid), client_id=cid, round=rnd)
+    return core.upload(serde._header(msgs[0].header), ((m.offset, m.data) for m in msgs), client_token(SECRET, JOB, cid))
