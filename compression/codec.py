@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -152,6 +152,13 @@ class Codec(abc.ABC):
         `encode` one by one. Codecs override this to vectorize over the leading axis."""
         ctxs = ctxs or [CodecContext()] * len(xs)
         return [self.encode(x, c) for x, c in zip(xs, ctxs)]
+
+    def encode_batch(self, xs: Mapping[str, torch.Tensor]) -> dict[str, list[Payload]]:
+        """`encode_many` for every tensor of a model at once (`xs[name]` holds that tensor for B
+        clients): `{name: [payload of client 0, ...]}`, the same payloads as `encode` one by one.
+        Codecs override this to encode the whole model in a few passes, which is what decides
+        the cost for small models."""
+        return {k: self.encode_many(v) for k, v in xs.items()}
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int | None:
         """Exact payload bytes for a tensor of `shape`, or None where it depends on the data."""

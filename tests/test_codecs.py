@@ -383,3 +383,19 @@ def test_fold_adds_alpha_times_the_decoded_tensor(name, params, x, seed, alpha):
     y = codec.decode(p, ctx).double().reshape(-1)
     big = float(y.abs().max()) if y.numel() else 0.0
     assert torch.allclose(acc, 1 + alpha * y, rtol=0, atol=1e-6 * alpha * (big + 1))
+
+
+@SETTINGS
+@given(b=st.integers(1, 6), shapes=st.lists(st.sampled_from([(1,), (7,), (3, 5), (64,), (2, 3, 4)]), min_size=1, max_size=5),
+       seed=st.integers(0, 2**16))
+def test_encode_batch_equals_encode_one_by_one(b, shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = {f"t{i}": torch.randn(b, *s, generator=g) * (10.0 ** (i - 2)) for i, s in enumerate(shapes)}
+    xs["t0"][0].zero_()  # an all-zero tensor: scale 0
+    for codec in (get_codec("int8"), get_codec("int8", granularity="channel"), get_codec("fp16")):
+        got = codec.encode_batch(xs)
+        for k, x in xs.items():
+            for i in range(b):
+                p, q = got[k][i], codec.encode(x[i])
+                assert (p.codec, p.version, p.dtype, p.shape, dict(p.params)) == (q.codec, q.version, q.dtype, q.shape, dict(q.params))
+                assert bytes(memoryview(p.data)) == bytes(memoryview(q.data)), (codec.name, k, i)

@@ -177,7 +177,7 @@ class ClientTrainer:
         encoded, out = [], {}
         if s.codec not in _STATEFUL:  # stateless codec: encode each tensor for all clients at once
             try:
-                per = {k: self.codec.encode_many(stacked[k] - start[k]) for k in start}
+                per = self.codec.encode_batch({k: stacked[k] - start[k] for k in start})
             except Exception as e:
                 return [ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in cids]
             for i, (cid, stats) in enumerate(zip(cids, trained)):

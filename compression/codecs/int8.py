@@ -53,10 +53,10 @@ class Int8(Codec):
             scale = np.zeros(rows, np.float32)
         elif rows == 1:
             mn, mx = torch.aminmax(torch.from_numpy(xf))
-            scale = np.array([max(-float(mn), float(mx)) / 127.0], np.float32)
+            scale = np.array([max(abs(float(mn)), abs(float(mx))) / 127.0], np.float32)  # +0.0 for zeros
         else:
             m = torch.from_numpy(xf).view(rows, -1)
-            scale = (torch.maximum(-m.amin(dim=1), m.amax(dim=1)) / 127.0).numpy()
+            scale = (torch.maximum(m.amin(dim=1).abs(), m.amax(dim=1).abs()).double() / 127.0).float().numpy()
         inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
         buf = np.empty(4 * rows + n, dtype=np.uint8)
         buf[: 4 * rows] = scale.view(np.uint8)
@@ -78,7 +78,7 @@ class Int8(Codec):
         if b == 0 or n == 0 or n * b > (1 << 24):  # tiny batches or big tensors: the blocked path
             return super().encode_many(xs, ctxs)
         m = xs.detach().to(torch.float32).reshape(b, rows, -1)
-        scale = (torch.maximum(-m.amin(dim=2), m.amax(dim=2)) / 127.0).numpy()  # (b, rows)
+        scale = (torch.maximum(m.amin(dim=2).abs(), m.amax(dim=2).abs()).double() / 127.0).float().numpy()  # (b, rows): rounded as `encode` does
         inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
         t = m.numpy() * inv[:, :, None]
         np.rint(t, out=t)  # within [-127, 127] without a clamp (module docstring)
@@ -87,6 +87,38 @@ class Int8(Codec):
         buf[:, 4 * rows :] = t.reshape(b, n).astype(np.int8).view(np.uint8)
         proto = xs[0]
         return [self._payload(proto, {"rows": rows}, buf[i]) for i in range(b)]
+
+    def encode_batch(self, xs):
+        """Every tensor of B clients in a few whole-model passes (one absmax per tensor and client
+        by `reduceat`, one multiply, one rounding), instead of a dozen small operations per
+        tensor; each payload is a view of one buffer. Bytes equal to `encode` one by one."""
+        names = list(xs)
+        if self.granularity != "tensor" or not names:
+            return super().encode_batch(xs)
+        b = int(xs[names[0]].shape[0])
+        shapes = [tuple(int(d) for d in xs[k].shape[1:]) for k in names]
+        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+        total = sum(sizes)
+        if b == 0 or min(sizes) == 0 or any(xs[k].shape[0] != b for k in names) or total * b > (1 << 24):
+            return super().encode_batch(xs)
+        x = torch.cat([xs[k].detach().to(torch.float32).reshape(b, -1) for k in names], dim=1).numpy()
+        offs = np.cumsum([0] + sizes[:-1])
+        absmax = np.maximum.reduceat(np.abs(x), offs, axis=1)  # (b, tensors)
+        scale = (absmax.astype(np.float64) / 127.0).astype(np.float32)  # as `encode` rounds it
+        inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
+        t = x * np.repeat(inv, sizes, axis=1)
+        np.rint(t, out=t)  # within [-127, 127] without a clamp (module docstring)
+        codes = t.astype(np.int8).view(np.uint8)
+        buf = np.empty((b, total + 4 * len(names)), np.uint8)
+        out, pos = {}, 0
+        for j, (k, shape, n, o) in enumerate(zip(names, shapes, sizes, offs)):
+            buf[:, pos : pos + 4] = scale[:, j : j + 1].view(np.uint8)
+            buf[:, pos + 4 : pos + 4 + n] = codes[:, o : o + n]
+            dtype = str(xs[k].dtype).removeprefix("torch.")
+            out[k] = [Payload(self.name, self.version, dtype, shape, {"rows": 1}, buf[i, pos : pos + 4 + n])
+                      for i in range(b)]
+            pos += 4 + n
+        return out
 
     def decode(self, p: Payload, ctx: CodecContext = CodecContext()) -> torch.Tensor:
         return self._decode_fresh(p, ctx)
