@@ -122,6 +122,8 @@ def _client_proc(kind: str, addrs: list[str], numel: int, codec: str, jobs: list
     list(ex.map(one, jobs))
     ex.shutdown()
     t1 = os.times()
+    for c in chans:  # before exit: gRPC threads left running abort the interpreter's shutdown
+        c.close()
     out_q.put({"lat": lat, "errors": errors, "wire": wire,
                "cpu_s": (t1.user - t0.user) + (t1.system - t0.system)})
 

@@ -226,7 +226,6 @@ class AggregationCore:
         self._secret = secret
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
         self._limits = limits
-        self.limits = limits
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # close_round waits here for commits in progress
         self._state: _RoundState | None = None
@@ -239,6 +238,10 @@ class AggregationCore:
         self._active = _Turns(limits.active)
         # Plain FedAvg family: tensors fold straight into the running sum (module docstring).
         self._folds = (dropout is None and privacy is None and getattr(self._strategy, "folds_raw_updates", False))
+
+    @property
+    def limits(self) -> ServiceLimits:
+        return self._limits
 
     # -- round control (driver side) ------------------------------------------------------------
 

@@ -103,3 +103,34 @@ def test_rejects_mismatched_inputs_and_recurrent_models(digits):
     with pytest.raises(BatchedTrainingError):
         train_batched(gru, get_params(gru), xs, ys, TrainConfig(), [0, 1], digits.scale, digits.shift)
     assert train_batched(model, get_params(model), [], [], TrainConfig(), [], 1.0) == []
+
+
+def test_a_clients_update_does_not_depend_on_its_batch(digits):
+    """Bit-identical whatever other clients share the batch (a retry after a fault trains a
+    client in another batch): with one torch thread, as in worker actors, the MLP path computes
+    each client on its own (with several threads the matmul's work split depends on the batch)."""
+    from fedray.workers.batched import train_batched_stacked
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_batch_independence(digits, train_batched_stacked)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_batch_independence(digits, train_batched_stacked):
+    parts = partition(digits.y_train, 400, seed=0)
+    ids = list(range(12))
+    xs = [digits.x_train[parts.client(i)] for i in ids]
+    ys = [digits.y_train[parts.client(i)] for i in ids]
+    torch.manual_seed(3)
+    model = build_model("mlp", digits.input_shape, 10, (64,))
+    start = get_params(model)
+    cfg = TrainConfig(local_epochs=2, batch_size=16, lr=0.1)
+    full, _ = train_batched_stacked(model, start, xs, ys, cfg, ids, digits.scale, digits.shift)
+    for i in (0, 5, 11):
+        alone, _ = train_batched_stacked(model, start, [xs[i]], [ys[i]], cfg, [ids[i]], digits.scale, digits.shift)
+        pair, _ = train_batched_stacked(model, start, xs[i:i + 2], ys[i:i + 2], cfg, ids[i:i + 2], digits.scale, digits.shift)
+        for k in full:
+            assert torch.equal(full[k][i], alone[k][0]) and torch.equal(full[k][i], pair[k][0])

@@ -53,6 +53,8 @@ def _decode_safely(codec, p: Payload) -> None:
                 decode_checked(codec, p, out=buf)
             with pytest.raises(PayloadError):
                 codec.fold(p)  # the service's path refuses exactly what decoding refuses
+            with pytest.raises(PayloadError):
+                codec.folder(_with(p, data=b""))(p.data)  # and so does its per-metadata plan
         return
     assert tuple(out.shape) == tuple(p.shape)
     assert bool(torch.isfinite(out).all())
@@ -61,6 +63,9 @@ def _decode_safely(codec, p: Payload) -> None:
         acc = torch.zeros(buf.numel(), dtype=torch.float64)
         codec.fold(p)(acc, 1.0)
         assert bool(torch.isfinite(acc).all())
+        planned = torch.zeros_like(acc)
+        codec.folder(_with(p, data=b""))(p.data)(planned, 1.0)
+        assert torch.equal(planned, acc)
 
 
 mutation = st.one_of(

@@ -141,7 +141,9 @@ class ClientTrainer:
         A failing client is reported in its result, not raised.
         """
         start = self._global(round, broadcast)
-        if self._batchable() and len(client_ids) > 1:
+        if self._batchable() and client_ids:
+            # Batched even for one client: a client's update is then bit-identical whatever batch
+            # it is trained in (a retry after a fault trains it in another one; tested).
             return self._batched(round, start, [int(c) for c in client_ids], servers, attempt)
         out = []
         for cid in client_ids:
