@@ -436,11 +436,8 @@ class JobRuntime:
         clients (whose uploads it could not take) are trained again."""
         n = len(self.shards.actors)
         for i, ref in enumerate(opening):
-            try:
-                ray.get(ref)
+            if _succeeded(ref):
                 continue
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                pass
             for _ in range(self.spec.resources.max_attempts):
                 self.log(f"round {r}: aggregation shard {i} is down; restarting it")
                 self.shards.restart(i)
@@ -489,6 +486,15 @@ class JobRuntime:
             decode_s += part["decode_s"]
             count += part["count"]
         return agg, decode_s, count
+
+
+def _succeeded(ref) -> bool:
+    """Whether an actor call returned (False: the actor was dead or died)."""
+    try:
+        ray.get(ref)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+        return False
 
 
 def _client_eval(ok) -> dict:

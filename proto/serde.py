@@ -346,32 +346,46 @@ class WireChunk:
         return name == "header" and self.header is not None
 
 
+def _fields(mv: memoryview) -> Iterator[tuple[int, memoryview | int | None]]:
+    """The (field number, value) pairs of one protobuf message: a view for length-delimited
+    fields, an int for varints, None for fixed-width ones (skipped).
+
+    Raises:
+        ValueError: the bytes are not a well-formed message.
+    """
+    i = 0
+    while i < len(mv):
+        key, i = _read_varint(mv, i)
+        field, wire = key >> 3, key & 7
+        if wire == 2:
+            ln, i = _read_varint(mv, i)
+            if i + ln > len(mv):
+                raise ValueError("length-delimited field runs past the end")
+            yield field, mv[i : i + ln]
+            i += ln
+        elif wire == 0:
+            v, i = _read_varint(mv, i)
+            yield field, v
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+            yield field, None
+        else:
+            raise ValueError(f"wire type {wire} of field {field}")
+    if i != len(mv):
+        raise ValueError("message ends inside a field")
+
+
 def _parse_upload_chunk(buf: bytes) -> WireChunk:
     mv = memoryview(buf)
-    headers, data, offset, i = [], mv[0:0], 0, 0
+    headers, data, offset = [], mv[0:0], 0
     try:
-        while i < len(mv):
-            key, i = _read_varint(mv, i)
-            field, wire = key >> 3, key & 7
-            if wire == 2:
-                ln, i = _read_varint(mv, i)
-                if i + ln > len(mv):
-                    raise ValueError("length-delimited field runs past the end")
-                if field == 1:
-                    headers.append(mv[i : i + ln])
-                elif field == 2:
-                    data = mv[i : i + ln]  # last one wins, as protobuf does
-                i += ln
-            elif wire == 0:
-                v, i = _read_varint(mv, i)
-                if field == 3:
-                    offset = v
-            elif wire in (1, 5):
-                i += 8 if wire == 1 else 4
-            else:
-                raise ValueError(f"wire type {wire} of field {field}")
-        if i != len(mv):
-            raise ValueError("message ends inside a field")
+        for field, v in _fields(mv):
+            if field == 1 and isinstance(v, memoryview):
+                headers.append(v)
+            elif field == 2 and isinstance(v, memoryview):
+                data = v  # last one wins, as protobuf does
+            elif field == 3 and isinstance(v, int):
+                offset = v
         header = None
         if headers:  # repeated occurrences of a message field merge, as protobuf does
             header = pb.UpdateHeader.FromString(b"".join(headers))
@@ -382,28 +396,13 @@ def _parse_upload_chunk(buf: bytes) -> WireChunk:
 
 def _parse_upload_pack(buf: bytes) -> list[WireChunk]:
     """An UploadPack: its chunks, each parsed like an UploadChunk (views of `buf`, no copy)."""
-    mv, out, i = memoryview(buf), [], 0
+    out: list[WireChunk] = []
     try:
-        while i < len(mv):
-            key, i = _read_varint(mv, i)
-            field, wire = key >> 3, key & 7
-            if wire == 2:
-                ln, i = _read_varint(mv, i)
-                if i + ln > len(mv):
-                    raise ValueError("length-delimited field runs past the end")
-                if field == 1:
-                    out.append(_parse_upload_chunk(mv[i : i + ln]))
-                i += ln
-            elif wire == 0:
-                _, i = _read_varint(mv, i)
-            elif wire in (1, 5):
-                i += 8 if wire == 1 else 4
-            else:
-                raise ValueError(f"wire type {wire} of field {field}")
-        if i != len(mv):
-            raise ValueError("message ends inside a field")
+        for field, v in _fields(memoryview(buf)):
+            if field == 1 and isinstance(v, memoryview):
+                out.append(_parse_upload_chunk(v))
     except ValueError as e:
-        out.append(WireChunk(None, mv[0:0], 0, error=f"malformed UploadPack: {e}"))
+        out.append(WireChunk(None, memoryview(b""), 0, error=f"malformed UploadPack: {e}"))
     return out
 
 
