@@ -20,7 +20,11 @@ def add_scaled_(acc: torch.Tensor, src, alpha: float) -> None:
     (8 bytes per value of first-touch page faults); large inputs go one cache-sized block at a
     time through a per-thread buffer instead, small ones through numpy (a few microseconds
     against ~15 for torch's dispatch, which matters at 6 tensors per update and thousands of
-    updates per second)."""
+    updates per second).
+
+    Rounding: the numpy path rounds the product, then the sum; torch's vectorized add may fuse
+    them (FMA). Both are deterministic for a given size, and a tensor's size fixes its path, so
+    a job's sums do not depend on which path ran, only on its inputs."""
     n = src.numel() if isinstance(src, torch.Tensor) else src.size
     if n <= _ADD_CHUNK:
         a = acc.numpy().reshape(-1)  # a view: acc is contiguous

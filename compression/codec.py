@@ -116,6 +116,8 @@ class Codec(abc.ABC):
             PayloadError: the payload is malformed or decodes to NaN or infinity.
         """
         y = decode_checked(self, p, ctx, out=scratch() if scratch is not None else None).reshape(-1)
+        if p.dtype in _NARROW:  # the values the client's tensor held: rounded to its dtype
+            y = y.to(_NARROW[p.dtype]).to(torch.float32)
         return lambda acc, alpha: add_scaled_(acc.view(-1), y, alpha)
 
     def folder(self, meta: Payload) -> Callable[..., Callable[[torch.Tensor, float], None]]:
@@ -247,17 +249,17 @@ def decode_checked(codec: Codec, p: Payload, ctx: CodecContext = CodecContext(),
     y = codec.decode(p, ctx) if out is None else codec.decode_into(p, out, ctx)
     if tuple(y.shape) != tuple(p.shape):
         raise PayloadError(f"{p.codec}: decoded shape {tuple(y.shape)} != declared {p.shape}")
-    # finite_output holds in float32; a declared float16 can still overflow in the final cast.
-    trusted = codec.finite_output and y.dtype != torch.float16
+    # finite_output holds in float32; a narrower declared dtype can overflow in the final cast.
+    trusted = codec.finite_output and y.dtype in (torch.float32, torch.float64)
     if y.is_floating_point() and not trusted and not _all_finite(y):
         raise PayloadError(f"{p.codec}: payload decodes to NaN or infinity")
-    if out is not None and p.dtype == "float16" and y.numel() and float(y.abs().max()) >= _F16_INF:
-        # decoded into float32 for a tensor declared float16: its values must survive the cast
-        raise PayloadError(f"{p.codec}: payload decodes to values beyond float16's range")
+    if out is not None and p.dtype in _NARROW and y.numel() and not bool(torch.isfinite(y.to(_NARROW[p.dtype])).all()):
+        # decoded into float32 for a tensor declared float16/bfloat16: it must survive the cast
+        raise PayloadError(f"{p.codec}: payload decodes to values beyond {p.dtype}'s range")
     return y
 
 
-_F16_INF = 65520.0  # float32 values from here on round to infinity in float16
+_NARROW = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _out_view(out: torch.Tensor, n: int, codec: str) -> np.ndarray:

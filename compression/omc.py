@@ -112,15 +112,20 @@ def quantize(w: torch.Tensor, alpha: float, beta: float, *, bits: int, fmt: str 
     m, emin, maxf = _float_consts(bits, exp_bits)
     a = u.abs().clamp_(max=maxf)
     _, ex = torch.frexp(a)
-    quantum = torch.ldexp(torch.ones(()), (ex - 1).clamp(min=emin) - m)
+    quantum = _pow2((ex - 1).clamp(min=emin) - m)
     q = a / quantum
     mag = ((torch.floor(q + noise(q)) if noise else torch.round(q)) * quantum).clamp_(max=maxf)
     _, ex2 = torch.frexp(mag)
     e2 = (ex2 - 1).clamp(min=emin)
-    code = (e2 - emin) * 2 ** m + (mag / torch.ldexp(torch.ones(()), e2 - m)).to(torch.int32)
+    code = (e2 - emin) * 2 ** m + (mag / _pow2(e2 - m)).to(torch.int32)
     sub = mag < 2.0 ** emin
     code = torch.where(sub, (mag / 2.0 ** (emin - m)).to(torch.int32), code)
     return code + (u < 0).to(torch.int32) * (1 << (bits - 1)) * (mag > 0).to(torch.int32)
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2**e exactly, float32, for an integer tensor `e`."""
+    return torch.ldexp(torch.ones(e.shape), e)
 
 
 def dequantize(codes: torch.Tensor, alpha: float, beta: float, *, bits: int, fmt: str = "int", exp_bits: int = 5) -> torch.Tensor:
@@ -132,8 +137,7 @@ def dequantize(codes: torch.Tensor, alpha: float, beta: float, *, bits: int, fmt
     sign = 1.0 - 2.0 * ((c >> (bits - 1)) & 1).to(torch.float32)
     mag_code = c & ((1 << (bits - 1)) - 1)
     ef, mant = mag_code >> m, (mag_code & ((1 << m) - 1)).to(torch.float32)
-    one = torch.ones(())
-    mag = torch.where(ef == 0, mant * 2.0 ** (emin - m), (mant + 2 ** m) * torch.ldexp(one, ef - 1 + emin - m))
+    mag = torch.where(ef == 0, mant * 2.0 ** (emin - m), (mant + 2 ** m) * _pow2(ef - 1 + emin - m))
     return sign * mag * alpha + beta
 
 

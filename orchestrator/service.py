@@ -48,6 +48,7 @@ __all__ = [
     "DuplicateUpdateError",
     "OverloadedError",
     "RoundClosedError",
+    "RoundNotOpenYetError",
     "ServiceLimits",
     "WrongJobError",
     "create_server",
@@ -69,6 +70,13 @@ class WrongJobError(ServiceError):
 
 class RoundClosedError(ServiceError):
     """The request is for a round that is not open (stale, replayed or not started)."""
+
+
+class RoundNotOpenYetError(ServiceError):
+    """The upload is for the next round, which the driver has not opened yet (it opens rounds
+    without waiting for the shards' answer): retry shortly (UNAVAILABLE, with a retry hint)."""
+
+    retry_after_ms = 100
 
 
 class WrongShardError(ServiceError):
@@ -93,6 +101,7 @@ _STATUS = (
     (WrongJobError, grpc.StatusCode.PERMISSION_DENIED),
     (DuplicateUpdateError, grpc.StatusCode.ALREADY_EXISTS),
     (RoundClosedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RoundNotOpenYetError, grpc.StatusCode.UNAVAILABLE),
     (WrongShardError, grpc.StatusCode.FAILED_PRECONDITION),
     (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PayloadError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -366,6 +375,8 @@ class AggregationCore:
                 # round about to open waits for the open (bounded), anything else is refused.
                 self._cond.wait_for(lambda: self._state is not None or self._finished, timeout=self._open_wait_s)
                 st = self._state
+                if st is None and not self._finished:
+                    raise RoundNotOpenYetError(f"round {header.round} is not open yet; retry shortly")
             if st is None or st.round != header.round:
                 open_r = None if st is None else st.round
                 raise RoundClosedError(f"round {header.round} is not open (open round: {open_r})")

@@ -328,7 +328,7 @@ def _read_varint(mv: memoryview, i: int) -> tuple[int, int]:
         i += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
-            return result, i
+            return result & 0xFFFFFFFFFFFFFFFF, i  # a 10-byte varint keeps 64 bits, as protobuf does
         shift += 7
 
 
@@ -346,17 +346,25 @@ class WireChunk:
         return name == "header" and self.header is not None
 
 
-def _fields(mv: memoryview) -> Iterator[tuple[int, memoryview | int | None]]:
+def _fields(mv: memoryview, max_fields: int) -> Iterator[tuple[int, memoryview | int | None]]:
     """The (field number, value) pairs of one protobuf message: a view for length-delimited
-    fields, an int for varints, None for fixed-width ones (skipped).
+    fields, an int for varints, None for fixed-width ones (skipped). At most `max_fields`: this
+    runs before any token is checked, so a message of a million one-byte fields must cost what a
+    message of a few does.
 
     Raises:
-        ValueError: the bytes are not a well-formed message.
+        ValueError: the bytes are not a well-formed message (group wire types, which protobuf
+            would skip and these messages never use, included), or hold too many fields.
     """
-    i = 0
+    i, count = 0, 0
     while i < len(mv):
+        count += 1
+        if count > max_fields:
+            raise ValueError(f"more than {max_fields} fields")
         key, i = _read_varint(mv, i)
         field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ValueError("field number 0")
         if wire == 2:
             ln, i = _read_varint(mv, i)
             if i + ln > len(mv):
@@ -379,7 +387,7 @@ def _parse_upload_chunk(buf: bytes) -> WireChunk:
     mv = memoryview(buf)
     headers, data, offset = [], mv[0:0], 0
     try:
-        for field, v in _fields(mv):
+        for field, v in _fields(mv, _CHUNK_FIELDS):
             if field == 1 and isinstance(v, memoryview):
                 headers.append(v)
             elif field == 2 and isinstance(v, memoryview):
@@ -398,19 +406,30 @@ def _parse_upload_pack(buf: bytes) -> list[WireChunk]:
     """An UploadPack: its chunks, each parsed like an UploadChunk (views of `buf`, no copy)."""
     out: list[WireChunk] = []
     try:
-        for field, v in _fields(memoryview(buf)):
+        for field, v in _fields(memoryview(buf), _PACK_ENTRIES):
             if field == 1 and isinstance(v, memoryview):
-                out.append(_parse_upload_chunk(v))
-    except ValueError as e:
-        out.append(WireChunk(None, memoryview(b""), 0, error=f"malformed UploadPack: {e}"))
+                if not len(v):
+                    raise ValueError("an empty chunk")
+                c = _parse_upload_chunk(v)
+                if c.error:
+                    raise ValueError(c.error)
+                out.append(c)
+    except ValueError as e:  # the whole message is refused, as protobuf would refuse to parse it
+        return [WireChunk(None, memoryview(b""), 0, error=f"malformed UploadPack: {e}")]
     return out
+
+
+# An UploadChunk has a header, data and an offset (a few more fields are tolerated: unknown
+# ones from newer clients, a header sent in parts); a pack holds at most this many chunks
+# (~1 MB of updates of at least a few hundred bytes each).
+_CHUNK_FIELDS, _PACK_ENTRIES = 16, 4096
 
 
 def _pack_frames(frames: Iterable[bytes], limit: int = CHUNK_BYTES) -> Iterator[bytes]:
     """UploadPack messages of about `limit` bytes from framed UploadChunk messages."""
     parts, size = [], 0
     for f in frames:
-        if parts and size + len(f) > limit:
+        if parts and (size + len(f) > limit or len(parts) >= 3 * _PACK_ENTRIES):
             yield b"".join(parts)
             parts, size = [], 0
         parts += [b"\x0a", _varint(len(f)), f]
@@ -464,6 +483,19 @@ class WireUpload:
         for c in self.chunks[1:]:
             yield _frame_chunk(c, offset)
             offset += len(c)
+
+    def with_digest(self, kind: int) -> "WireUpload":
+        """The same update with its digest in another `digest_kind` (servers from before
+        digest_kind verify CRC-32 only)."""
+        if self.header.digest_kind == kind:
+            return self
+        d = new_digest(kind)
+        for c in self.chunks:
+            d.update(c)
+        h = pb.UpdateHeader()
+        h.CopyFrom(self.header)
+        h.digest, h.digest_kind = d.digest(), kind
+        return WireUpload(h, self.chunks)
 
     def with_header(self, header) -> "WireUpload":
         """The same payload under another header (the load benchmark's many clients)."""
@@ -602,10 +634,11 @@ def call_upload_batch(channel: grpc.Channel, updates: list[tuple[object, str]], 
     Raises:
         grpc.RpcError: the call itself failed (service unreachable, deadline).
     """
-    def flat():
+    def flat(old_server: bool = False):
         for update, token in updates:
             if isinstance(update, WireUpload):
-                yield from update.messages(token)
+                # a server without UploadPacked predates digest_kind: it verifies CRC-32
+                yield from (update.with_digest(DIGEST_CRC32) if old_server else update).messages(token)
                 continue
             first = pb.UploadChunk()
             first.CopyFrom(update[0])
@@ -623,9 +656,9 @@ def call_upload_batch(channel: grpc.Channel, updates: list[tuple[object, str]], 
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             _NO_PACKED.add(channel)
-            ack = stubs[1](flat(), timeout=timeout)
+            ack = stubs[1](flat(old_server=True), timeout=timeout)
     else:
-        ack = stubs[1](flat(), timeout=timeout)
+        ack = stubs[1](flat(old_server=channel in _NO_PACKED), timeout=timeout)
     out = []
     for r, (update, _) in zip(ack.results, updates):
         out.append(BatchResult(r.client_id, r.accepted, _CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message,
@@ -641,6 +674,9 @@ def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: fl
         grpc.RpcError: the service rejected the update (the status code says why).
     """
     sent = 0
+
+    if isinstance(messages, WireUpload) and stub_channel in _NO_PACKED:  # an older server: CRC-32
+        messages = messages.with_digest(DIGEST_CRC32)
 
     def framed():  # any iterable of messages (a generator too); counts the bytes as they go
         nonlocal sent
@@ -811,10 +847,11 @@ class _Servicer(pb_grpc.AggregationServicer):
                 _, received = self._h.upload(header, _update_chunks(first, it), h.token)
                 results.append(pb.UploadResult(client_id=cid, accepted=True, bytes_received=received))
             except Exception as e:
-                code = self._status_of(e)
-                if code is None:
-                    raise
-                results.append(pb.UploadResult(client_id=cid, accepted=False, code=code.value[0], message=str(e)))
+                # An unexpected error refuses this update only (INTERNAL), so that the acks of the
+                # updates already committed in the batch still reach the client.
+                code = self._status_of(e) or grpc.StatusCode.INTERNAL
+                msg = str(e) if code != grpc.StatusCode.INTERNAL else f"internal error: {type(e).__name__}: {e}"
+                results.append(pb.UploadResult(client_id=cid, accepted=False, code=code.value[0], message=msg))
             while it.peek() is not None and not it.peek().HasField("header"):  # rest of a refused update
                 it.next()
         return pb.UploadBatchAck(results=results)

@@ -399,3 +399,44 @@ def test_encode_batch_equals_encode_one_by_one(b, shapes, seed):
                 p, q = got[k][i], codec.encode(x[i])
                 assert (p.codec, p.version, p.dtype, p.shape, dict(p.params)) == (q.codec, q.version, q.dtype, q.shape, dict(q.params))
                 assert bytes(memoryview(p.data)) == bytes(memoryview(q.data)), (codec.name, k, i)
+
+
+def test_stochastic_codes_stay_in_range_at_the_group_extremes():
+    """x = -absmax can land a few ulp below code 0 before the floor; with a draw of u = 0 that
+    was code -1 (a wrapped 255 that corrupted the neighbouring nibble). Noise pinned to 0 and
+    to just below 1, over many absmax values: every value decodes within one step."""
+    from fedray.compression.codecs.uniform import dequantize, quantize
+
+    class Pinned:
+        def __init__(self, v):
+            self.v = v
+
+        def random(self, n, dtype, out):
+            out[:n] = self.v
+            return out[:n]
+
+    rng = np.random.default_rng(0)
+    for a in rng.uniform(1e-3, 1e3, 400).astype(np.float32):
+        x = np.array([-a, a / 10, a / 5, a, -a / 3, 0, a, -a], np.float32)
+        for v, mode in ((0.0, "symmetric"), (np.float32(1 - 2**-24), "symmetric"), (0.0, "affine")):
+            data = quantize(x, bits=4, mode=mode, block=4, stochastic=True, rng=Pinned(v))
+            p = Payload("uniform", 1, "float32", x.shape, {"bits": 4, "mode": mode, "block": 4}, data)
+            y = dequantize(p, x.size, bits=4, mode=mode, block=4)
+            step = 2 * float(np.abs(x).max()) / 14 if mode == "symmetric" else float(x.max() - x.min()) / 15
+            assert float(np.abs(y - x).max()) <= step * (1 + 1e-5), (a, v, mode, x, y)
+
+
+def test_narrow_dtypes_are_checked_after_the_cast():
+    """A payload declared bfloat16 (or float16) whose float32 values overflow that dtype is
+    refused on every path: fresh decode, decode into a float32 buffer, fold."""
+    fmax = float(np.finfo(np.float32).max)
+    for name in ("identity", "int8"):
+        codec = get_codec(name)
+        for dtype in ("bfloat16", "float16"):
+            big = torch.full((4,), fmax if dtype == "bfloat16" else 1e6)
+            p = codec.encode(big)
+            p = Payload(p.codec, p.version, dtype, p.shape, p.params, p.data)
+            for attempt in (lambda: decode_checked(codec, p), lambda: decode_checked(codec, p, out=torch.empty(4)),
+                            lambda: codec.fold(p, scratch=lambda: torch.empty(4))):
+                with pytest.raises(PayloadError):
+                    attempt()

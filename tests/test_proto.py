@@ -110,3 +110,24 @@ def test_pack_parser_agrees_with_protobuf():
         assert g.error is None and bytes(g.data) == w.data and g.offset == w.offset
         assert g.HasField("header") == w.HasField("header") and (not w.HasField("header") or g.header == w.header)
     assert serde._parse_upload_pack(b"\x0a\x05ab")[-1].error
+
+
+def test_chunk_parsers_bound_their_work_on_hostile_bytes():
+    """They run before any token check: a message of a million tiny fields is refused after a
+    few, in microseconds, not parsed field by field."""
+    import time
+
+    for parse in (serde._parse_upload_chunk, serde._parse_upload_pack):
+        t0 = time.perf_counter()
+        got = parse(b"\x0a\x00" * (1 << 20))
+        got = got if isinstance(got, list) else [got]
+        assert len(got) == 1 and got[0].error and time.perf_counter() - t0 < 0.05
+    assert serde._parse_upload_chunk(b"\x02\x00").error  # field number 0
+    # a pack with one bad entry is refused whole, as protobuf refuses the message
+    good = serde._parse_upload_pack(b"".join(serde._pack_frames([b"\x18\x05"] * 3)))
+    assert len(good) == 3 and not any(c.error for c in good)
+    bad = serde._parse_upload_pack(b"".join(serde._pack_frames([b"\x18\x05", b"\x18"])))
+    assert len(bad) == 1 and bad[0].error
+    # many tiny updates still pack within the server's per-message cap
+    assert all(len(serde._parse_upload_pack(p)) <= serde._PACK_ENTRIES
+               for p in serde._pack_frames([b"\x18\x05"] * (3 * serde._PACK_ENTRIES)))

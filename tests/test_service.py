@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedray.compression import get_codec
-from fedray.orchestrator.service import AggregationCore, RoundClosedError, ServiceLimits, create_server, status_of
+from fedray.orchestrator.service import (AggregationCore, RoundClosedError, RoundNotOpenYetError, ServiceLimits,
+                                         create_server, status_of)
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
@@ -348,6 +349,9 @@ def test_packed_batches_fall_back_for_servers_without_uploadpacked():
 
     core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
     core.open_round(1)
+    kinds = []
+    upload = core.upload
+    core.upload = lambda h, chunks, token: (kinds.append(h.digest_kind), upload(h, chunks, token))[1]
     sv = serde._Servicer(core, JOB, status_of)
     server = grpc.server(futures.ThreadPoolExecutor(4), options=serde.GRPC_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedray.v1.Aggregation", {
@@ -364,6 +368,12 @@ def test_packed_batches_fall_back_for_servers_without_uploadpacked():
                                     tensors=[(k, c.encode(v)) for k, v in _update(cid).items()])
             assert serde.call_upload_batch(ch, [(w, client_token(SECRET, JOB, cid))])[0].accepted
         assert ch in serde._NO_PACKED and core.close_round(1)["count"] == 2
+        assert kinds == [0, 0]  # such a server predates digest_kind: it got CRC-32 digests
+        import zlib
+
+        old = w.with_digest(serde.DIGEST_CRC32)
+        assert old.header.digest_kind == 0
+        assert old.header.digest == zlib.crc32(b"".join(bytes(c) for c in w.chunks)).to_bytes(4, "big")
     finally:
         ch.close()
         server.stop(None)
@@ -387,9 +397,9 @@ def test_an_upload_that_beats_the_round_open_waits_for_it():
     core.close_round(2)
     core._open_wait_s = 0.2
     t0 = time.monotonic()
-    with pytest.raises(RoundClosedError):  # next, but never opened
+    with pytest.raises(RoundNotOpenYetError) as e:  # next, but not opened in time: retryable
         _upload_in_process_round(core, 3)
-    assert time.monotonic() - t0 >= 0.2
+    assert time.monotonic() - t0 >= 0.2 and status_of(e.value) == grpc.StatusCode.UNAVAILABLE
     with pytest.raises(RoundClosedError):  # stale: refused without waiting
         _upload_in_process_round(core, 1)
 

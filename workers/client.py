@@ -243,7 +243,10 @@ class ClientTrainer:
                     yield cid, 0, str(ClientError("upload", cid, round, RuntimeError(f"{r.code.name}: {r.message}")))
                     continue
                 try:
-                    yield cid, upload_with_retry(ch, msgs, token, attempt=attempt)["wire_bytes"], None
+                    # After a batch that failed as a whole, ALREADY_EXISTS means the failed call
+                    # committed this update before it broke: it counts once, and that is success.
+                    sent = r is None
+                    yield cid, upload_with_retry(ch, msgs, token, attempt=attempt, sent_before=sent)["wire_bytes"], None
                 except Exception as e:
                     yield cid, 0, str(ClientError("upload", cid, round, e))
 
@@ -305,11 +308,13 @@ class ClientTrainer:
         self._channels.clear()
 
 
-def upload_with_retry(channel: grpc.Channel, msgs: list, token: str, *, attempt: int = 0, tries: int = 6) -> dict:
+def upload_with_retry(channel: grpc.Channel, msgs: list, token: str, *, attempt: int = 0, tries: int = 6,
+                      sent_before: bool = False) -> dict:
     """Upload, retrying with exponential back-off (or the server's hint) while the service is busy.
 
-    ALREADY_EXISTS on a retried attempt means an earlier attempt was committed (its ack was
-    lost): the update counts once, and this is success.
+    ALREADY_EXISTS on a retried attempt (attempt > 0, a second try here, or `sent_before`: this
+    update was in a call that broke) means an earlier send was committed and its ack lost: the
+    update counts once, and this is success.
 
     Raises:
         grpc.RpcError: a non-retryable status, or still busy after `tries` tries.
@@ -319,7 +324,7 @@ def upload_with_retry(channel: grpc.Channel, msgs: list, token: str, *, attempt:
         try:
             return serde.call_upload(channel, msgs, token=token)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.ALREADY_EXISTS and (attempt > 0 or i > 0):
+            if e.code() == grpc.StatusCode.ALREADY_EXISTS and (attempt > 0 or i > 0 or sent_before):
                 return {"accepted": True, "bytes_received": 0, "round": 0, "client_id": 0,
                         "wire_bytes": serde.wire_nbytes(msgs), "duplicate": True}
             if e.code() not in _RETRYABLE or i == tries - 1:

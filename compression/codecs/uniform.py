@@ -107,9 +107,10 @@ def quantize(xf: np.ndarray, *, bits: int, mode: str, block: int, stochastic: bo
     top = np.float32(levels - 1)
     center = (levels - 1) / 2
     # Symmetric: x / step lies in [-(L-1)/2, (L-1)/2] up to a few ulp, so adding the center and
-    # rounding stays in [0, L-1]. Affine: subtract the group minimum first (x - min is >= 0 and
-    # <= max - min, exactly rounded), so no cancellation can push a code outside [0, L-1]. Only
-    # stochastic rounding (floor(t + u)) needs a clamp, at the top.
+    # rounding to nearest stays in [0, L-1]. Affine: subtract the group minimum first (x - min
+    # is >= 0 and <= max - min, exactly rounded), so no cancellation can push a code outside
+    # [0, L-1]. Stochastic rounding (floor(t + u)) is clamped at both ends: t can be a few ulp
+    # below 0 (symmetric) and floor(-1e-7 + 0) is -1.
     add = np.float32(center + float(_MAGIC)) if center.is_integer() and not stochastic else None
     for s, e, g0, rows, w in chunks(n, block, BIG_CHUNK):
         t = tmp[: e - s].reshape(rows, w)
@@ -125,7 +126,7 @@ def quantize(xf: np.ndarray, *, bits: int, mode: str, block: int, stochastic: bo
             u = rng.random(e - s, dtype=np.float32, out=noise[: e - s])
             np.add(t, u.reshape(rows, w), out=t)
             np.floor(t, out=t)
-            np.minimum(t, top, out=t)
+            np.clip(t, 0, top, out=t)
             src = t
         else:
             np.add(t, add if add is not None else _MAGIC, out=t)
