@@ -69,7 +69,8 @@ def _shard_proc(kind: str, shard: tuple[int, int], numel: int, port_q, stop_evt,
         server, port = create_server(core, "127.0.0.1:0")
     port_q.put(port)
     stop_evt.wait()
-    server.stop(None)
+    server.stop(None).wait()
+    _exit_now()
 
 
 def _client_proc(kind: str, addrs: list[str], numel: int, codec: str, jobs: list[int], threads: int, out_q,
@@ -126,6 +127,18 @@ def _client_proc(kind: str, addrs: list[str], numel: int, codec: str, jobs: list
         c.close()
     out_q.put({"lat": lat, "errors": errors, "wire": wire,
                "cpu_s": (t1.user - t0.user) + (t1.system - t0.system)})
+    out_q.close()
+    out_q.join_thread()  # the result is in the pipe
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End a benchmark process without interpreter teardown: grpcio's C++ threads, destroyed
+    there, sometimes abort it ("terminate called without an active exception") after its work
+    and results are done, which is noise in the output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_phase(kind: str, *, shards: int, clients: int, uploads: int, threads: int, numel: int, codec: str,
