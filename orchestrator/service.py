@@ -15,12 +15,12 @@ allocation per upload).
 
 from __future__ import annotations
 
+import math
 import os
+import queue
 import threading
 import time
 from concurrent import futures
-import math
-import queue
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -446,8 +446,10 @@ class AggregationCore:
         """Read the stream; validate (and fold or decode) each tensor as soon as its bytes are in.
 
         A tensor inside one chunk is a zero-copy view of it; one that spans chunks is copied, chunk
-        by chunk as they arrive, into a buffer of its declared size, so a chunk is dropped once
-        read and an update over 2 GiB needs its largest tensor's bytes, not the whole stream's.
+        by chunk as they arrive, into a buffer of its declared size, so a header that declares
+        gigabytes costs only the bytes that really arrive. Decoded tensors are float32 staging
+        buffers; folded ones keep their bytes (that view or buffer) until the commit adds them,
+        so an update holds about its own bytes, once, until it commits.
         """
         total = h.total_bytes
         spans, off = [], 0

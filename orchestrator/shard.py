@@ -7,6 +7,7 @@ from typing import Mapping
 import ray
 
 from fedray.proto.serde import TLSConfig
+from fedray.workers.pool import freeze_heap
 
 from .privacy import DPSpec
 from .service import AggregationCore, ServiceLimits, create_server
@@ -36,10 +37,7 @@ class AggregationShard:
         )
         self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers, tls=tls)
         self._host = host
-        import gc
-
-        gc.collect()
-        gc.freeze()  # as the worker actors do (workers/pool.py: _freeze_heap)
+        freeze_heap()  # as the worker actors do
 
     def address(self) -> str:
         return f"{self._host}:{self._port}"

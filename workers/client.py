@@ -308,9 +308,10 @@ class ClientTrainer:
         self._channels.clear()
 
 
-def upload_with_retry(channel: grpc.Channel, msgs: list, token: str, *, attempt: int = 0, tries: int = 6,
+def upload_with_retry(channel: grpc.Channel, msgs, token: str, *, attempt: int = 0, tries: int = 6,
                       sent_before: bool = False) -> dict:
-    """Upload, retrying with exponential back-off (or the server's hint) while the service is busy.
+    """Upload one update (a `serde.WireUpload` or a message list), retrying with exponential
+    back-off (or the server's hint) while the service is busy.
 
     ALREADY_EXISTS on a retried attempt (attempt > 0, a second try here, or `sent_before`: this
     update was in a call that broke) means an earlier send was committed and its ack lost: the

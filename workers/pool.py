@@ -15,7 +15,7 @@ import ray
 from .client import ClientResult, ClientTrainer, TrainerSetup
 from .data import Dataset, Partition
 
-__all__ = ["LocalPool", "RayPool", "WorkerPool", "default_num_workers"]
+__all__ = ["LocalPool", "RayPool", "WorkerPool", "default_num_workers", "freeze_heap"]
 
 OnBatch = Callable[[list[ClientResult]], None]
 
@@ -62,7 +62,7 @@ class LocalPool(WorkerPool):
 class _WorkerActor:
     def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition) -> None:
         self._t = ClientTrainer(setup, data, parts)
-        _freeze_heap()
+        freeze_heap()
 
     def train_clients(self, round: int, broadcast, client_ids: list[int], servers, attempt: int) -> list[ClientResult]:
         return self._t.train_clients(round, broadcast, client_ids, servers, attempt)
@@ -181,7 +181,7 @@ class RayPool(WorkerPool):
         self._slots = []
 
 
-def _freeze_heap() -> None:
+def freeze_heap() -> None:
     """Move everything allocated so far (Ray, torch, the data set) out of the garbage collector's
     reach: a full collection would otherwise scan those objects again and again while the actor
     serves calls that allocate many small ones."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..accumulate import readonly_tensor  # noqa: F401  (re-exported for the codecs)
 from ..payload import Payload, PayloadError
 
 __all__ = ["BIG_CHUNK", "CHUNK", "TINY", "all_finite", "as_bytes", "readonly_tensor", "chunks", "expect_nbytes", "flat32", "nbytes_at_least", "view"]
@@ -39,27 +40,6 @@ def nbytes_at_least(p: Payload, minimum: int) -> memoryview:
 def view(mv: memoryview, dtype: np.dtype | str, count: int, offset: int) -> np.ndarray:
     """A read-only numpy view of `count` items of `dtype` at byte `offset` of `mv` (no copy)."""
     return np.frombuffer(mv, dtype=dtype, count=count, offset=offset)
-
-
-_READONLY_WARNED = False
-
-
-def readonly_tensor(a: np.ndarray):
-    """A torch view of a read-only numpy array (payload bytes), for reading only."""
-    global _READONLY_WARNED
-    import torch
-
-    if _READONLY_WARNED or a.flags.writeable:
-        return torch.from_numpy(a)
-    import warnings
-
-    # torch warns once per process that the buffer is not writable (we only read it); catching
-    # that one warning costs ~0.1 ms, so only the first call pays for it.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(a)
-    _READONLY_WARNED = True
-    return t
 
 
 def all_finite(a: np.ndarray) -> bool:

@@ -5,14 +5,12 @@ Wire layout: one little-endian 16-bit float per value, 2d bytes.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload
-from ._buf import CHUNK, expect_nbytes, flat32, view
+from ._buf import CHUNK, expect_nbytes, flat32, readonly_tensor, view
 
 __all__ = ["BF16", "FP16"]
 
@@ -41,9 +39,7 @@ class _Cast16(Codec):
 
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         bits = view(expect_nbytes(p, 2 * n), np.int16, n, 0)
-        with warnings.catch_warnings():  # read-only source: torch warns, we only read it
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.from_numpy(bits).view(self._torch_dtype)
+        src = readonly_tensor(bits).view(self._torch_dtype)
         torch.from_numpy(out).copy_(src)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
