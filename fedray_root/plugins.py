@@ -1,0 +1,96 @@
+"""Finding tasks, codecs and strategies by name: built-ins, entry points, import strings.
+
+A name is resolved in this order:
+1. an import string `"package.module:Attr"` (the module is imported from `sys.path`; `fedray run`
+   puts the job spec's folder first);
+2. an entry point of the group (`fedray.tasks`, `fedray.codecs`, `fedray.strategies`) in any
+   installed distribution, e.g. in a user's `pyproject.toml`:
+
+       [project.entry-points."fedray.tasks"]
+       cifar-resnet = "mypkg.tasks:CifarResNet"
+       [project.entry-points."fedray.codecs"]
+       mycodec = "mypkg.codecs"          # importing the module registers the codec
+
+3. the built-ins (`fedray.builtin_tasks` for tasks).
+
+Every process that needs a plug-in resolves it itself: the driver, worker actors (tasks arrive
+pickled and import their module), aggregation shards and real clients (codec and strategy
+registries call `load_group` when they meet an unknown name).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import metadata
+from typing import Any
+
+__all__ = ["GROUPS", "PluginError", "entry_point_names", "import_target", "load_group"]
+
+GROUPS = ("fedray.tasks", "fedray.codecs", "fedray.strategies")
+_loaded: set[str] = set()
+
+
+class PluginError(ImportError):
+    """A plug-in name or import string cannot be resolved; the message says why."""
+
+
+def import_target(target: str) -> Any:
+    """The object an import string `"pkg.mod:Attr"` (or `"pkg.mod:Outer.Inner"`) names.
+
+    Raises:
+        PluginError: malformed string, module not importable, or no such attribute; the
+            message carries the underlying error.
+    """
+    mod_name, sep, attr = target.partition(":")
+    if not sep or not mod_name or not attr:
+        raise PluginError(f"{target!r} is not an import string of the form 'package.module:Name'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except Exception as e:  # ImportError, or the user module's own error while importing
+        raise PluginError(f"cannot import module {mod_name!r}: {type(e).__name__}: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise PluginError(f"module {mod_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def _entry_points(group: str):
+    return metadata.entry_points().select(group=group)
+
+
+def entry_point_names(group: str) -> list[str]:
+    """Names the installed distributions register in `group`."""
+    return sorted({ep.name for ep in _entry_points(group)})
+
+
+def entry_point(group: str, name: str) -> Any | None:
+    """The object entry point `name` of `group` loads, or None when there is none.
+
+    Raises:
+        PluginError: the entry point exists but fails to load.
+    """
+    for ep in _entry_points(group):
+        if ep.name == name:
+            try:
+                return ep.load()
+            except Exception as e:
+                raise PluginError(f"entry point {name!r} of {group} ({ep.value}) fails to load: "
+                                  f"{type(e).__name__}: {e}") from e
+    return None
+
+
+def load_group(group: str) -> None:
+    """Import every entry point of `group` once per process (codec and strategy modules register
+    themselves when imported). A failing plug-in is skipped here; resolving it by name reports it."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown plug-in group {group!r}; groups: {', '.join(GROUPS)}")
+    if group in _loaded:
+        return
+    _loaded.add(group)
+    for ep in _entry_points(group):
+        try:
+            ep.load()
+        except Exception:  # reported when the name is asked for
+            pass
