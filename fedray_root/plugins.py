@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
-from typing import Any
+from typing import Any, Mapping
 
-__all__ = ["GROUPS", "PluginError", "entry_point_names", "import_target", "load_group"]
+__all__ = ["GROUPS", "PluginError", "entry_point", "entry_point_names", "import_target", "load_group", "load_task",
+           "task_for_spec"]
 
 GROUPS = ("fedray.tasks", "fedray.codecs", "fedray.strategies")
 _loaded: set[str] = set()
@@ -94,3 +95,67 @@ def load_group(group: str) -> None:
             ep.load()
         except Exception:  # reported when the name is asked for
             pass
+
+
+def load_task(target: str, params: Mapping[str, Any] | None = None):
+    """Build the task `target` names (import string, `fedray.tasks` entry point or built-in
+    name) with `params` as keyword arguments.
+
+    Raises:
+        PluginError: the target cannot be found or imported, or building it fails.
+    """
+    from .builtin_tasks import BUILTIN_TASKS
+    from .task import Task
+
+    params = dict(params or {})
+    if ":" in target:
+        factory = import_target(target)
+    else:
+        factory = entry_point("fedray.tasks", target) or BUILTIN_TASKS.get(target)
+        if factory is None:
+            known = sorted(set(BUILTIN_TASKS) | set(entry_point_names("fedray.tasks")))
+            raise PluginError(f"no task named {target!r}; give an import string 'package.module:Class' or one of "
+                              f"{', '.join(known)}")
+    if isinstance(factory, Task):
+        if params:
+            raise PluginError(f"{target!r} is a task object, not a class: it takes no params")
+        return factory
+    if not callable(factory):
+        raise PluginError(f"{target!r} is a {type(factory).__name__}, not a Task class")
+    try:
+        task = factory(**params)
+    except Exception as e:
+        raise PluginError(f"{target}({', '.join(f'{k}=...' for k in params)}) failed: {type(e).__name__}: {e}") from e
+    missing = [m for m in ("model", "num_clients", "client_data") if not callable(getattr(task, m, None))]
+    if missing:
+        raise PluginError(f"{target!r} built a {type(task).__name__}, which lacks {', '.join(missing)}; "
+                          f"subclass fedray.Task")
+    return task
+
+
+def task_for_spec(spec, *, base_dir: str | None = None):
+    """The task a job spec runs: `task.target` with `task.params`, else the built-in
+    classification task its `data:` and `model:` sections describe. `base_dir` (the spec file's
+    folder) goes first on `sys.path` so that `target: mytask:MyTask` beside the spec imports.
+
+    Raises:
+        SpecError: naming `task.target` (or `data`/`model`), with the import or build error.
+    """
+    import sys
+
+    from fedray.orchestrator.spec import SpecError
+
+    from .builtin_tasks import task_from_sections
+
+    ts = getattr(spec, "task", None)
+    if ts is None or ts.target is None:
+        try:
+            return task_from_sections(spec)
+        except ValueError as e:
+            raise SpecError(f"data: {e}") from None
+    if base_dir and base_dir not in sys.path:
+        sys.path.insert(0, base_dir)
+    try:
+        return load_task(ts.target, ts.params)
+    except PluginError as e:
+        raise SpecError(f"task.target: {e}") from None

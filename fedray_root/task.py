@@ -18,10 +18,11 @@ epochs, batch size, learning rate and momentum on cross-entropy; accuracy and me
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a task is used, not where a job spec is parsed
+    import torch
+    from torch import nn
 
 __all__ = ["Task", "TrainContext"]
 
@@ -50,13 +51,15 @@ class TrainContext:
     batch_size: int = 32
     lr: float = 0.1
     momentum: float = 0.0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: Any = "cpu"  # a torch.device or its name
     prox_mu: float = 0.0
     mask: Mapping[str, torch.Tensor] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with this client's seed (batch order, augmentation, ...)."""
+        import torch
+
         return torch.Generator().manual_seed(self.seed & 0x7FFFFFFFFFFFFFFF)
 
 
@@ -115,6 +118,11 @@ class Task:
     def fd_model(self, hidden: tuple[int, ...]) -> nn.Module:
         """The model with hidden widths `hidden` (a Federated Dropout sub-model)."""
         raise NotImplementedError(f"{type(self).__name__} does not build Federated Dropout sub-models")
+
+    def client_sizes(self):
+        """Examples per client (a sequence of num_clients ints): what the population model
+        (`population:`) prices compute time by. Default: `len(client_data(i))` for every client."""
+        return [len(self.client_data(i)) for i in range(self.num_clients())]
 
     def describe(self) -> str:
         """One line for logs."""
