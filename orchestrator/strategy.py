@@ -39,6 +39,7 @@ __all__ = [
     "aggregate_metrics",
     "available_strategies",
     "build_strategy",
+    "register_strategy",
 ]
 
 Params = Mapping[str, torch.Tensor]
@@ -296,6 +297,7 @@ def _spec_error(field_name: str, msg: str, value: Any = ...) -> Exception:
 class _Entry:
     params: tuple[str, ...]  # StrategySpec fields this strategy uses, besides clip_norm, proximal_mu
     build: Callable[["StrategySpec"], FedAvg]
+    buffered: bool = False  # robust aggregators: the round keeps every update (BufferedUpdates)
 
 
 _ADAPTIVE = ("server_lr", "beta1", "beta2", "tau")
@@ -310,16 +312,46 @@ _REGISTRY: dict[str, _Entry] = {
     "fedadagrad": _Entry(("server_lr", "beta1", "tau"), lambda s: FedAvg(
         server_optimizer=ServerAdagrad(lr=s.server_lr, beta1=s.beta1, tau=s.tau), clip_norm=s.clip_norm)),
     "median": _Entry(("server_lr",), lambda s: FedAvg(
-        server_lr=s.server_lr, aggregator=CoordinateMedian(), clip_norm=s.clip_norm)),
+        server_lr=s.server_lr, aggregator=CoordinateMedian(), clip_norm=s.clip_norm), buffered=True),
     "trimmed_mean": _Entry(("server_lr", "trim_ratio"), lambda s: FedAvg(
-        server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio), clip_norm=s.clip_norm)),
+        server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio), clip_norm=s.clip_norm), buffered=True),
     "krum": _Entry(("server_lr", "krum_f"), lambda s: FedAvg(
-        server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm)),
+        server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm), buffered=True),
 }
 _ALWAYS = ("clip_norm", "proximal_mu")
 
 
+def register_strategy(name: str, build: Callable[["StrategySpec"], FedAvg], *, params: tuple[str, ...] = ("server_lr",),
+                      needs_all_updates: bool = False) -> None:
+    """Add a strategy under `name` (no engine edit needed): `build(spec)` returns the strategy
+    object (compose `FedAvg(server_optimizer=..., aggregator=...)`) from a `StrategySpec` whose
+    fields in `params` it reads. To reach every process of a job (driver and aggregation shards),
+    register it in a module named by a `fedray.strategies` entry point of your package.
+
+    Raises:
+        ValueError: the name is taken, or `params` names a field StrategySpec does not have.
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"strategy {name!r} is registered twice")
+    known = {f.name for f in fields(StrategySpec)} - {"name"}
+    bad = [p for p in params if p not in known]
+    if bad:
+        raise ValueError(f"register_strategy({name!r}): unknown params {bad}; StrategySpec has {', '.join(sorted(known))}")
+    _REGISTRY[name] = _Entry(tuple(params), build, needs_all_updates)
+
+
+def _entry(name: str) -> _Entry | None:
+    if name not in _REGISTRY:  # a plug-in's strategy: its entry point registers it when imported
+        from fedray.plugins import load_group
+
+        load_group("fedray.strategies")
+    return _REGISTRY.get(name)
+
+
 def available_strategies() -> tuple[str, ...]:
+    from fedray.plugins import load_group
+
+    load_group("fedray.strategies")
     return tuple(_REGISTRY)
 
 
@@ -354,7 +386,7 @@ class StrategySpec:
     proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.name not in _REGISTRY:
+        if _entry(self.name) is None:
             raise _spec_error("name", f"must be one of {', '.join(_REGISTRY)}", self.name)
         _number("server_lr", self.server_lr, lo=0, lo_open=True)
         _number("server_momentum", self.server_momentum, lo=0, hi=1, hi_open=True)
@@ -380,11 +412,19 @@ class StrategySpec:
     @property
     def needs_all_updates(self) -> bool:
         """True for median, trimmed_mean, krum: the round must be collected with `BufferedUpdates`."""
-        return self.name in ("median", "trimmed_mean", "krum")
+        return _entry(self.name).buffered
 
     def build(self) -> FedAvg:
-        """The strategy object this spec describes (fresh optimizer state)."""
-        return _REGISTRY[self.name].build(self)
+        """The strategy object this spec describes (fresh optimizer state).
+
+        Raises:
+            SpecError: no strategy of that name in this process (a plug-in not installed here).
+        """
+        e = _entry(self.name)
+        if e is None:
+            raise _spec_error("name", f"no strategy {self.name!r} in this process; must be one of "
+                              f"{', '.join(_REGISTRY)}", ...)
+        return e.build(self)
 
 
 def build_strategy(name: str, **params: Any) -> FedAvg:
