@@ -160,3 +160,32 @@ def test_task_spec_and_checks():
     with pytest.raises(SpecError, match="dropout: Blobs"):
         prepare_task(JobSpec.from_dict({"dropout": {"keep_rates": [0.5]}, "training": {"clients_per_round": 2}}),
                      Blobs())
+
+
+class WideBlobs(Blobs):
+    def model(self):
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_shard_refuses_an_update_of_another_model_naming_the_tensor():
+    import grpc
+
+    from fedray.orchestrator.service import AggregationCore, create_server
+    from fedray.proto import serde
+    from fedray.proto.auth import client_token
+
+    shapes = {k: tuple(v.shape) for k, v in get_params(Blobs().model()).items()}
+    core = AggregationCore(job_id="j", secret="s", shapes=shapes)
+    server, port = create_server(core)
+    core.open_round(1)
+    try:
+        step = ClientStep(_setup(), WideBlobs(), torch.device("cpu"))
+        start = get_params(step.model)
+        out = step.run(1, start, 2, make_broadcast(start, codec="identity", codec_params={}, round=1))
+        msgs = serde.encode_upload(job_id="j", round=1, client_id=2, weight=float(out.examples), tensors=out.tensors)
+        with serde.open_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as e:
+            serde.call_upload(ch, msgs, token=client_token("s", "j", 2))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "tensor '0.weight': shape (32, 8) != expected (16, 8)" in e.value.details()
+    finally:
+        server.stop(0)
