@@ -14,7 +14,7 @@ import torch
 from fedray.compression import get_codec
 from fedray.orchestrator.engine import run_job
 from fedray.orchestrator.service import AggregationCore, create_server
-from fedray.orchestrator.spec import DataSpec, JobSpec, ResourceSpec, ServiceSpec, TrainingSpec
+from fedray.orchestrator.spec import DataSpec, DropoutSpec, JobSpec, ResourceSpec, ServiceSpec, TrainingSpec
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
@@ -34,6 +34,9 @@ def test_real_client_processes_join_a_live_job(ray_session, monkeypatch):
         training=TrainingSpec(rounds=2, clients_per_round=6, local_epochs=1, batch_size=16),
         resources=ResourceSpec(num_workers=1, shards=2),
         service=ServiceSpec(port=port, real_clients=2, real_client_wait_s=90, job_id=job_id),
+        # Real clients cut their Federated Dropout subnets as simulated ones do (the shard checks
+        # the subnet seed and keep rate of every upload against its own derivation).
+        dropout=DropoutSpec(keep_rates=(0.5, 1.0), mode="drawn"),
     )
     procs = [
         subprocess.Popen(
