@@ -15,7 +15,8 @@ from typing import Any, Callable, Mapping
 
 from .task import Task
 
-__all__ = ["BUILTIN_TASKS", "ClassificationTask", "DATASETS", "MODELS", "PARTITIONS", "builtin_task"]
+__all__ = ["BUILTIN_TASKS", "ClassificationTask", "DATASETS", "MODELS", "PARTITIONS", "build_builtin_model",
+           "builtin_model_layout", "builtin_task", "load_builtin_dataset", "task_from_sections"]
 
 DATASETS = ("fashion-mnist", "digits", "japanese-vowels")
 MODELS = ("mlp", "cnn", "conv1d", "gru")
@@ -25,7 +26,7 @@ PARTITIONS = ("iid", "dirichlet")
 class ClassificationTask(Task):
     """A built-in data set split among `num_clients` clients (iid or Dirichlet, seeded; or
     `examples_per_client` drawn from a seed for populations far larger than the data set),
-    and a built-in model (`fedray.workers.models.build_model`). Supports Federated Dropout.
+    and a built-in model (`build_builtin_model`). Supports Federated Dropout.
 
     The data set is loaded on first use and travels with the task when it is pickled (Ray puts
     it into the object store once; worker actors read it without a copy).
@@ -98,14 +99,10 @@ class ClassificationTask(Task):
         return self.fd_model(self.hidden)
 
     def fd_model(self, hidden):
-        from fedray.workers.models import build_model
-
-        return build_model(self.kind, self.data.input_shape, self.data.num_classes, hidden)
+        return build_builtin_model(self.kind, self.data.input_shape, self.data.num_classes, hidden)
 
     def fd_layout(self):
-        from fedray.workers.models import model_layout
-
-        return model_layout(self.kind, self.data.input_shape, self.data.num_classes, self.hidden)
+        return builtin_model_layout(self.kind, self.data.input_shape, self.data.num_classes, self.hidden)
 
     def __getstate__(self):
         # Loaded before pickling, so that worker actors share the driver's copy.
@@ -130,6 +127,53 @@ def load_builtin_dataset(name: str, data_dir: str | None = None, seed: int = 0):
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return loaders[name]()
+
+
+def _model_kinds():
+    from fedray.workers import models as m
+
+    # kind: (builder(input_shape, num_classes, hidden), axes(model, input_shape, hidden))
+    return {"mlp": (m.mlp, m.sequential_axes), "cnn": (m.cnn, m.sequential_axes),
+            "conv1d": (m.conv1d, m.conv1d_axes), "gru": (m.gru, m.gru_axes)}
+
+
+def build_builtin_model(kind: str, input_shape, num_classes: int, hidden):
+    """Build a built-in model.
+
+    - `mlp`: flatten, then Linear+ReLU per hidden width, then a Linear head.
+    - `cnn`: images (H, W) or (C, H, W), H and W divisible by 4; `hidden` = (c1, c2, fc):
+      conv5x5(c1)-ReLU-maxpool2, conv5x5(c2)-ReLU-maxpool2, Linear(fc)-ReLU, Linear head.
+    - `conv1d`: sequences (T, F); one conv3(width)-ReLU per hidden width over time, mean over
+      time, Linear head.
+    - `gru`: sequences (T, F), left zero-padded; one single-layer GRU per hidden width, Linear
+      head on the last time step.
+
+    Every hidden width can be changed independently, which is how a Federated Dropout sub-model
+    is built (`fedray.compression.fd.submodel_hidden`).
+
+    Raises:
+        ValueError: unknown kind, or a shape the kind cannot take.
+    """
+    kinds = _model_kinds()
+    if kind not in kinds:
+        raise ValueError(f"unknown model kind {kind!r}; choose one of {MODELS}")
+    hidden = tuple(int(h) for h in hidden)
+    input_shape = tuple(int(s) for s in input_shape)
+    model = kinds[kind][0](input_shape, int(num_classes), hidden)
+    model.fedray_arch = (kind, input_shape, int(num_classes), hidden)
+    return model
+
+
+def builtin_model_layout(kind: str, input_shape, num_classes: int, hidden):
+    """The Federated Dropout layout (`ModelLayout`) of `build_builtin_model(...)`.
+
+    Raises:
+        ValueError: as `build_builtin_model`.
+    """
+    from fedray.workers.models import layout_from_axes
+
+    model = build_builtin_model(kind, input_shape, num_classes, hidden)
+    return layout_from_axes(model, _model_kinds()[kind][1])
 
 
 def _preset(dataset: str, model: str, hidden) -> Callable[..., ClassificationTask]:

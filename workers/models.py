@@ -1,4 +1,5 @@
-"""Models clients train, and conversion between torch modules and named float32 tensors."""
+"""The built-in models' builders and Federated Dropout axes (which name maps to which is
+`fedray.builtin_tasks`'s business), and conversion between torch modules and named tensors."""
 
 from __future__ import annotations
 
@@ -9,45 +10,23 @@ from torch import nn
 
 from fedray.compression.fd import Axis, ModelLayout
 
-__all__ = ["MODEL_KINDS", "build_model", "get_params", "layout_of", "model_layout", "num_params", "set_params"]
-
-MODEL_KINDS = ("mlp", "cnn", "conv1d", "gru")
+__all__ = ["build_model", "cnn", "conv1d", "conv1d_axes", "get_params", "gru", "gru_axes", "layout_from_axes",
+           "layout_of", "mlp", "model_layout", "num_params", "sequential_axes", "set_params"]
 
 
 def build_model(kind: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int]) -> nn.Module:
-    """Build a model.
-
-    - `mlp`: flatten, then Linear+ReLU per hidden width, then a Linear head.
-    - `cnn`: images (H, W) or (C, H, W), H and W divisible by 4; `hidden` = (c1, c2, fc):
-      conv5x5(c1)-ReLU-maxpool2, conv5x5(c2)-ReLU-maxpool2, Linear(fc)-ReLU, Linear head.
-    - `conv1d`: sequences (T, F); one conv3(width)-ReLU per hidden width over time, mean over
-      time, Linear head.
-    - `gru`: sequences (T, F), left zero-padded; one single-layer GRU per hidden width, Linear
-      head on the last time step.
-
-    Every hidden width can be changed independently, which is how a Federated Dropout sub-model
-    is built (`fedray.compression.fd.submodel_hidden`).
+    """A built-in model by kind (`fedray.builtin_tasks.build_builtin_model`, where the kinds are
+    listed and documented).
 
     Raises:
         ValueError: unknown kind, or a shape the kind cannot take.
     """
-    hidden = tuple(int(h) for h in hidden)
-    input_shape = tuple(int(s) for s in input_shape)
-    if kind == "mlp":
-        model = _mlp(input_shape, num_classes, hidden)
-    elif kind == "cnn":
-        model = _cnn(input_shape, num_classes, hidden)
-    elif kind in ("conv1d", "gru"):
-        if len(input_shape) != 2 or not hidden:
-            raise ValueError(f"{kind}: input_shape must be (T, F) and hidden non-empty, got {input_shape}, {hidden}")
-        model = (_Conv1dNet if kind == "conv1d" else _GRUNet)(input_shape[1], num_classes, hidden)
-    else:
-        raise ValueError(f"unknown model kind {kind!r}; choose one of {MODEL_KINDS}")
-    model.fedray_arch = (kind, input_shape, int(num_classes), hidden)
-    return model
+    from fedray.builtin_tasks import build_builtin_model
+
+    return build_builtin_model(kind, input_shape, num_classes, hidden)
 
 
-def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
     d_in = 1
     for s in input_shape:
         d_in *= int(s)
@@ -59,7 +38,7 @@ def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]
     return nn.Sequential(*layers)
 
 
-def _cnn(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+def cnn(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
     if len(hidden) != 3:
         raise ValueError(f"cnn: hidden must be (c1, c2, fc), got {hidden}")
     if len(input_shape) not in (2, 3) or input_shape[-1] % 4 or input_shape[-2] % 4:
@@ -74,6 +53,18 @@ def _cnn(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]
         nn.Flatten(), nn.Linear(c2 * h * w, fc), nn.ReLU(), nn.Linear(fc, num_classes),
     ]
     return nn.Sequential(*layers)
+
+
+def conv1d(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+    if len(input_shape) != 2 or not hidden:
+        raise ValueError(f"conv1d: input_shape must be (T, F) and hidden non-empty, got {input_shape}, {hidden}")
+    return _Conv1dNet(input_shape[1], num_classes, hidden)
+
+
+def gru(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+    if len(input_shape) != 2 or not hidden:
+        raise ValueError(f"gru: input_shape must be (T, F) and hidden non-empty, got {input_shape}, {hidden}")
+    return _GRUNet(input_shape[1], num_classes, hidden)
 
 
 class _Conv1dNet(nn.Module):
@@ -105,47 +96,60 @@ class _GRUNet(nn.Module):
 
 
 def model_layout(kind: str, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int]) -> ModelLayout:
-    """The Federated Dropout layout of `build_model(kind, input_shape, num_classes, hidden)`:
-    hidden group `h{i}` is hidden width i (units, filters or GRU hidden units).
+    """The Federated Dropout layout of `build_model(kind, input_shape, num_classes, hidden)`
+    (`fedray.builtin_tasks.builtin_model_layout`).
 
     Raises:
         ValueError: as `build_model`.
     """
-    model = build_model(kind, input_shape, num_classes, hidden)
+    from fedray.builtin_tasks import builtin_model_layout
+
+    return builtin_model_layout(kind, input_shape, num_classes, hidden)
+
+
+def layout_from_axes(model: nn.Module, axes_fn) -> ModelLayout:
+    """The layout of a model stamped by `build_model` (`fedray_arch`): hidden group `h{i}` is
+    hidden width i (units, filters or GRU hidden units); `axes_fn(model, input_shape, hidden)`
+    gives each tensor's axes and FLOP positions."""
     kind, input_shape, num_classes, hidden = model.fedray_arch
     groups = tuple((f"h{i}", h) for i, h in enumerate(hidden))
     shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
-    if kind in ("mlp", "cnn"):
-        axes, positions = _sequential_axes(model, input_shape)
-    elif kind == "conv1d":
-        t = input_shape[0]
-        axes, positions = {}, {}
-        prev = None
-        for i in range(len(hidden)):
-            g = Axis(f"h{i}")
-            axes[f"body.{2 * i}.weight"], axes[f"body.{2 * i}.bias"] = (g, prev), (g,)
-            positions[f"body.{2 * i}.weight"] = t
-            prev = g
-        axes["head.weight"], axes["head.bias"] = (None, prev), (None,)
-        positions["head.weight"] = 1
-    else:  # gru
-        t = input_shape[0]
-        axes, positions = {}, {}
-        prev = None
-        for i in range(len(hidden)):
-            g, g3 = Axis(f"h{i}"), Axis(f"h{i}", tile=3)
-            p = f"rnns.{i}."
-            axes[p + "weight_ih_l0"], axes[p + "weight_hh_l0"] = (g3, prev), (g3, g)
-            axes[p + "bias_ih_l0"], axes[p + "bias_hh_l0"] = (g3,), (g3,)
-            positions[p + "weight_ih_l0"] = positions[p + "weight_hh_l0"] = t
-            prev = g
-        axes["head.weight"], axes["head.bias"] = (None, prev), (None,)
-        positions["head.weight"] = 1
+    axes, positions = axes_fn(model, input_shape, hidden)
     return ModelLayout(kind, tuple(input_shape), num_classes, groups,
                        tuple((k, tuple(axes[k])) for k, _ in shapes), shapes, tuple(positions.items()))
 
 
-def _sequential_axes(model: nn.Sequential, input_shape: tuple[int, ...]):
+def conv1d_axes(model: nn.Module, input_shape: tuple[int, ...], hidden: tuple[int, ...]):
+    t = input_shape[0]
+    axes, positions = {}, {}
+    prev = None
+    for i in range(len(hidden)):
+        g = Axis(f"h{i}")
+        axes[f"body.{2 * i}.weight"], axes[f"body.{2 * i}.bias"] = (g, prev), (g,)
+        positions[f"body.{2 * i}.weight"] = t
+        prev = g
+    axes["head.weight"], axes["head.bias"] = (None, prev), (None,)
+    positions["head.weight"] = 1
+    return axes, positions
+
+
+def gru_axes(model: nn.Module, input_shape: tuple[int, ...], hidden: tuple[int, ...]):
+    t = input_shape[0]
+    axes, positions = {}, {}
+    prev = None
+    for i in range(len(hidden)):
+        g, g3 = Axis(f"h{i}"), Axis(f"h{i}", tile=3)
+        p = f"rnns.{i}."
+        axes[p + "weight_ih_l0"], axes[p + "weight_hh_l0"] = (g3, prev), (g3, g)
+        axes[p + "bias_ih_l0"], axes[p + "bias_hh_l0"] = (g3,), (g3,)
+        positions[p + "weight_ih_l0"] = positions[p + "weight_hh_l0"] = t
+        prev = g
+    axes["head.weight"], axes["head.bias"] = (None, prev), (None,)
+    positions["head.weight"] = 1
+    return axes, positions
+
+
+def sequential_axes(model: nn.Sequential, input_shape: tuple[int, ...], hidden: tuple[int, ...] = ()):
     # One dry forward records each layer's output spatial size (FLOP positions, flatten factor).
     out_pos: dict[str, int] = {}
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: out_pos.__setitem__(n, o[0, 0].numel()))
