@@ -90,7 +90,7 @@ def run_client(a: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         print(f"fedray client: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
-    except (ClientError, PluginError) as e:
+    except (ClientError, PluginError, ValueError) as e:  # ValueError: the task cannot do what the job asks
         print(f"fedray client: error: {'--task: ' if isinstance(e, PluginError) else ''}{e}", file=sys.stderr)
         return 1
     finally:

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import grpc
-import numpy as np
 import torch
 
 from fedray.compression.payload import Payload
