@@ -30,7 +30,7 @@ from fedray.compression.omc import quantizable_names
 from fedray.workers.broadcast import decode_broadcast, make_broadcast
 from fedray.workers.models import build_model, get_params, model_layout, num_params, set_params
 from fedray.workers.pool import RayPool, default_num_workers
-from fedray.workers.train import TrainConfig, evaluate
+from fedray.workers.train import evaluate
 
 from fedray.proto import serde
 from fedray.proto.serde import TLSConfig
@@ -40,7 +40,6 @@ from .metrics import JobMetrics
 from .population import Population, SeededPartition
 from .privacy import add_gaussian_noise, noise_generator
 from .strategy import aggregate_metrics
-from .service import ServiceLimits
 from .shard import AggregationShard
 from .spec import JobSpec
 from .state import JobState, JobStateMachine
@@ -156,7 +155,7 @@ class _Shards:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
-            limits=ServiceLimits(max_inflight=spec.service.max_inflight),
+            limits=spec.service,  # a ServiceSpec is the shards' ServiceLimits
             spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
@@ -209,9 +208,11 @@ def run_job(
     With `resume`, continue from the last checkpoint in `spec.checkpoint_dir` (if any).
 
     Raises:
+        SpecError: a codec name or its parameters are unknown (`JobSpec.check_plugins`).
         DatasetMissingError: the data set is not on this machine.
         JobError: a round ended with fewer than `training.min_clients` updates.
     """
+    spec.check_plugins()
     if not ray.is_initialized():
         raise JobError("Ray is not initialized: call fedray.orchestrator.engine.ensure_ray() first")
     rt = JobRuntime(spec, progress=progress, log=log)
@@ -237,7 +238,7 @@ class JobRuntime:
                                    alpha=spec.data.alpha, seed=spec.seed)
         self.population = None
         if spec.population is not None:
-            self.population = Population(spec.data.num_clients, spec.seed, profile=spec.population.profile(),
+            self.population = Population(spec.data.num_clients, spec.seed, profile=spec.population,
                                          examples=np.asarray(self.parts.sizes()))
         self._bytes_up_estimate = 0.0
         with torch.random.fork_rng():
@@ -246,7 +247,7 @@ class JobRuntime:
         self.params = get_params(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.layout = model_layout(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
-        self.omc_cfg = spec.omc.config() if spec.omc is not None else None
+        self.omc_cfg = spec.omc
         self.quantized = quantizable_names(self.model) if spec.omc is not None else []
         self.fp32_bytes = 4 * num_params(self.params)
         comp = spec.compression
@@ -265,7 +266,7 @@ class JobRuntime:
         self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
         setup = TrainerSetup(
             job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
-            hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
+            hidden=spec.model.hidden, train=tr,
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,

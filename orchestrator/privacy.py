@@ -12,11 +12,12 @@ The guarantee is client-level (add/remove one client's whole data).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from fedray.config import DPSpec
 
 from .aggregation import clip_update
 
@@ -34,53 +35,6 @@ __all__ = [
 # Integer orders 2..64 (exact binomial expansion) plus fractional ones near 1, where the best
 # order lies for large epsilon, and two large ones for very small q.
 DEFAULT_ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, 2.5, 3.5, 4.5) + tuple(float(a) for a in range(2, 65)) + (128.0, 256.0)
-
-# Strategies whose aggregate is the clipped mean, which the Gaussian mechanism's analysis covers.
-_DP_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-
-
-def _spec_error(field_name: str, msg: str, value: Any) -> Exception:
-    from .spec import SpecError  # lazily: spec.py may import this module (see strategy.py)
-
-    return SpecError(f"privacy.{field_name}: {msg}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class DPSpec:
-    """Client-level DP settings (`privacy:` in the job spec).
-
-    noise_multiplier z: noise std on the sum of clipped deltas is z * clip_norm.
-    clip_norm C: every client delta is clipped to this L2 norm.
-    delta: the delta of the reported (epsilon, delta); well below 1 / number of clients.
-    """
-
-    noise_multiplier: float
-    clip_norm: float
-    delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        for name, lo_open in (("noise_multiplier", False), ("clip_norm", True)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (lo_open and v == 0):
-                raise _spec_error(name, f"must be a finite number {'>' if lo_open else '>='} 0", v)
-        d = self.delta
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
-            raise _spec_error("delta", "must be in (0, 1), e.g. 1e-5", d)
-
-    def check_strategy(self, name: str) -> None:
-        """DP's noise is calibrated for the clipped mean; median, trimmed mean and Krum are not covered.
-
-        Raises:
-            SpecError: the strategy is not one of the mean-based ones.
-        """
-        if name not in _DP_STRATEGIES:
-            raise _spec_error("noise_multiplier", f"differential privacy needs a mean-based strategy "
-                              f"({', '.join(_DP_STRATEGIES)}), not strategy.name", name)
-
-    def accountant(self, *, sample_rate: float, orders: Sequence[float] = DEFAULT_ORDERS) -> "RDPAccountant":
-        """An accountant for this noise with clients sampled at `sample_rate` per round."""
-        return RDPAccountant(self.noise_multiplier, sample_rate, orders=orders)
-
 
 def noise_generator(seed: int, round: int) -> torch.Generator:
     """The noise generator of one round, from (job seed, round) alone, so a resumed job adds the

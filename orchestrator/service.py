@@ -16,7 +16,6 @@ allocation per upload).
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -34,7 +33,8 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import verify_token
 
-from fedray.compression.fd import CountedSum, KeepRateConfig, SubnetSpec, keep_rate_for
+from fedray.compression.fd import CountedSum, SubnetSpec, keep_rate_for
+from fedray.config import ServiceLimits
 from fedray.workers.broadcast import Broadcast, decode_broadcast
 from fedray.workers.client import client_seed
 
@@ -115,35 +115,6 @@ def status_of(e: Exception) -> grpc.StatusCode | None:
     return None
 
 
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Per-shard limits.
-
-    max_inflight: uploads admitted at once; the next one gets RESOURCE_EXHAUSTED with a
-        retry-after-ms hint (the server runs max_inflight + 4 handler threads so that it can).
-    max_active: admitted uploads that decode and fold at the same time; the others wait their
-        turn with their bytes in gRPC's buffers. More than the shard has cores only adds lock and
-        GIL hand-offs (measured: twice the system time at 8 than at 2 on 2 cores). 0: the
-        number of CPUs.
-    """
-
-    max_update_bytes: int = 1 << 32
-    max_tensors: int = 4096
-    max_inflight: int = 64
-    max_active: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_update_bytes", "max_tensors", "max_inflight"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ServiceLimits.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_active < 0:
-            raise ValueError(f"ServiceLimits.max_active must be >= 0 (0: the number of CPUs), got {self.max_active}")
-
-    @property
-    def active(self) -> int:
-        return self.max_active or max(1, len(os.sched_getaffinity(0)))
-
-
 @dataclass
 class _RoundState:
     round: int
@@ -221,7 +192,7 @@ class AggregationCore:
         self._layout = layout
         self._seed = seed
         if dropout is not None:
-            self._keep = KeepRateConfig(tuple(dropout.keep_rates), dropout.mode, tuple(dropout.probs))
+            self._keep = dropout  # a DropoutSpec is a KeepRateConfig
         self._strategy = strategy.build()
         self._privacy = privacy
         self._max_clients = max_clients

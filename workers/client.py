@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fedray.compression import CodecContext, CodecState, get_codec
-from fedray.compression.fd import KeepRateConfig, SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
+from fedray.compression.fd import SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
 from fedray.compression.omc import OMCModel
 from fedray.compression.payload import Payload
 from fedray.proto import serde
@@ -111,8 +111,7 @@ class ClientTrainer:
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
         self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
         self._states: dict[int, CodecState] = {}  # error feedback / warm starts, per client
-        d = setup.dropout
-        self._keep = KeepRateConfig(tuple(d.keep_rates), d.mode, tuple(d.probs)) if d is not None else None
+        self._keep = setup.dropout  # a DropoutSpec is a KeepRateConfig (or None)
 
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
