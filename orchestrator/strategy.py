@@ -297,7 +297,8 @@ _BUILDERS: dict[str, Callable[[StrategySpec], FedAvg]] = {
     "fedadagrad": lambda s: FedAvg(server_optimizer=ServerAdagrad(lr=s.server_lr, beta1=s.beta1, tau=s.tau),
                                    clip_norm=s.clip_norm),
     "median": lambda s: FedAvg(server_lr=s.server_lr, aggregator=CoordinateMedian(), clip_norm=s.clip_norm),
-    "trimmed_mean": lambda s: FedAvg(server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio), clip_norm=s.clip_norm),
+    "trimmed_mean": lambda s: FedAvg(server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio),
+                                     clip_norm=s.clip_norm),
     "krum": lambda s: FedAvg(server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm),
 }
 def available_strategies() -> tuple[str, ...]:

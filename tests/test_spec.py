@@ -67,7 +67,8 @@ def test_wording_of_todays_messages():
     [
         ({"compression": {"codec": "nope"}}, "compression.codec"),
         ({"compression": {"codec": "int8", "codec_params": {"granularity": "row"}}}, "compression.codec_params"),
-        ({"compression": {"broadcast": "p2u", "broadcast_params": {"stage_bits": [0]}}}, "compression.broadcast_params"),
+        ({"compression": {"broadcast": "p2u", "broadcast_params": {"stage_bits": [0]}}},
+         "compression.broadcast_params"),
     ],
 )
 def test_codec_names_and_params_are_checked_against_the_registry(doc, field):
@@ -141,8 +142,9 @@ def test_parsing_imports_neither_torch_nor_ray(tmp_path: Path):
     p = tmp_path / "job.yaml"
     p.write_text("training: {rounds: 2}\ncompression: {codec: topk, codec_params: {ratio: 0.1}}\n"
                  "privacy: {noise_multiplier: 1.0, clip_norm: 1.0}\ntask: {target: 'pkg.mod:MyTask'}\n")
-    code = ("import sys; from fedray.orchestrator.spec import JobSpec; from fedray.config import job_schema; "
-            f"s = JobSpec.from_yaml({str(p)!r}); job_schema(); JobSpec.from_dict(s.to_dict()); "
+    code = ("import sys; from fedray.orchestrator.spec import JobSpec; from fedray.orchestrator.cli import main; "
+            f"s = JobSpec.from_yaml({str(p)!r}); JobSpec.from_dict(s.to_dict()); "
+            f"assert main(['schema', '--out', {str(tmp_path / 's.json')!r}]) == 0; "
             "print(sorted(m for m in ('torch', 'ray', 'grpc', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -99,7 +99,8 @@ def _model_at(cls: type, loc: tuple) -> type | None:
         if f is None:
             return None
         ann = f.annotation
-        cls = next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)),
+        cls = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                    if isinstance(a, type) and issubclass(a, BaseModel)),
                    None)
     return cls
 

@@ -65,8 +65,8 @@ class JobSpec(Section):
                              f"{self.training.clients_per_round} clients per round (plus real clients)")
         if self.task is not None and self.task.target is not None:
             d = DataSpec()
-            for where, changed in (("model", self.model != ModelSpec()),
-                                   ("data.dataset", (self.data.dataset, self.data.data_dir) != (d.dataset, d.data_dir))):
+            data_changed = (self.data.dataset, self.data.data_dir) != (d.dataset, d.data_dir)
+            for where, changed in (("model", self.model != ModelSpec()), ("data.dataset", data_changed)):
                 if changed:
                     raise FieldError(where, f"task.target {self.task.target!r} brings its own model and data; "
                                      f"remove {where} or the task")
