@@ -272,6 +272,8 @@ def _remote(a: argparse.Namespace) -> int:
     from .client import DEFAULT_RESULTS_ROOT, Client, ClientError
 
     spec = JobSpec.from_yaml(a.spec) if a.cmd == "submit" else None  # bad specs fail before any connection
+    if spec is not None:
+        spec.check_plugins()
     try:
         client = Client(a.address, token=a.token, ship_code=getattr(a, "ship_code", True),
                         results_root=getattr(a, "results_root", None) or DEFAULT_RESULTS_ROOT)
