@@ -15,8 +15,7 @@ from typing import Annotated, Any, ClassVar, Mapping, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
-    "Bool", "FieldError", "Float", "Int", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "Section",
-    "SpecError", "Str", "Tuple", "format_error",
+    "FieldError", "Fraction", "NonEmptyStr", "NonNegFloat", "NonNegInt", "PosFloat", "PosInt", "Section", "SpecError", "Tuple", "format_error",
 ]
 
 
@@ -32,15 +31,14 @@ class FieldError(ValueError):
         super().__init__(self.msg)
 
 
-# Field types. Strictness comes from the model config; ranges from Field(ge=, gt=, le=, lt=).
-Int = int
-Float = Annotated[float, Field(allow_inf_nan=False)]
-Bool = bool
-Str = str
+# Field types. Strictness comes from the model config; ranges from Field(ge=, gt=, le=, lt=) and
+# floats are finite: write `Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]` for others.
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # [0, 1]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 def Tuple(item: Any) -> Any:
@@ -115,11 +113,16 @@ def _is_int(ann: Any) -> bool:
     return bool(args) and get_origin(ann) is not tuple and any(_is_int(a) for a in args if a is not type(None))
 
 
-def _is_int_field(cls: type, loc: tuple) -> bool:
+def _field_at(cls: type, loc: tuple) -> tuple[type | None, Any, bool]:
+    """(owning model, FieldInfo or None, whether loc ends in a tuple index) for an error's loc."""
     item = bool(loc) and isinstance(loc[-1], int)
     field_loc = loc[:-1] if item else loc
-    owner = _model_at(cls, field_loc[:-1])
-    f = owner.model_fields.get(field_loc[-1]) if owner is not None and field_loc else None
+    owner = _model_at(cls, field_loc[:-1]) if field_loc else None
+    return owner, owner.model_fields.get(field_loc[-1]) if owner is not None else None, item
+
+
+def _is_int_field(cls: type, loc: tuple) -> bool:
+    _, f, item = _field_at(cls, loc)
     if f is None:
         return False
     if item:
@@ -128,7 +131,7 @@ def _is_int_field(cls: type, loc: tuple) -> bool:
     return _is_int(f.annotation)
 
 
-def _message(err: Mapping[str, Any], cls: type, loc: tuple) -> tuple[str, str]:
+def _message(err: Mapping[str, Any], cls: type, loc: tuple, prefix: str) -> tuple[str, str]:
     """(extra path below loc, message) for one pydantic error, in the job spec's wording."""
     t, v, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     got = f", got {v!r}"
@@ -141,7 +144,8 @@ def _message(err: Mapping[str, Any], cls: type, loc: tuple) -> tuple[str, str]:
     if t == "extra_forbidden":
         owner = _model_at(cls, loc[:-1])
         names = ", ".join(owner.model_fields) if owner is not None else ""
-        return "", f"unknown field; {_path(loc[:-1]) or 'job spec'} has: {names}"
+        where = _path(((prefix,) if prefix else ()) + loc[:-1]) or "job spec"
+        return "", f"unknown field; {where} has: {names}"
     if t == "missing":
         return "", "is required"
     if t in ("int_type", "int_parsing", "int_from_float"):
@@ -192,10 +196,7 @@ def _num(x: Any) -> str:
 
 def _bound_message(t: str, ctx: Mapping[str, Any], cls: type, loc: tuple, integer: str) -> str:
     op, key = _OPS[t]
-    item = bool(loc) and isinstance(loc[-1], int)
-    field_loc = loc[:-1] if item else loc
-    owner = _model_at(cls, field_loc[:-1]) if field_loc else None
-    f = owner.model_fields.get(field_loc[-1]) if owner is not None else None
+    owner, f, _ = _field_at(cls, loc)
     if integer or f is None:
         return f"must be {integer}{op} {_num(ctx.get(key))}"
     b: dict[str, Any] = {}
@@ -220,7 +221,7 @@ def format_error(e: ValidationError, cls: type, prefix: str = "") -> str:
     if isinstance((err.get("ctx") or {}).get("error"), SpecError):  # already names its field
         return f"{err['ctx']['error']}{more}"
     loc = tuple(err["loc"])
-    below, msg = _message(err, cls, loc)
+    below, msg = _message(err, cls, loc, prefix)
     path = _path(((prefix,) if prefix else ()) + loc)
     if below:
         path = f"{path}.{below}" if path else below

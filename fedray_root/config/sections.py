@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ._base import FieldError, NonNegFloat, NonNegInt, PosFloat, PosInt, Section, SpecError, Tuple
+from ._base import (
+    FieldError, Fraction, NonEmptyStr, NonNegFloat, NonNegInt, PosFloat, PosInt, Section, SpecError, Tuple,
+)
 
 __all__ = [
     "DATASETS", "MODELS", "PARTITIONS", "CompressionSpec", "DataSpec", "DeviceProfileSpec", "DropoutSpec",
@@ -24,8 +26,6 @@ __all__ = [
 DATASETS = ("fashion-mnist", "digits", "japanese-vowels")
 PARTITIONS = ("iid", "dirichlet")
 MODELS = ("mlp", "cnn", "conv1d", "gru")
-Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
-NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class DataSpec(Section):
