@@ -287,7 +287,8 @@ class ServiceLimits(Section):
         retry-after-ms hint (the server runs max_inflight + 4 handler threads so that it can).
     max_active: admitted uploads that decode and fold at the same time; the others wait their
         turn with their bytes in gRPC's buffers. More than the shard has cores only adds lock and
-        GIL hand-offs. 0: the number of CPUs.
+        GIL hand-offs (measured: twice the system time at 8 than at 2 on 2 cores). 0: the
+        number of CPUs.
     """
 
     _section = "service"
