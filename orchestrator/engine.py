@@ -38,7 +38,7 @@ from fedray.proto.serde import TLSConfig
 from .checkpoint import open_store
 from .metrics import JobMetrics
 from .population import Population, SeededPartition
-from .privacy import add_gaussian_noise, noise_generator
+from .privacy import add_gaussian_noise, noise_generator, noise_secret
 from .strategy import aggregate_metrics
 from .service import ServiceLimits
 from .shard import AggregationShard
@@ -252,7 +252,9 @@ class JobRuntime:
         comp = spec.compression
         self.strategy = spec.strategy.build()
         self.accountant = None
+        self.noise_secret = b""  # DP: the driver's secret noise seed (privacy.noise_secret); never sent
         if spec.privacy is not None:
+            self.noise_secret = noise_secret(spec.privacy)
             rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / spec.data.num_clients)
             self.accountant = spec.privacy.accountant(sample_rate=rate)
         self.metrics = JobMetrics(spec.name, comp.codec)
@@ -321,6 +323,9 @@ class JobRuntime:
             "round": r, "params": self.params, "strategy": self.strategy.state_dict(),
             "accountant": self.accountant.state_dict() if self.accountant else None,
             "rounds": [asdict(x) for x in result.rounds], "wall_s": time.perf_counter(), "spec": self.spec.to_dict(),
+            # what the next round depends on besides (seed, round): the stragglers model's upload
+            # size estimate and the DP noise secret (the checkpoint stays on the driver's side)
+            "bytes_up_estimate": self._bytes_up_estimate, "noise_secret": self.noise_secret.hex(),
         }
 
     def _restore(self, ck: dict, result: JobResult) -> None:
@@ -331,6 +336,9 @@ class JobRuntime:
         self.strategy.load_state_dict(ck["strategy"])
         if self.accountant is not None:
             self.accountant.load_state_dict(ck["accountant"])
+        self._bytes_up_estimate = float(ck.get("bytes_up_estimate", 0.0))
+        if ck.get("noise_secret"):
+            self.noise_secret = bytes.fromhex(ck["noise_secret"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
     def _round(self, r: int) -> RoundRecord:
@@ -377,7 +385,7 @@ class JobRuntime:
         if spec.privacy is not None:
             delta = add_gaussian_noise(
                 delta, noise_multiplier=spec.privacy.noise_multiplier, clip_norm=spec.privacy.clip_norm,
-                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(spec.seed, r),
+                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(self.noise_secret, r),
             )
             self.accountant.step()
             epsilon = self.accountant.epsilon(spec.privacy.delta)

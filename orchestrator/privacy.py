@@ -11,7 +11,11 @@ The guarantee is client-level (add/remove one client's whole data).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import os
+import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -28,6 +32,7 @@ __all__ = [
     "clip_update",
     "compute_rdp",
     "noise_generator",
+    "noise_secret",
     "rdp_to_epsilon",
 ]
 
@@ -52,11 +57,16 @@ class DPSpec:
     noise_multiplier z: noise std on the sum of clipped deltas is z * clip_norm.
     clip_norm C: every client delta is clipped to this L2 norm.
     delta: the delta of the reported (epsilon, delta); well below 1 / number of clients.
+    noise_secret_env: environment variable of the driver holding the noise secret (hex, at
+        least 16 bytes); unset: a fresh random secret per job (`noise_secret`). The secret never
+        leaves the driver (it is not in the spec, GetJob or summary.json; it is in checkpoints,
+        so a resumed job adds the same noise).
     """
 
     noise_multiplier: float
     clip_norm: float
     delta: float = 1e-5
+    noise_secret_env: str = "FEDRAY_NOISE_SECRET"
 
     def __post_init__(self) -> None:
         for name, lo_open in (("noise_multiplier", False), ("clip_norm", True)):
@@ -66,6 +76,8 @@ class DPSpec:
         d = self.delta
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
             raise _spec_error("delta", "must be in (0, 1), e.g. 1e-5", d)
+        if not isinstance(self.noise_secret_env, str) or not self.noise_secret_env:
+            raise _spec_error("noise_secret_env", "must be the name of an environment variable", self.noise_secret_env)
 
     def check_strategy(self, name: str) -> None:
         """DP's noise is calibrated for the clipped mean; median, trimmed mean and Krum are not covered.
@@ -82,11 +94,39 @@ class DPSpec:
         return RDPAccountant(self.noise_multiplier, sample_rate, orders=orders)
 
 
-def noise_generator(seed: int, round: int) -> torch.Generator:
-    """The noise generator of one round, from (job seed, round) alone, so a resumed job adds the
-    same noise. (For privacy against someone who knows the job seed, use a secret seed.)"""
-    ss = np.random.SeedSequence([seed, round, 0xD9])
-    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+def noise_secret(spec: DPSpec, environ: Mapping[str, str] = os.environ) -> bytes:
+    """The job's noise secret: from the driver's `spec.noise_secret_env` (hex) if set, else 32
+    fresh random bytes. Nothing a client is told (job seed, spec, tokens) determines it.
+
+    Raises:
+        SpecError: the variable is set but not hex of at least 16 bytes.
+    """
+    raw = environ.get(spec.noise_secret_env)
+    if not raw:
+        return secrets.token_bytes(32)
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise _spec_error("noise_secret_env", f"${spec.noise_secret_env} must hold at least 32 hex digits",
+                          f"{len(raw)} characters")
+    return key
+
+
+def noise_generator(secret: bytes, round: int) -> torch.Generator:
+    """The noise generator of one round, from (noise secret, round) alone, so a resumed job (which
+    restores the secret from its checkpoint) adds the same noise. The seed is an HMAC of the
+    round under the secret: without the secret, no participant can regenerate the noise.
+
+    Raises:
+        TypeError: `secret` is not bytes (the job seed is public and must not seed the noise).
+    """
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
+        raise TypeError("noise_generator needs the job's noise secret (>= 16 bytes, `noise_secret`), "
+                        "not the public job seed")
+    mac = hmac.new(bytes(secret), f"fedray-dp-noise:{int(round)}".encode(), hashlib.sha256).digest()
+    return torch.Generator().manual_seed(int.from_bytes(mac[:8], "big") >> 1)
 
 
 def add_gaussian_noise(mean_update: Mapping[str, torch.Tensor], *, noise_multiplier: float, clip_norm: float,
