@@ -118,6 +118,8 @@ def status_of(e: Exception) -> grpc.StatusCode | None:
 
 def _q(x: object, n: int = 64) -> str:
     """`repr(x)` cut to about `n` characters: error messages quote client input only this short."""
+    if isinstance(x, (str, bytes, list, tuple)) and len(x) > n:  # never repr a megabyte to cut it
+        return f"{x[: n - 16]!r}...({len(x)} long)"
     r = repr(x)
     return r if len(r) <= n else f"{r[: n - 12]}...({len(r)} chars)"
 
@@ -694,13 +696,19 @@ def create_server(
     """
     lim = core.limits
     workers = max_workers or lim.max_streams + 4
-    options = serde.GRPC_OPTIONS + (("grpc.max_concurrent_streams", lim.max_streams_per_connection),)
+    header = lim.header_bytes(len(core.shapes))
+    # The largest message a fedray client sends is one ~1 MiB chunk with its header: gRPC
+    # refuses anything larger from its length prefix (RESOURCE_EXHAUSTED), before buffering it.
+    options = tuple(o for o in serde.GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length") + (
+        ("grpc.max_receive_message_length", serde.CHUNK_BYTES + header + (64 << 10)),
+        ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedray-rpc"),
                          options=options, maximum_concurrent_rpcs=min(lim.max_streams, workers))
     watchdog = StreamWatchdog(idle_s=lim.idle_timeout_s, max_s=lim.max_stream_s)
     serde.add_aggregation_service(
         server, core, job_id=core.job_id, status_of=status_of, watchdog=watchdog,
-        max_header_bytes=lim.header_bytes(len(core.shapes)), max_batch_updates=lim.max_batch_updates,
+        max_header_bytes=header, max_batch_updates=lim.max_batch_updates,
     )
     port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if port == 0:
