@@ -858,7 +858,9 @@ class _Servicer(pb_grpc.AggregationServicer):
 
     def _abort(self, context, e: Exception):
         if isinstance(e, grpc.RpcError) and not context.is_active():
-            return None  # the call was cancelled (by the client, or by the watchdog): nobody to answer
+            # The call was cancelled (by the client, or by the watchdog): nobody to answer. gRPC
+            # recognises the error its request iterator raised and ends the call quietly.
+            raise e
         code = self._status_of(e)
         if code is None:
             raise e
@@ -923,7 +925,6 @@ class _Servicer(pb_grpc.AggregationServicer):
                     it.next()
         except grpc.RpcError as e:  # the stream broke or was cancelled: nobody reads the reply
             self._abort(context, e)
-            return None
         return pb.UploadBatchAck(results=results)
 
     def UploadPacked(self, request_iterator, context):
