@@ -152,7 +152,8 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
 class _Shards:
     """The job's aggregation shards: start, restart after a failure, open and close rounds."""
 
-    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout) -> None:
+    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout,
+                 max_weight: float | None = None) -> None:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
@@ -161,7 +162,7 @@ class _Shards:
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
-            layout=layout, seed=spec.seed,
+            layout=layout, seed=spec.seed, max_weight=max_weight,
         )
         self.actors = [self._start(i) for i in range(spec.resources.shards)]
         self.addresses = ray.get([a.address.remote() for a in self.actors])
@@ -264,7 +265,9 @@ class JobRuntime:
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
-        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
+        cap = spec.strategy.weight_cap(clients_per_round=tr.clients_per_round + spec.service.real_clients,
+                                       mean_examples=float(np.mean(self.parts.sizes())))
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap)
         setup = TrainerSetup(
             job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
             hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),

@@ -251,9 +251,10 @@ class AggregationCore:
         limits: ServiceLimits = ServiceLimits(), spec_json: str = "{}", num_rounds: int = 0,
         shard: tuple[int, int] = (0, 1), strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None,
         max_clients: int = 1 << 16, codecs: Mapping[str, Mapping] | None = None, dropout=None, layout=None,
-        seed: int = 0,
+        seed: int = 0, max_weight: float | None = None,
     ) -> None:
         self.job_id = job_id
+        self._max_weight = max_weight  # StrategySpec.weight_cap: declared weights above it count as it
         self._codec_params = {k: dict(v) for k, v in (codecs or {}).items()}
         self._dropout = dropout  # DropoutSpec: uploads are sub-models, averaged per coordinate
         self._layout = layout
@@ -469,7 +470,7 @@ class AggregationCore:
             fold = self._folds and not header.weights
             staged, received, decode_s = self._receive(header, chunks, fold, held)
             with self._active:  # CPU work only: a slow client's stream never holds a turn
-                weight = header.weight
+                weight = header.weight if self._max_weight is None else min(header.weight, self._max_weight)
                 if not fold:
                     if header.weights:
                         start = self._start(st)

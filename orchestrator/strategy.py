@@ -316,7 +316,7 @@ _REGISTRY: dict[str, _Entry] = {
     "krum": _Entry(("server_lr", "krum_f"), lambda s: FedAvg(
         server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm)),
 }
-_ALWAYS = ("clip_norm", "proximal_mu")
+_ALWAYS = ("clip_norm", "proximal_mu", "max_weight_share")
 
 
 def available_strategies() -> tuple[str, ...]:
@@ -337,7 +337,10 @@ class StrategySpec:
     """The server strategy of a job (`strategy:` in the job spec).
 
     clip_norm clips every client delta to that L2 norm before aggregation (any strategy);
-    proximal_mu is FedProx's proximal weight, used by client training, not by the server.
+    proximal_mu is FedProx's proximal weight, used by client training, not by the server;
+    max_weight_share caps each client's declared weight (FedAvg's example count) at that share
+    of the round's planned total, clients per round x the mean examples per client of the job's
+    data (`weight_cap`; docs/strategies.md).
     A field that the named strategy does not use must keep its default, so that a typo'd or
     stale setting is an error rather than silently ignored.
     """
@@ -352,6 +355,7 @@ class StrategySpec:
     clip_norm: float | None = None
     krum_f: int = 0
     proximal_mu: float = 0.0
+    max_weight_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.name not in _REGISTRY:
@@ -367,6 +371,8 @@ class StrategySpec:
         if isinstance(self.krum_f, bool) or not isinstance(self.krum_f, int) or self.krum_f < 0:
             raise _spec_error("krum_f", "must be an integer >= 0", self.krum_f)
         _number("proximal_mu", self.proximal_mu, lo=0)
+        if self.max_weight_share is not None:
+            _number("max_weight_share", self.max_weight_share, lo=0, hi=1, lo_open=True)
         used = _REGISTRY[self.name].params + _ALWAYS
         for f in fields(self):
             if f.name not in used and f.name != "name" and getattr(self, f.name) != f.default:
@@ -381,6 +387,14 @@ class StrategySpec:
     def needs_all_updates(self) -> bool:
         """True for median, trimmed_mean, krum: the round must be collected with `BufferedUpdates`."""
         return self.name in ("median", "trimmed_mean", "krum")
+
+    def weight_cap(self, *, clients_per_round: int, mean_examples: float) -> float | None:
+        """The largest weight the service counts for one client (declared weights above it are
+        clamped), or None without `max_weight_share`. Fixed for the job, so every shard and a
+        resumed run clamp alike."""
+        if self.max_weight_share is None:
+            return None
+        return float(self.max_weight_share * clients_per_round * mean_examples)
 
     def build(self) -> FedAvg:
         """The strategy object this spec describes (fresh optimizer state)."""

@@ -24,7 +24,9 @@ def _spec(ck=None, rounds=3, z=1.0, population=True) -> JobSpec:
         compression=CompressionSpec(codec="int8"),  # uploads a quarter of fp32: the estimate matters
         resources=ResourceSpec(num_workers=2, clients_per_call=3),
         privacy=DPSpec(noise_multiplier=z, clip_norm=1.0, noise_secret_env="FEDRAY_TEST_UNSET_NOISE_SECRET"),
-        population=PopulationSpec(over_select=1.6, up_mbps_median=0.05, up_sigma=1.5) if population else None,
+        # upload and compute times comparable: the upload-size estimate decides who finishes first
+        population=PopulationSpec(over_select=1.6, up_mbps_median=1.0, up_sigma=1.5, seconds_per_example=1e-2)
+        if population else None,
         checkpoint_dir=None if ck is None else str(ck),
     )
 
@@ -41,7 +43,7 @@ def test_resume_with_population_and_dp_noise_is_bit_identical(ray_session, tmp_p
     for k, v in full.params.items():
         assert torch.equal(resumed.params[k], v), k
     # the same clients were kept in rounds 2 and 3 (the stragglers model priced them the same)
-    assert [r.bytes_up for r in resumed.rounds] == [r.bytes_up for r in full.rounds]
+    assert [(r.bytes_up, r.virtual_s) for r in resumed.rounds] == [(r.bytes_up, r.virtual_s) for r in full.rounds]
 
 
 def test_what_a_client_is_told_does_not_reproduce_the_noise(ray_session, tmp_path):

@@ -209,3 +209,27 @@ def test_tokens_are_scoped_expire_and_never_raise():
     assert not verify_token(SECRET, JOB, 3, f"{int(exp) + 10**6}.{mac}")  # a later expiry is not signed
     for bad in ("", "\u00e9" * 70, "x" * 10_000, "1.\u00e9", ".", "1e9." + mac, None):
         assert not verify_token(SECRET, JOB, 3, bad)
+
+
+def test_declared_weight_is_capped():
+    """A client that declares 1e11 examples counts as max_weight (StrategySpec.max_weight_share)."""
+    from fedray.orchestrator.strategy import StrategySpec
+
+    cap = StrategySpec(max_weight_share=0.25).weight_cap(clients_per_round=4, mean_examples=2.0)
+    assert cap == 2.0 and StrategySpec().weight_cap(clients_per_round=4, mean_examples=2.0) is None
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes={"w": (4,)}, max_weight=cap)
+    server, port = create_server(core, "127.0.0.1:0")
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+    try:
+        core.open_round(1)
+        c = get_codec("identity")
+        for cid, x, w in ((1, 1.0, 1e11), (2, 4.0, 1.0)):
+            msgs = serde.upload_messages(job_id=JOB, round=1, client_id=cid, weight=w,
+                                         tensors=[("w", c.encode(torch.full((4,), x)))])
+            serde.call_upload(ch, msgs, token=client_token(SECRET, JOB, cid))
+        part = core.close_round(1)
+        assert part["total_weight"] == 3.0
+        assert torch.equal(part["sums"]["w"], torch.full((4,), 2.0 * 1.0 + 1.0 * 4.0, dtype=part["sums"]["w"].dtype))
+    finally:
+        ch.close()
+        server.stop(None)
