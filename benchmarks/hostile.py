@@ -120,7 +120,8 @@ def _download_request(cid: int, job: str = JOB) -> bytes:
 # -- attacks (asyncio gRPC clients) -------------------------------------------------------------------
 
 def _channels(addr: str, n: int):
-    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
+    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0),  # small windows: unread stalls
+            ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
     return [grpc.aio.insecure_channel(addr, options=opts) for _ in range(n)]
 

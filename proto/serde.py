@@ -245,9 +245,11 @@ def _entries(metas) -> tuple[TensorEntry, ...]:
         key = m.SerializeToString()
         e = _ENTRY_CACHE.get(key)
         if e is None:
-            if len(_ENTRY_CACHE) >= 4096:
-                _ENTRY_CACHE.clear()
-            e = _ENTRY_CACHE[key] = TensorEntry(m.name, payload_from_meta(m), int(m.nbytes), key)
+            e = TensorEntry(m.name, payload_from_meta(m), int(m.nbytes), key)
+            if len(key) <= 1024:  # bounded: 4096 entries of at most 1 KiB (servers call this after the token check)
+                if len(_ENTRY_CACHE) >= 4096:
+                    _ENTRY_CACHE.clear()
+                _ENTRY_CACHE[key] = e
         out.append(e)
     return tuple(out)
 
