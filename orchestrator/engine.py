@@ -38,7 +38,7 @@ from fedray.proto.serde import TLSConfig
 from .checkpoint import open_store
 from .metrics import JobMetrics
 from .population import Population, SeededPartition
-from .privacy import add_gaussian_noise, noise_generator
+from .privacy import add_gaussian_noise, noise_generator, noise_secret
 from .strategy import aggregate_metrics
 from .shard import AggregationShard
 from .spec import JobSpec
@@ -151,7 +151,8 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
 class _Shards:
     """The job's aggregation shards: start, restart after a failure, open and close rounds."""
 
-    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout) -> None:
+    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout,
+                 max_weight: float | None = None) -> None:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
@@ -160,7 +161,7 @@ class _Shards:
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
-            layout=layout, seed=spec.seed,
+            layout=layout, seed=spec.seed, max_weight=max_weight,
         )
         self.actors = [self._start(i) for i in range(spec.resources.shards)]
         self.addresses = ray.get([a.address.remote() for a in self.actors])
@@ -253,7 +254,9 @@ class JobRuntime:
         comp = spec.compression
         self.strategy = spec.strategy.build()
         self.accountant = None
+        self.noise_secret = b""  # DP: the driver's secret noise seed (privacy.noise_secret); never sent
         if spec.privacy is not None:
+            self.noise_secret = noise_secret(spec.privacy)
             rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / spec.data.num_clients)
             self.accountant = spec.privacy.accountant(sample_rate=rate)
         self.metrics = JobMetrics(spec.name, comp.codec)
@@ -263,7 +266,9 @@ class JobRuntime:
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
-        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
+        cap = spec.strategy.weight_cap(clients_per_round=tr.clients_per_round + spec.service.real_clients,
+                                       mean_examples=float(np.mean(self.parts.sizes())))
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap)
         setup = TrainerSetup(
             job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
             hidden=spec.model.hidden, train=tr,
@@ -322,6 +327,9 @@ class JobRuntime:
             "round": r, "params": self.params, "strategy": self.strategy.state_dict(),
             "accountant": self.accountant.state_dict() if self.accountant else None,
             "rounds": [asdict(x) for x in result.rounds], "wall_s": time.perf_counter(), "spec": self.spec.to_dict(),
+            # what the next round depends on besides (seed, round): the stragglers model's upload
+            # size estimate and the DP noise secret (the checkpoint stays on the driver's side)
+            "bytes_up_estimate": self._bytes_up_estimate, "noise_secret": self.noise_secret.hex(),
         }
 
     def _restore(self, ck: dict, result: JobResult) -> None:
@@ -332,6 +340,9 @@ class JobRuntime:
         self.strategy.load_state_dict(ck["strategy"])
         if self.accountant is not None:
             self.accountant.load_state_dict(ck["accountant"])
+        self._bytes_up_estimate = float(ck.get("bytes_up_estimate", 0.0))
+        if ck.get("noise_secret"):
+            self.noise_secret = bytes.fromhex(ck["noise_secret"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
     def _round(self, r: int) -> RoundRecord:
@@ -378,7 +389,7 @@ class JobRuntime:
         if spec.privacy is not None:
             delta = add_gaussian_noise(
                 delta, noise_multiplier=spec.privacy.noise_multiplier, clip_norm=spec.privacy.clip_norm,
-                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(spec.seed, r),
+                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(self.noise_secret, r),
             )
             self.accountant.step()
             epsilon = self.accountant.epsilon(spec.privacy.delta)

@@ -11,13 +11,17 @@ The guarantee is client-level (add/remove one client's whole data).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
+import os
+import secrets
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from fedray.config import DPSpec
+from fedray.config import DPSpec, SpecError
 
 from .aggregation import clip_update
 
@@ -29,6 +33,7 @@ __all__ = [
     "clip_update",
     "compute_rdp",
     "noise_generator",
+    "noise_secret",
     "rdp_to_epsilon",
 ]
 
@@ -36,11 +41,40 @@ __all__ = [
 # order lies for large epsilon, and two large ones for very small q.
 DEFAULT_ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, 2.5, 3.5, 4.5) + tuple(float(a) for a in range(2, 65)) + (128.0, 256.0)
 
-def noise_generator(seed: int, round: int) -> torch.Generator:
-    """The noise generator of one round, from (job seed, round) alone, so a resumed job adds the
-    same noise. (For privacy against someone who knows the job seed, use a secret seed.)"""
-    ss = np.random.SeedSequence([seed, round, 0xD9])
-    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+def noise_secret(spec: DPSpec, environ: Mapping[str, str] = os.environ) -> bytes:
+    """The job's noise secret: from the driver's `spec.noise_secret_env` (hex) if set, else 32
+    fresh random bytes. Nothing a client is told (job seed, spec, tokens) determines it.
+
+    Raises:
+        SpecError: the variable is set but not hex of at least 16 bytes.
+    """
+
+    raw = environ.get(spec.noise_secret_env)
+    if not raw:
+        return secrets.token_bytes(32)
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise SpecError(f"privacy.noise_secret_env: ${spec.noise_secret_env} must hold at least 32 hex digits, "
+                        f"got {len(raw)} characters")
+    return key
+
+
+def noise_generator(secret: bytes, round: int) -> torch.Generator:
+    """The noise generator of one round, from (noise secret, round) alone, so a resumed job (which
+    restores the secret from its checkpoint) adds the same noise. The seed is an HMAC of the
+    round under the secret: without the secret, no participant can regenerate the noise.
+
+    Raises:
+        TypeError: `secret` is not bytes (the job seed is public and must not seed the noise).
+    """
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
+        raise TypeError("noise_generator needs the job's noise secret (>= 16 bytes, `noise_secret`), "
+                        "not the public job seed")
+    mac = hmac.new(bytes(secret), f"fedray-dp-noise:{int(round)}".encode(), hashlib.sha256).digest()
+    return torch.Generator().manual_seed(int.from_bytes(mac[:8], "big") >> 1)
 
 
 def add_gaussian_noise(mean_update: Mapping[str, torch.Tensor], *, noise_multiplier: float, clip_norm: float,

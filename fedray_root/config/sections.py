@@ -289,6 +289,19 @@ class ServiceLimits(Section):
         turn with their bytes in gRPC's buffers. More than the shard has cores only adds lock and
         GIL hand-offs (measured: twice the system time at 8 than at 2 on 2 cores). 0: the
         number of CPUs.
+    max_inflight_per_client: uploads (and, separately, downloads) of one client at once: one
+        token cannot hold every slot.
+    max_streams: calls open at once (each holds a handler thread while it waits for its
+        client); gRPC refuses more with RESOURCE_EXHAUSTED. Stalled streams are ended after
+        `idle_timeout_s`, so this many is what a hostile client can hold for that long.
+    max_streams_per_connection: HTTP/2 streams one connection may open (grpc.max_concurrent_streams).
+    idle_timeout_s: a stream that keeps the server waiting this long (no payload bytes, an
+        unread download) is cancelled (orchestrator/streams.py); max_stream_s bounds a call in all.
+    max_header_bytes: an upload header larger than this is refused before it is parsed (before
+        the token is checked); 0: 16 KiB plus 1 KiB per model tensor.
+    max_metrics: client metrics entries per update.
+    max_batch_updates: updates answered per UploadBatch call (the reply stays small); the rest
+        of the stream is not read, and the client resends them.
     """
 
     _section = "service"
@@ -296,6 +309,17 @@ class ServiceLimits(Section):
     max_tensors: PosInt = 4096
     max_inflight: PosInt = 64
     max_active: NonNegInt = 0
+    max_inflight_per_client: PosInt = 1
+    max_streams: PosInt = 4096
+    max_streams_per_connection: PosInt = 256
+    idle_timeout_s: PosFloat = 10.0
+    max_stream_s: PosFloat = 900.0
+    max_header_bytes: NonNegInt = 0
+    max_metrics: NonNegInt = 64
+    max_batch_updates: PosInt = 4096
+
+    def header_bytes(self, num_tensors: int) -> int:
+        return self.max_header_bytes or (16 << 10) + (1 << 10) * num_tensors
 
     @property
     def active(self) -> int:

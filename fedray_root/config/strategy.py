@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal, Sequence
 
 from pydantic import Field, model_validator
 
-from ._base import FieldError, NonNegFloat, NonNegInt, PosFloat, Section
+from ._base import FieldError, NonEmptyStr, NonNegFloat, NonNegInt, PosFloat, Section
 
 __all__ = ["BUFFERED_STRATEGIES", "DP_STRATEGIES", "STRATEGY_PARAMS", "DPSpec", "StrategySpec"]
 
@@ -24,7 +24,7 @@ STRATEGY_PARAMS: dict[str, tuple[str, ...]] = {
     "trimmed_mean": ("server_lr", "trim_ratio"),
     "krum": ("server_lr", "krum_f"),
 }
-_ALWAYS = ("clip_norm", "proximal_mu")
+_ALWAYS = ("clip_norm", "proximal_mu", "max_weight_share")
 # Robust strategies reduce whole updates: the round collects them all (BufferedUpdates).
 BUFFERED_STRATEGIES = ("median", "trimmed_mean", "krum")
 # Strategies whose aggregate is the clipped mean, which the Gaussian mechanism's analysis covers.
@@ -36,7 +36,10 @@ class StrategySpec(Section):
     """The server strategy of a job (`strategy:` in the job spec).
 
     clip_norm clips every client delta to that L2 norm before aggregation (any strategy);
-    proximal_mu is FedProx's proximal weight, used by client training, not by the server.
+    proximal_mu is FedProx's proximal weight, used by client training, not by the server;
+    max_weight_share caps each client's declared weight (FedAvg's example count) at that share
+    of the round's planned total, clients per round x the mean examples per client of the job's
+    data (`weight_cap`; docs/strategies.md).
     A field that the named strategy does not use must keep its default, so that a typo'd or
     stale setting is an error rather than silently ignored.
     """
@@ -53,6 +56,7 @@ class StrategySpec(Section):
     clip_norm: PosFloat | None = None
     krum_f: NonNegInt = 0
     proximal_mu: NonNegFloat = 0.0
+    max_weight_share: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
 
     @model_validator(mode="after")
     def _used_fields(self) -> "StrategySpec":
@@ -72,6 +76,14 @@ class StrategySpec(Section):
         """True for median, trimmed_mean, krum: the round must be collected with `BufferedUpdates`."""
         return self.name in BUFFERED_STRATEGIES
 
+    def weight_cap(self, *, clients_per_round: int, mean_examples: float) -> float | None:
+        """The largest weight the service counts for one client (declared weights above it are
+        clamped), or None without `max_weight_share`. Fixed for the job, so every shard and a
+        resumed run clamp alike."""
+        if self.max_weight_share is None:
+            return None
+        return float(self.max_weight_share * clients_per_round * mean_examples)
+
     def build(self):
         """The strategy object this spec describes (fresh optimizer state); imports torch."""
         from fedray.orchestrator.strategy import strategy_from_spec
@@ -85,6 +97,10 @@ class DPSpec(Section):
     noise_multiplier z: noise std on the sum of clipped deltas is z * clip_norm.
     clip_norm C: every client delta is clipped to this L2 norm.
     delta: the delta of the reported (epsilon, delta); well below 1 / number of clients.
+    noise_secret_env: environment variable of the driver holding the noise secret (hex, at
+        least 16 bytes); unset: a fresh random secret per job (`noise_secret`). The secret never
+        leaves the driver (it is not in the spec, GetJob or summary.json; it is in checkpoints,
+        so a resumed job adds the same noise).
     """
 
     _section = "privacy"
@@ -92,6 +108,7 @@ class DPSpec(Section):
     noise_multiplier: NonNegFloat
     clip_norm: PosFloat
     delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 1e-5
+    noise_secret_env: NonEmptyStr = "FEDRAY_NOISE_SECRET"
 
     def check_strategy(self, name: str) -> None:
         """DP's noise is calibrated for the clipped mean; median, trimmed mean and Krum are not covered.
