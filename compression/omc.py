@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fedray.config import OMCConfig
 
 from .codec import Codec, CodecContext, get_codec, register_codec
 from .payload import Payload, PayloadError, param
@@ -39,48 +40,6 @@ __all__ = [
 ]
 
 _FORMATS = ("int", "float")
-
-
-@dataclass(frozen=True)
-class OMCConfig:
-    """OMC options.
-
-    Attributes:
-        bits: bits per stored value (int: 1-16; float: 3-16).
-        fmt: "int" (affine uniform) or "float" (1 sign, `exp_bits` exponent, the rest mantissa;
-            no inf/nan codes, subnormals kept).
-        per_variable: fit (alpha, beta) per variable at every compression; False shares one
-            transform fitted over all quantized variables of the model.
-        weights_only: quantize only weight matrices / conv kernels; biases stay fp32.
-        partial_fp32_fraction: per client and round, a random set of quantizable variables
-            holding at most this fraction of their parameters stays fp32.
-        stochastic: stochastic rounding when re-quantizing after each step (RTN otherwise).
-        block_bytes: the most fp32 bytes of one weight decompressed at a time (rounded up to
-            one output row or channel).
-    """
-
-    bits: int = 8
-    fmt: str = "int"
-    exp_bits: int = 5
-    per_variable: bool = True
-    weights_only: bool = True
-    partial_fp32_fraction: float = 0.0
-    stochastic: bool = True
-    block_bytes: int = 16 * 1024
-
-    def __post_init__(self) -> None:
-        if self.fmt not in _FORMATS:
-            raise ValueError(f"OMC fmt must be one of {_FORMATS}, got {self.fmt!r}")
-        lo = 1 if self.fmt == "int" else 3
-        if not lo <= self.bits <= 16:
-            raise ValueError(f"OMC {self.fmt} bits must be in [{lo}, 16], got {self.bits}")
-        if self.fmt == "float" and not 1 <= self.exp_bits <= self.bits - 2:
-            raise ValueError(f"OMC float exp_bits must be in [1, bits - 2 = {self.bits - 2}], got {self.exp_bits}")
-        if not 0.0 <= self.partial_fp32_fraction <= 1.0:
-            raise ValueError(f"partial_fp32_fraction must be in [0, 1], got {self.partial_fp32_fraction}")
-        if self.block_bytes < 4:
-            raise ValueError(f"block_bytes must be >= 4, got {self.block_bytes}")
-
 
 # --- the number formats (pure functions) --------------------------------------------------------
 

@@ -70,9 +70,7 @@ def run(task=None, spec: Any = None, *, progress: bool = False, log=print, out: 
     elif isinstance(spec, Mapping):
         spec = JobSpec.from_dict(spec)
     if isinstance(task, str):
-        import dataclasses
-
-        spec = dataclasses.replace(spec, task=TaskSpec(target=task))
+        spec = spec.replace(task=TaskSpec(target=task))
         task = None
     started = ensure_ray(spec.resources.num_cpus)
     try:

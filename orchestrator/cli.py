@@ -3,6 +3,7 @@
     fedray demo [--dataset fashion-mnist] [--clients 1000] ... [--json out.json] [--out DIR]
     fedray run JOB.yaml [--json out.json] [--out DIR]
     fedray validate JOB.yaml
+    fedray schema [--out PATH]                          (the JSON Schema of a job spec)
     fedray codecs
     fedray submit JOB.yaml [--address URL] [--follow]     (prints the job id)
     fedray status|logs|stop|wait|result JOB_ID [--address URL]
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -180,10 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--checkpoint-dir", default=None, help="checkpoint after every round here (overrides the spec)")
     v = sub.add_parser("validate", help="check a job spec and print it with defaults filled in")
     v.add_argument("spec")
+    sc = sub.add_parser("schema", help="print the JSON Schema of a job spec (or write it with --out)")
+    sc.add_argument("--out", default=None, help="write the schema to this file instead of printing it")
     sub.add_parser("codecs", help="list the registered codecs")
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
     a = parser.parse_args(argv)
+    if a.cmd == "schema":  # no torch, no Ray
+        return _schema(a.out)
 
     from fedray.workers.data import DatasetMissingError
 
@@ -193,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "run":
             spec = JobSpec.from_yaml(a.spec)
             if a.checkpoint_dir:
-                spec = dataclasses.replace(spec, checkpoint_dir=a.checkpoint_dir)
+                spec = spec.replace(checkpoint_dir=a.checkpoint_dir)
             if a.resume and not spec.checkpoint_dir:
                 raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
             return _run(spec, json_path=a.json_path, quiet=a.quiet, out=a.out, emit_result=a.emit_result,
@@ -208,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedray.api import prepare_task
 
             spec = JobSpec.from_yaml(a.spec)
+            spec.check_plugins()
             task = prepare_task(spec, base_dir=_spec_dir(a.spec))  # imports task.target, checks it against the spec
             print(spec.to_yaml(), end="")
             print(f"# task: {task.describe()}, {task.num_clients()} clients", file=sys.stderr)
@@ -225,6 +230,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _spec_dir(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
+
+
+def _schema(out: str | None) -> int:
+    from fedray.config.job import schema_json
+
+    text = schema_json()
+    if out is None:
+        print(text, end="")
+        return 0
+    try:
+        with open(out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        print(f"fedray: error: cannot write the schema to {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    return 0
 
 
 _REMOTE = ("submit", "status", "logs", "stop", "wait", "result")
@@ -266,10 +287,12 @@ def _remote(a: argparse.Namespace) -> int:
     from .client import DEFAULT_RESULTS_ROOT, Client, ClientError
 
     spec = JobSpec.from_yaml(a.spec) if a.cmd == "submit" else None  # bad specs fail before any connection
-    if spec is not None and spec.uses_task_target:
-        from .client import _check_target
+    if spec is not None:
+        spec.check_plugins()
+        if spec.task is not None and spec.task.target is not None:
+            from .client import _check_target
 
-        _check_target(spec, a.code_dir or _spec_dir(a.spec))
+            _check_target(spec, a.code_dir or _spec_dir(a.spec))
     try:
         client = Client(a.address, token=a.token, ship_code=getattr(a, "ship_code", True),
                         results_root=getattr(a, "results_root", None) or DEFAULT_RESULTS_ROOT)

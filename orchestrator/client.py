@@ -142,7 +142,8 @@ class Client:
         if isinstance(spec, (str, os.PathLike)):
             spec_dir = Path(spec).resolve().parent
         spec = _as_spec(spec)
-        if spec.uses_task_target:
+        spec.check_plugins()  # codec names and parameters, before anything is sent
+        if spec.task is not None and spec.task.target is not None:
             code_dir = code_dir if code_dir is not None else (spec_dir if ":" in spec.task.target else None)
             _check_target(spec, code_dir)
         job_id = job_id or f"fedray-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}"

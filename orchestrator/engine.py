@@ -36,9 +36,8 @@ from fedray.proto.serde import TLSConfig
 from .checkpoint import open_store
 from .metrics import JobMetrics
 from .population import Population
-from .privacy import add_gaussian_noise, noise_generator
+from .privacy import add_gaussian_noise, noise_generator, noise_secret
 from .strategy import aggregate_metrics
-from .service import ServiceLimits
 from .shard import AggregationShard
 from .spec import JobSpec
 from .state import JobState, JobStateMachine
@@ -158,16 +157,17 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
 class _Shards:
     """The job's aggregation shards: start, restart after a failure, open and close rounds."""
 
-    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout) -> None:
+    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout,
+                 max_weight: float | None = None) -> None:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
-            limits=ServiceLimits(max_inflight=spec.service.max_inflight),
+            limits=spec.service,  # a ServiceSpec is the shards' ServiceLimits
             spec_json=json.dumps(spec.to_dict()),  # real clients read it back as a typed JobSpec
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
-            layout=layout, seed=spec.seed,
+            layout=layout, seed=spec.seed, max_weight=max_weight,
         )
         self.actors = [self._start(i) for i in range(spec.resources.shards)]
         self.addresses = ray.get([a.address.remote() for a in self.actors])
@@ -217,9 +217,11 @@ def run_job(
     With `resume`, continue from the last checkpoint in `spec.checkpoint_dir` (if any).
 
     Raises:
+        SpecError: a codec name or its parameters are unknown (`JobSpec.check_plugins`).
         DatasetMissingError: the data set is not on this machine.
         JobError: a round ended with fewer than `training.min_clients` updates.
     """
+    spec.check_plugins()
     if not ray.is_initialized():
         raise JobError("Ray is not initialized: call fedray.orchestrator.engine.ensure_ray() first")
     rt = JobRuntime(spec, progress=progress, log=log, task=task, base_dir=base_dir)
@@ -244,7 +246,7 @@ class JobRuntime:
         self.test = self.task.test_data()
         self.population = None
         if spec.population is not None:
-            self.population = Population(self.num_clients, spec.seed, profile=spec.population.profile(),
+            self.population = Population(self.num_clients, spec.seed, profile=spec.population,
                                          examples=np.asarray(self.task.client_sizes()))
         self._bytes_up_estimate = 0.0
         with torch.random.fork_rng():
@@ -253,13 +255,15 @@ class JobRuntime:
         self.params = get_params(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.layout = self.task.fd_layout()
-        self.omc_cfg = spec.omc.config() if spec.omc is not None else None
+        self.omc_cfg = spec.omc
         self.quantized = quantizable_names(self.model) if spec.omc is not None else []
         self.fp32_bytes = 4 * num_params(self.params)
         comp = spec.compression
         self.strategy = spec.strategy.build()
         self.accountant = None
+        self.noise_secret = b""  # DP: the driver's secret noise seed (privacy.noise_secret); never sent
         if spec.privacy is not None:
+            self.noise_secret = noise_secret(spec.privacy)
             rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / self.num_clients)
             self.accountant = spec.privacy.accountant(sample_rate=rate)
         self.metrics = JobMetrics(spec.name, comp.codec)
@@ -269,7 +273,11 @@ class JobRuntime:
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
-        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
+        cap = None
+        if spec.strategy.max_weight_share is not None:  # the mean client size prices the cap
+            cap = spec.strategy.weight_cap(clients_per_round=tr.clients_per_round + spec.service.real_clients,
+                                           mean_examples=float(np.mean(self.task.client_sizes())))
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap)
         setup = TrainerSetup.from_spec(spec, job_id=self.job_id, secret=self.secret)
         workers = res.num_workers or default_num_workers()
         per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
@@ -321,6 +329,9 @@ class JobRuntime:
             "round": r, "params": self.params, "strategy": self.strategy.state_dict(),
             "accountant": self.accountant.state_dict() if self.accountant else None,
             "rounds": [asdict(x) for x in result.rounds], "wall_s": time.perf_counter(), "spec": self.spec.to_dict(),
+            # what the next round depends on besides (seed, round): the stragglers model's upload
+            # size estimate and the DP noise secret (the checkpoint stays on the driver's side)
+            "bytes_up_estimate": self._bytes_up_estimate, "noise_secret": self.noise_secret.hex(),
         }
 
     def _restore(self, ck: dict, result: JobResult) -> None:
@@ -331,6 +342,9 @@ class JobRuntime:
         self.strategy.load_state_dict(ck["strategy"])
         if self.accountant is not None:
             self.accountant.load_state_dict(ck["accountant"])
+        self._bytes_up_estimate = float(ck.get("bytes_up_estimate", 0.0))
+        if ck.get("noise_secret"):
+            self.noise_secret = bytes.fromhex(ck["noise_secret"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
     def _round(self, r: int) -> RoundRecord:
@@ -377,7 +391,7 @@ class JobRuntime:
         if spec.privacy is not None:
             delta = add_gaussian_noise(
                 delta, noise_multiplier=spec.privacy.noise_multiplier, clip_norm=spec.privacy.clip_norm,
-                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(spec.seed, r),
+                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(self.noise_secret, r),
             )
             self.accountant.step()
             epsilon = self.accountant.epsilon(spec.privacy.delta)

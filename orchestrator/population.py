@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedray.config import DeviceProfileSpec
+
 __all__ = [
     "DeviceProfileSpec",
     "Population",
@@ -36,40 +38,6 @@ __all__ = [
 
 class PopulationError(ValueError):
     """A population, profile or trace that cannot be used; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class DeviceProfileSpec:
-    """How device profiles are drawn (when no trace file is given).
-
-    Speeds and bandwidths are lognormal: `*_median` is the median, `*_sigma` the standard
-    deviation of the log. A speed of 1.0 trains `1 / seconds_per_example` examples per second.
-    Each client's online probability is drawn once from Beta with mean `availability` (and
-    `availability_concentration` = a + b; `inf` gives every client exactly `availability`).
-    """
-
-    speed_median: float = 1.0
-    speed_sigma: float = 0.5
-    up_mbps_median: float = 10.0
-    up_sigma: float = 0.8
-    down_mbps_median: float = 40.0
-    down_sigma: float = 0.8
-    availability: float = 1.0
-    availability_concentration: float = float("inf")
-    seconds_per_example: float = 1e-3  # per example per local epoch at speed 1.0
-    trace_file: str | None = None  # CSV: client_id,speed,up_mbps,down_mbps[,availability]
-
-    def __post_init__(self) -> None:
-        for name in ("speed_median", "up_mbps_median", "down_mbps_median", "seconds_per_example",
-                     "availability_concentration"):
-            v = getattr(self, name)
-            if not v > 0:
-                raise PopulationError(f"DeviceProfileSpec.{name} must be > 0, got {v}")
-        for name in ("speed_sigma", "up_sigma", "down_sigma"):
-            if getattr(self, name) < 0:
-                raise PopulationError(f"DeviceProfileSpec.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.availability <= 1.0:
-            raise PopulationError(f"DeviceProfileSpec.availability must be in (0, 1], got {self.availability}")
 
 
 @dataclass(frozen=True)
@@ -127,7 +95,7 @@ class Population:
 
     def online(self, round: int) -> np.ndarray:
         """Ids of the clients online in `round` (seeded by (seed, round))."""
-        if self.profile.availability >= 1.0 and self.profile.availability_concentration == float("inf") \
+        if self.profile.availability >= 1.0 and self.profile.availability_concentration is None \
                 and not self.profile.trace_file:
             return np.arange(self.num_clients, dtype=np.int64)
         rng = np.random.default_rng([self.seed, round, 0x0411])
@@ -191,7 +159,7 @@ def _draw(p: DeviceProfileSpec, n: int, seed: int):
     speed = _lognormal(rng, p.speed_median, p.speed_sigma, n)
     up = _lognormal(rng, p.up_mbps_median, p.up_sigma, n)
     down = _lognormal(rng, p.down_mbps_median, p.down_sigma, n)
-    if p.availability_concentration == float("inf") or p.availability >= 1.0:
+    if p.availability_concentration is None or p.availability >= 1.0:
         avail = np.full(n, p.availability, dtype=np.float32)
     else:
         a = p.availability * p.availability_concentration

@@ -166,12 +166,14 @@ def test_train_local_omc_learns_and_reports_memory():
     x, y = _blobs()
     torch.manual_seed(0)
     model = build_model("mlp", (8, 8), 4, (32,))
-    stats = train_local(model, x, y, 1.0, 0.0, TrainConfig(lr=0.05, batch_size=32), seed=1, omc=OMCConfig(bits=8, block_bytes=1024))
+    stats = train_local(model, x, y, 1.0, 0.0, TrainConfig(lr=0.05, batch_size=32, local_epochs=1), seed=1,
+                        omc=OMCConfig(bits=8, block_bytes=1024))
     acc, _ = evaluate(model, x, y, 1.0)
     assert acc > 0.9 and 0 < stats.param_memory_bytes < sum(p.numel() * 4 for p in model.parameters())
     assert all(p.numel() > 0 for p in model.parameters())  # fp32 weights written back
     with pytest.raises(ValueError, match="momentum"):
-        train_local(model, x, y, 1.0, 0.0, TrainConfig(momentum=0.9), seed=1, omc=OMCConfig())
+        train_local(model, x, y, 1.0, 0.0, TrainConfig(momentum=0.9, local_epochs=1, batch_size=32, lr=0.1), seed=1,
+                    omc=OMCConfig())
 
 
 def test_broadcast_and_upload_payloads_roundtrip():

@@ -63,7 +63,10 @@ def test_register_strategy_and_unknown_names():
         with pytest.raises(SpecError, match="strategy.name: must be one of fedavg, .*fedavg_test_double"):
             StrategySpec(name="fedsomething")
     finally:
-        strategy._REGISTRY.pop("fedavg_test_double")  # other tests list the registry
+        from fedray.config.strategy import STRATEGY_PARAMS
+
+        strategy._BUILDERS.pop("fedavg_test_double")  # other tests list the registry
+        STRATEGY_PARAMS.pop("fedavg_test_double")
     with pytest.raises(UnknownCodecError, match="unknown codec 'nope'; known codecs: .*int8"):
         get_codec("nope")
     with pytest.raises(ValueError, match="registered twice"):

@@ -10,6 +10,7 @@ import pytest
 from fedray.orchestrator.population import (
     DeviceProfileSpec, Population, PopulationError, SeededPartition, completion_times,
 )
+from fedray.orchestrator.spec import SpecError
 
 
 def test_same_seed_same_rounds_and_other_seed_differs():
@@ -87,9 +88,9 @@ def test_fewer_online_than_requested():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(PopulationError):
+    with pytest.raises(SpecError, match=r"population\.availability: must be in \(0, 1\]"):
         DeviceProfileSpec(availability=0.0)
-    with pytest.raises(PopulationError):
+    with pytest.raises(SpecError, match=r"population\.speed_median: must be > 0"):
         DeviceProfileSpec(speed_median=-1)
     pop = Population(10, 0)
     with pytest.raises(PopulationError):

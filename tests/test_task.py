@@ -3,7 +3,6 @@ batched and one-by-one training agree, and bad tasks fail with the field or clie
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -71,8 +70,7 @@ def test_user_task_metrics_reach_results_and_a_failing_client_is_named(ray_sessi
     from fedray.orchestrator.engine import run_job
     from fedray.orchestrator.results import write_results
 
-    spec = dataclasses.replace(_spec(clients_per_round=12), compression=dataclasses.replace(JobSpec().compression,
-                                                                                          codec="identity"))
+    spec = _spec(clients_per_round=12).replace(compression=JobSpec().compression.replace(codec="identity"))
     logs: list[str] = []
     result = run_job(spec, task=Blobs(bad_client=5), progress=False, log=logs.append)
     assert [r.failed for r in result.rounds] == [1, 1]
@@ -90,7 +88,7 @@ def test_user_task_metrics_reach_results_and_a_failing_client_is_named(ray_sessi
 def _setup(**kw) -> TrainerSetup:
     from fedray.workers.train import TrainConfig
 
-    return TrainerSetup(job_id="j", secret="s", seed=11, train=TrainConfig(2, 8, 0.1, 0.5), codec="identity", **kw)
+    return TrainerSetup(job_id="j", secret="s", seed=11, train=TrainConfig(local_epochs=2, batch_size=8, lr=0.1, momentum=0.5), codec="identity", **kw)
 
 
 def test_batched_and_one_by_one_give_the_same_update():
@@ -126,9 +124,9 @@ def test_custom_cnn_runs_simulated(ray_session):
     from fedray.orchestrator.engine import run_job
 
     spec = JobSpec.from_yaml(CNN_DIR / "job.yaml")
-    spec = dataclasses.replace(
-        spec, task=TaskSpec(spec.task.target, {"num_clients": 20, "per_client": 40, "test_size": 500}),
-        training=dataclasses.replace(spec.training, rounds=2, clients_per_round=4, local_epochs=1))
+    spec = spec.replace(
+        task=TaskSpec(target=spec.task.target, params={"num_clients": 20, "per_client": 40, "test_size": 500}),
+        training=spec.training.replace(rounds=2, clients_per_round=4, local_epochs=1))
     result = run_job(spec, base_dir=str(CNN_DIR), progress=False, log=lambda m: None)
     assert [r.clients for r in result.rounds] == [4, 4] and all(r.failed == 0 for r in result.rounds)
     assert result.final_accuracy > 0.3  # 10 classes: chance is 0.1
@@ -147,10 +145,10 @@ def test_unimportable_target_names_task_target(tmp_path, capsys):
 
 
 def test_task_spec_and_checks():
-    with pytest.raises(SpecError, match="task.params: set task.target"):
+    with pytest.raises(SpecError, match="task.params: needs task.target"):
         JobSpec.from_dict({"task": {"params": {"a": 1}}})
     with pytest.raises(SpecError, match="task.target: no task named 'nope'.*fashion-mnist-mlp"):
-        task_for_spec(JobSpec(task=TaskSpec("nope")))
+        task_for_spec(JobSpec(task=TaskSpec(target="nope")))
     spec = JobSpec.from_dict({"task": {"target": "digits-mlp", "params": {"num_clients": 3}},
                               "training": {"clients_per_round": 5}})
     from fedray.api import prepare_task

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import subprocess
 import sys
@@ -67,9 +66,9 @@ def test_custom_cnn_as_real_clients_next_to_simulated_ones(ray_session, monkeypa
     port, secret, job_id = _free_port(), "cnn-secret", "cnn-real"
     monkeypatch.setenv("FEDRAY_JOB_SECRET", secret)
     spec = JobSpec.from_yaml(CNN_DIR / "job.yaml")
-    spec = dataclasses.replace(
-        spec, task=TaskSpec(spec.task.target, {"num_clients": 20, "per_client": 40, "test_size": 500}),
-        training=dataclasses.replace(spec.training, rounds=2, clients_per_round=3, local_epochs=1),
+    spec = spec.replace(
+        task=TaskSpec(target=spec.task.target, params={"num_clients": 20, "per_client": 40, "test_size": 500}),
+        training=spec.training.replace(rounds=2, clients_per_round=3, local_epochs=1),
         compression=CompressionSpec(codec="zstd", codec_params={"inner": "ef", "inner_params": {"inner": "int8"}},
                                     broadcast="p2u", broadcast_params={"stage_bits": [4, 4], "start_after": 0}),
         resources=ResourceSpec(num_workers=1, shards=2),

@@ -61,7 +61,7 @@ class TrainerSetup:
             job_id=job_id, secret=secret, seed=spec.seed, train=train_config(tr), codec=comp.codec,
             codec_params=dict(comp.codec_params), broadcast=comp.broadcast, broadcast_params=dict(comp.broadcast_params),
             tls_ca_file=spec.service.tls_cert, dropout=spec.dropout,
-            omc=spec.omc.config() if spec.omc is not None else None, prox_mu=spec.strategy.proximal_mu,
+            omc=spec.omc, prox_mu=spec.strategy.proximal_mu,
             batched=res.batched, pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
         )
         kw.update(overrides)

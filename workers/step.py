@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedray.compression import CodecContext, CodecState, get_codec
-from fedray.compression.fd import KeepRateConfig, SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
+from fedray.compression.fd import SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
 from fedray.compression.omc import OMCModel
 from fedray.task import Task, TrainContext, overrides
 
@@ -77,8 +77,7 @@ class ClientStep:
         self.custom_train = task is not None and overrides(task, "train")
         self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
         self._states: dict[int, CodecState] = {}
-        d = setup.dropout
-        self._keep = KeepRateConfig(tuple(d.keep_rates), d.mode, tuple(d.probs)) if d is not None else None
+        self._keep = setup.dropout  # a DropoutSpec is a KeepRateConfig (or None)
 
     # -- pieces the batched path shares -----------------------------------------------------------
 
@@ -209,5 +208,5 @@ def _is_number(v: Any) -> bool:
 
 
 def train_config(tr) -> TrainConfig:
-    """The `TrainConfig` of a spec's `training` section."""
-    return TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum)
+    """The `TrainConfig` of a spec's `training` section (a TrainingSpec is one)."""
+    return tr

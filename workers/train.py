@@ -11,16 +11,9 @@ from torch import nn
 
 from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
+from fedray.config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainStats", "evaluate", "evaluate_dataset", "pick_device", "train_dataset", "train_local"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -160,7 +153,7 @@ def train_dataset(model: nn.Module, data, ctx) -> dict:
     from .data import as_arrays
 
     x, y, scale, shift = as_arrays(data)
-    cfg = TrainConfig(ctx.local_epochs, ctx.batch_size, ctx.lr, ctx.momentum)
+    cfg = TrainConfig(local_epochs=ctx.local_epochs, batch_size=ctx.batch_size, lr=ctx.lr, momentum=ctx.momentum)
     st = train_local(model, x, y, scale, shift, cfg, ctx.seed, prox_mu=ctx.prox_mu, mask=ctx.mask)
     return {"loss": st.loss, "examples": st.examples, "steps": st.steps}
 
