@@ -352,6 +352,21 @@ def test_int8_codes_equal_clamped_oracle(x):
     assert np.array_equal(np.frombuffer(data, np.int8, offset=4), _int8_oracle(x, scale))
 
 
+def test_int8_rounds_ties_to_even_per_tensor_and_per_channel():
+    """Exact halves round to even, as np.rint does, on both sides of zero and per channel."""
+    halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.0, 127.0], np.float32)
+    x = np.stack([halves, halves * 2]).astype(np.float32)  # channel 1: scale 2, the same codes
+    for g, scales in (("tensor", [2.0]), ("channel", [1.0, 2.0])):
+        p = get_codec("int8", granularity=g).encode(torch.from_numpy(x))
+        data = bytes(memoryview(p.data))
+        s = np.frombuffer(data, np.float32, count=len(scales))
+        assert s.tolist() == scales
+        codes = np.frombuffer(data, np.int8, offset=4 * len(scales)).reshape(2, -1)
+        inv = (np.float32(1) / s.astype(np.float32))[:, None] if g == "channel" else np.float32(1) / s[0]
+        np.testing.assert_array_equal(codes, np.rint(x * inv).astype(np.int8))
+    assert np.rint(halves).astype(np.int8).tolist() == [0, 2, 2, 0, -2, -2, 126, -127, 127]
+
+
 def test_finite_output_codecs_bound_their_scales():
     """Codecs that skip decode_checked's finiteness pass refuse scales that could overflow."""
     fmax = float(np.finfo(np.float32).max)
