@@ -1,0 +1,76 @@
+"""OMC's hot loops on torch CPU kernels: decompression into a reused buffer and one-pass
+(stochastic) re-quantization of a block, for the integer format at 8 bits or fewer.
+
+The slow general path (any format, any width) is `compression.omc.quantize` / `dequantize`;
+these kernels compute the same affine integer mapping with fewer passes and no per-call
+allocation of block-sized tensors:
+
+- `dequantize_into(codes_u8, alpha, beta, out)`: out = codes * alpha + beta (two passes over a
+  block that stays in cache);
+- `Rounder.quantize_into(w, lo, alpha, top, codes)`: codes = clamp(floor((w - lo) / alpha + r))
+  with r uniform in (0, 1) at 2**-16 resolution (16 random bits per value, drawn 64 bits at a
+  time from the seeded torch generator), or r = 1/2 for round to nearest. The block `w` is
+  overwritten. The float -> uint8 narrowing goes through numpy (torch's direct float -> uint8
+  copy is about 5x slower here).
+- `Workspace`: one growable float32 buffer per model for decompressed blocks, tracked as
+  transient parameter memory for as long as it exists.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["Rounder", "Workspace", "dequantize_into"]
+
+_R16 = 2.0 ** -16
+
+
+def dequantize_into(codes: torch.Tensor, alpha: float, beta: float, out: torch.Tensor) -> torch.Tensor:
+    """`out` (float32, codes.numel() values) = codes * alpha + beta; returns `out`."""
+    torch.mul(codes, alpha, out=out)
+    if beta:
+        out.add_(beta)
+    return out
+
+
+class Rounder:
+    """Quantizes float32 blocks to unsigned integer codes; stochastic when a generator is given."""
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.gen = generator
+        self._rand = torch.empty(0, dtype=torch.int64)
+
+    def quantize_into(self, w: torch.Tensor, lo: float, alpha: float, top: int, codes: np.ndarray) -> None:
+        """codes[:] = clamp(floor((w - lo) / alpha + r), 0, top); `w` (flat, contiguous float32)
+        is overwritten. `codes` is a uint8 (top < 256) or uint16 numpy array of w.numel() values."""
+        n = w.numel()
+        if self.gen is None:
+            w.sub_(lo - 0.5 * alpha).mul_(1.0 / alpha)  # floor(x + 1/2): round to nearest
+        else:
+            words = -(-n // 4)
+            if self._rand.numel() < words:
+                self._rand = torch.empty(words, dtype=torch.int64)
+            r = self._rand[:words].random_(-(2 ** 63), 2 ** 63 - 1, generator=self.gen).view(torch.int16)[:n]
+            # r / 2**16 is uniform on [-1/2, 1/2) in steps of 2**-16; shifting by 1/2 + 2**-17
+            # centres each of the 2**16 cells, so E[floor(x + u)] = x within 2**-17 of a code.
+            w.sub_(lo - (0.5 + _R16 / 2) * alpha).mul_(1.0 / alpha).add_(r, alpha=_R16)
+        w.clamp_(0, top)
+        np.copyto(codes, w.numpy(), casting="unsafe")  # truncation == floor on [0, top]
+
+    def scratch_bytes(self) -> int:
+        return self._rand.numel() * 8
+
+
+class Workspace:
+    """A float32 buffer reused for every decompressed block of one model (never shrinks)."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker = tracker
+        self.buf = torch.empty(0)
+
+    def get(self, n: int) -> torch.Tensor:
+        if self.buf.numel() < n:
+            self.buf = torch.empty(0)  # the old buffer is released (and untracked) first
+            self.buf = self.tracker.track(torch.empty(n))
+        return self.buf[:n]
