@@ -436,7 +436,7 @@ class OMCModel:
         self.model, self.cfg = model, cfg
         self.tracker = _Transient()
         self._gen = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
-        self._rounder = Rounder(self._gen if cfg.stochastic else None)
+        self._rounder = Rounder(seed if cfg.stochastic else None)
         self._names = list(model.state_dict())
         names = quantizable_names(model)
         sizes = {n: model.get_parameter(n).numel() for n in names}

@@ -37,21 +37,22 @@ def dequantize_into(codes: torch.Tensor, alpha: float, beta: float, out: torch.T
 class Rounder:
     """Quantizes float32 blocks to unsigned integer codes; stochastic when a generator is given."""
 
-    def __init__(self, generator: torch.Generator | None) -> None:
-        self.gen = generator
-        self._rand = torch.empty(0, dtype=torch.int64)
+    def __init__(self, seed: int | None) -> None:
+        # SFC64 through numpy: 64 random bits in about 1.2 ns here, 4x cheaper than torch's
+        # mt19937 over the full int64 range.
+        self.bitgen = None if seed is None else np.random.SFC64([seed & 0xFFFFFFFFFFFFFFFF, 0x5C])
+        self._scratch = 0
 
     def quantize_into(self, w: torch.Tensor, lo: float, alpha: float, top: int, codes: np.ndarray) -> None:
         """codes[:] = clamp(floor((w - lo) / alpha + r), 0, top); `w` (flat, contiguous float32)
         is overwritten. `codes` is a uint8 (top < 256) or uint16 numpy array of w.numel() values."""
         n = w.numel()
-        if self.gen is None:
+        if self.bitgen is None:
             w.sub_(lo - 0.5 * alpha).mul_(1.0 / alpha)  # floor(x + 1/2): round to nearest
         else:
             words = -(-n // 4)
-            if self._rand.numel() < words:
-                self._rand = torch.empty(words, dtype=torch.int64)
-            r = self._rand[:words].random_(-(2 ** 63), 2 ** 63 - 1, generator=self.gen).view(torch.int16)[:n]
+            self._scratch = max(self._scratch, 8 * words)
+            r = torch.from_numpy(self.bitgen.random_raw(words).view(np.int16)[:n])
             # r / 2**16 is uniform on [-1/2, 1/2) in steps of 2**-16; shifting by 1/2 + 2**-17
             # centres each of the 2**16 cells, so E[floor(x + u)] = x within 2**-17 of a code.
             w.sub_(lo - (0.5 + _R16 / 2) * alpha).mul_(1.0 / alpha).add_(r, alpha=_R16)
@@ -59,7 +60,8 @@ class Rounder:
         np.copyto(codes, w.numpy(), casting="unsafe")  # truncation == floor on [0, top]
 
     def scratch_bytes(self) -> int:
-        return self._rand.numel() * 8
+        """The largest block of random bits drawn at once."""
+        return self._scratch
 
 
 class Workspace:
