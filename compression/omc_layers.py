@@ -9,7 +9,7 @@ sparse row gradients) and recurrent layers (LSTM, GRU, RNN: weights decompressed
   tensors, so a forward pre-hook decompresses each quantized weight into a fresh fp32 leaf
   tensor and hands it to the module; autograd keeps those tensors until the backward is done,
   and all of them are tracked as transient parameter memory for that whole time. A hook on
-  each moves its gradient to the stored variable's `grad`.
+  each (after accumulation, no copy) moves its gradient to the stored variable's `grad`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class RNNWeights:
         for attr, full in self.names.items():
             qp = self.q[full]
             w = self.tracker.track(qp.rows(0, qp.shape[0])).requires_grad_(True)
-            w.register_hook(lambda g, qp=qp: _accumulate(qp, g))
+            w.register_post_accumulate_grad_hook(lambda w, qp=qp: _take_grad(qp, w))
             setattr(mod, attr, w)
 
     def _after(self, mod, args, out) -> None:  # noqa: ANN001
@@ -90,5 +90,7 @@ class RNNWeights:
             delattr(self.mod, attr)
 
 
-def _accumulate(qp, g: torch.Tensor) -> None:
-    qp.grad = g.detach().clone() if qp.grad is None else qp.grad.add_(g)
+def _take_grad(qp, w: torch.Tensor) -> None:
+    """Move the gradient autograd accumulated on the decompressed copy to the stored variable."""
+    g, w.grad = w.grad, None
+    qp.grad = g if qp.grad is None else qp.grad.add_(g)
