@@ -532,6 +532,8 @@ class OMCModel:
     def _requantize(self, qp: QuantizedParam, lr: float, transform: tuple[float, float] | None) -> None:
         c = self.cfg
         blocks = self._blocks(qp)
+        if qp.grad is not None and not qp.grad.is_contiguous():  # e.g. LSTM gradients: flatten once
+            qp.grad = qp.grad.contiguous()
         if not qp.fast:
             transform = transform or self._range([qp], lr)
             gen = self._gen if c.stochastic else None
