@@ -455,3 +455,28 @@ def test_narrow_dtypes_are_checked_after_the_cast():
                             lambda: codec.fold(p, scratch=lambda: torch.empty(4))):
                 with pytest.raises(PayloadError):
                     attempt()
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_word_packing_equals_bit_planes(bits, n):
+    from fedray.compression.codecs._bits import pack, unpack
+
+    codes = np.random.default_rng(n + bits).integers(0, 1 << bits, n).astype(np.uint8)
+    planes = np.unpackbits(codes.astype("<u4").reshape(-1, 1).view(np.uint8), axis=1, bitorder="little")[:, :bits]
+    ref = np.packbits(planes.reshape(-1), bitorder="little")
+    packed = pack(codes, bits)
+    assert np.array_equal(packed, ref)
+    assert np.array_equal(unpack(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("name", ["blockwise8", "nf4"])
+def test_codebook_nearest_equals_searchsorted(name):
+    codec = get_codec(name)
+    mid = codec._mid
+    rng = np.random.default_rng(0)
+    s = np.concatenate([rng.uniform(-1, 1, 50_000), rng.standard_normal(5000) * 1e-6, mid, np.nextafter(mid, np.inf),
+                        np.nextafter(mid, -np.inf), [0.0, -0.0, 1.0, -1.0, np.nan, 1e-38, -1e-38]]).astype(np.float32)
+    out = np.empty(s.size, np.uint8)
+    codec._nearest(s, out)
+    assert np.array_equal(out, np.searchsorted(mid, s))
