@@ -77,7 +77,8 @@ class ClassificationTask(Task):
         return self.n
 
     def client_sizes(self):
-        return self.parts.sizes()
+        # A seeded partition derives each client's size from (seed, id): a function of ids.
+        return getattr(self.parts, "sizes_of", None) or self.parts.sizes()
 
     def client_data(self, client_id: int):
         from fedray.workers.data import ArrayDataset

@@ -120,8 +120,9 @@ class Task:
         raise NotImplementedError(f"{type(self).__name__} does not build Federated Dropout sub-models")
 
     def client_sizes(self):
-        """Examples per client (a sequence of num_clients ints): what the population model
-        (`population:`) prices compute time by. Default: `len(client_data(i))` for every client."""
+        """Examples per client (a sequence of num_clients ints, or a function from an array of
+        client ids to their sizes): what the population model (`population:`) prices compute
+        time by. Default: `len(client_data(i))` for every client."""
         return [len(self.client_data(i)) for i in range(self.num_clients())]
 
     def describe(self) -> str:

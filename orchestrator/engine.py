@@ -121,7 +121,11 @@ class JobResult:
 
 
 def sample_clients(num_clients: int, k: int, seed: int, round: int) -> np.ndarray:
-    """The clients of one round: k distinct ids, from (seed, round) alone."""
+    """The clients of one round: k distinct ids, from (seed, round) alone.
+
+    O(k) whatever num_clients (numpy's `choice` without replacement runs Floyd's algorithm with
+    a hash set when k is under 2% of the population; below 500,000 clients it may shuffle them
+    all): a billion-client population samples as fast as a thousand-client one."""
     rng = np.random.default_rng([seed, round, 0x5A3])
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
@@ -246,8 +250,7 @@ class JobRuntime:
         self.test = self.task.test_data()
         self.population = None
         if spec.population is not None:
-            self.population = Population(self.num_clients, spec.seed, profile=spec.population,
-                                         examples=np.asarray(self.task.client_sizes()))
+            self.population = Population(self.num_clients, spec.seed, profile=spec.population, examples=self._sizes())
         self._bytes_up_estimate = 0.0
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
@@ -276,7 +279,7 @@ class JobRuntime:
         cap = None
         if spec.strategy.max_weight_share is not None:  # the mean client size prices the cap
             cap = spec.strategy.weight_cap(clients_per_round=tr.clients_per_round + spec.service.real_clients,
-                                           mean_examples=float(np.mean(self.task.client_sizes())))
+                                           mean_examples=float(np.mean(self._sizes(all_ids=True))))
         self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap)
         setup = TrainerSetup.from_spec(spec, job_id=self.job_id, secret=self.secret)
         workers = res.num_workers or default_num_workers()
@@ -427,6 +430,14 @@ class JobRuntime:
         self.log(f"round {r}/{tr.rounds}: accuracy {acc:.4f}, clients {rec.clients}, failed {rec.failed}, "
                  f"up {_mb(rec.bytes_up)}, down {_mb(rec.bytes_down)}, {wall:.2f}s") if not self.progress else None
         return rec
+
+    def _sizes(self, *, all_ids: bool = False):
+        """Examples per client from the task: an array, or a function of client ids (a seeded
+        population stores nothing per client); `all_ids` evaluates such a function on every id."""
+        sizes = self.task.client_sizes()
+        if callable(sizes):
+            return sizes(np.arange(self.num_clients, dtype=np.int64)) if all_ids else sizes
+        return np.asarray(sizes)
 
     def _evaluate(self) -> dict[str, float]:
         """The task's metrics of the global model (in `self.model`) on its test data."""

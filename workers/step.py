@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fedray.compression import CodecContext, CodecState, get_codec
+from fedray.compression import CodecContext, CodecState, CodecStateStore, get_codec
 from fedray.compression.fd import SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
 from fedray.compression.omc import OMCModel
 from fedray.task import Task, TrainContext, overrides
@@ -76,7 +76,7 @@ class ClientStep:
         self.codec = get_codec(setup.codec, **dict(setup.codec_params))
         self.custom_train = task is not None and overrides(task, "train")
         self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
-        self._states: dict[int, CodecState] = {}
+        self._states = CodecStateStore()  # error feedback / warm starts of the clients that trained, bounded
         self._keep = setup.dropout  # a DropoutSpec is a KeepRateConfig (or None)
 
     # -- pieces the batched path shares -----------------------------------------------------------

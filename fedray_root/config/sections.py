@@ -175,7 +175,8 @@ class OMCSpec(Section):
     kernels. partial_fp32_fraction: per client and round, a random set of quantizable variables
     holding at most this fraction of their parameters stays fp32. stochastic: stochastic rounding
     when re-quantizing after each step (round to nearest otherwise). block_bytes: the most fp32
-    bytes of one weight decompressed at a time (rounded up to one output row or channel).
+    bytes of one weight decompressed at a time (rounded up to one output row or channel); null:
+    1/8 of the quantized weights' fp32 bytes, clamped to [16 KiB, 4 MiB].
     """
 
     _section = "omc"
@@ -186,7 +187,7 @@ class OMCSpec(Section):
     weights_only: bool = True
     partial_fp32_fraction: Fraction = 0.0
     stochastic: bool = True
-    block_bytes: Annotated[int, Field(ge=4)] = 16 * 1024
+    block_bytes: Annotated[int, Field(ge=4)] | None = None
 
     @model_validator(mode="after")
     def _float_format(self) -> "OMCSpec":
