@@ -122,10 +122,12 @@ class TrainingSpec:
     lr: float = 0.05
     momentum: float = 0.0
     min_clients: int = 1  # a round with fewer successful updates fails
+    max_failed_fraction: float = 0.5  # a round in which at least this share of its clients failed fails the job
     client_eval: bool = False  # clients also evaluate the received model on their own data
 
     def __post_init__(self) -> None:
         _int("training.min_clients", self.min_clients, 1)
+        _num("training.max_failed_fraction", self.max_failed_fraction, 0, 1, lo_open=True)
         _int("training.rounds", self.rounds, 1)
         _int("training.clients_per_round", self.clients_per_round, 1)
         _int("training.local_epochs", self.local_epochs, 1)
@@ -293,9 +295,11 @@ class ResourceSpec:
     max_attempts: int = 3  # per client and round, over worker failures
     batched: bool = True  # train same-shape clients of one call together (vmap / batched matmuls)
     device: str = "auto"  # auto: CUDA in workers Ray gives a GPU (gpus_per_worker > 0); cpu; cuda
+    shard_start_timeout_s: float = 120.0  # a shard not serving by then (start or restart) fails the job
 
     def __post_init__(self) -> None:
         _int("resources.shards", self.shards, 1, 256)
+        _num("resources.shard_start_timeout_s", self.shard_start_timeout_s, 0, lo_open=True)
         _int("resources.max_attempts", self.max_attempts, 1, 100)
         _choice("resources.device", self.device, ("auto", "cpu", "cuda"))
         if self.device == "cuda" and not self.gpus_per_worker:
@@ -313,12 +317,15 @@ class ResourceSpec:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """The aggregation service as real clients see it."""
+    """The aggregation service: where shards listen, what workers and real clients dial."""
 
-    host: str = "127.0.0.1"
-    port: int = 0  # first shard's port (shard i listens on port + i); 0 picks free ports
+    host: str | None = None  # bind address; None: all interfaces (loopback on a local Ray); shards advertise their node's IP
+    port: int = 0  # 0: free ports; with resources.shard_resource every shard (one per node) listens here, else shard i on port + i
+    public_address: str | None = None  # host:port real clients are sent to (a Service, NodePort or load balancer)
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_ca: str | None = None  # CA file the workers trust; default tls_cert
+    tls_server_name: str | None = None  # name in the certificate workers check; default the address they dial
     tls_client_ca: str | None = None  # set: mutual TLS, clients need a certificate from this CA
     real_clients: int = 0  # updates from real clients (outside Ray) each round waits for
     real_client_wait_s: float = 60.0
@@ -331,6 +338,12 @@ class ServiceSpec:
         _int("service.real_clients", self.real_clients, 0)
         _num("service.real_client_wait_s", self.real_client_wait_s, 0)
         _int("service.max_inflight", self.max_inflight, 1)
+        if self.host is not None and (not isinstance(self.host, str) or not self.host):
+            _fail("service.host", "must be an address to bind, or null for all interfaces", self.host)
+        if self.public_address is not None:
+            host, sep, port = str(self.public_address).rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                _fail("service.public_address", "must be host:port (the address real clients dial)", self.public_address)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SpecError("service.tls_cert: set both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -378,6 +391,9 @@ class JobSpec:
                 f"training.min_clients: {self.training.min_clients} is more than the "
                 f"{self.training.clients_per_round} clients per round (plus real clients)"
             )
+        if self.service.public_address and self.resources.shards > 1:
+            raise SpecError("service.public_address: one public address reaches one shard; use resources.shards: 1 "
+                            "for real clients behind a Service (or leave public_address unset)")
         if not isinstance(self.name, str) or not self.name:
             _fail("name", "must be a non-empty string", self.name)
         _int("seed", self.seed, 0, (1 << 63) - 1)

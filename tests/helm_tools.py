@@ -113,3 +113,45 @@ def run_helm(helm: Path, home: Path, *args: str) -> HelmResult:
 def load_docs(rendered: str) -> list[dict[str, Any]]:
     """The non-empty YAML documents of a ``helm template`` output."""
     return [d for d in yaml.safe_load_all(rendered) if d]
+
+
+def jobspec_schema() -> dict[str, Any]:
+    """The JSON Schema of a fedray job spec, derived from ``JobSpec``'s fields (the chart's
+    ``$defs.jobSpec`` in values.schema.json must equal it)."""
+    import dataclasses
+    import typing
+
+    from fedray.orchestrator.spec import JobSpec
+
+    def of(t: Any) -> dict[str, Any]:
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if dataclasses.is_dataclass(t):
+            hints = typing.get_type_hints(t)
+            return {"type": "object", "additionalProperties": False,
+                    "properties": {f.name: of(hints[f.name]) for f in dataclasses.fields(t)}}
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            parts = [of(a) for a in args if a is not type(None)]
+            inner = parts[0] if len(parts) == 1 else {"anyOf": parts}
+            return {"anyOf": [inner, {"type": "null"}]} if type(None) in args else inner
+        simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+        if t in simple:
+            return {"type": ["integer", "number"] if t is float else simple[t]}
+        if origin in (tuple, list) or t in (tuple, list):
+            return {"type": "array"}
+        if origin in (dict,) or t is dict or str(origin).endswith("Mapping'>"):
+            return {"type": "object"}
+        return {}
+
+    schema = of(JobSpec)
+    schema["description"] = "a fedray job spec, as `fedray validate` and `fedray run` read it"
+    return schema
+
+
+if __name__ == "__main__":  # python -m tests.helm_tools: write the job spec's schema into the chart's
+    import json
+
+    _path = Path(__file__).resolve().parents[1] / "helm" / "fedray" / "values.schema.json"
+    _schema = json.loads(_path.read_text())
+    _schema["$defs"]["jobSpec"] = jobspec_schema()
+    _path.write_text(json.dumps(_schema, indent=2) + "\n")
+    print(f"wrote $defs.jobSpec into {_path}")
