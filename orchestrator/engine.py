@@ -383,7 +383,8 @@ class JobRuntime:
             self._start()
             self.log(f"fedray job {self.job_id}: {spec.data.num_clients} clients on {spec.data.dataset}, "
                      f"{tr.clients_per_round} per round, {tr.rounds} rounds, codec {spec.compression.codec}, "
-                     f"aggregation service at {', '.join(self.shards.addresses)}")
+                     f"aggregation service at {', '.join(self.shards.addresses)}"
+                     f"{' (TLS)' if spec.service.tls_cert else ''}")
             for r in range(first, tr.rounds + 1):
                 rec = self._round(r)
                 result.rounds.append(rec)
