@@ -529,7 +529,10 @@ class JobRuntime:
         n = len(self.shards.actors)
         for attempt in range(self.spec.resources.max_attempts):
             self.log(f"round {r}: aggregation shard {i} {why}; restarting it and retraining its clients")
-            self.shards.restart(i)
+            try:
+                self.shards.restart(i)
+            except JobError as e:
+                raise JobError(f"round {r}: {e}") from None
             if not _succeeded(self.shards.actors[i].open_round.remote(r, bref)):
                 why = "died again"
                 continue

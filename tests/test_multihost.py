@@ -26,13 +26,16 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
-from fedray.orchestrator.engine import run_job
-from fedray.orchestrator.spec import JobSpec
+from fedray.orchestrator.cluster_env import apply_cluster_env
+from fedray.orchestrator.engine import JobError, JobRuntime, run_job
+from fedray.orchestrator.shard import advertised_address, bind_host
+from fedray.orchestrator.spec import JobSpec, SpecError
 
 try:
     from tests.helm_tools import extract_helm, load_docs, run_helm
@@ -74,6 +77,50 @@ def _can_make_namespaces() -> str | None:
     if shutil.which("unshare") is None:
         return "`unshare` (util-linux) is not installed"
     return None
+
+
+# --- the address model and round outcomes, on one host ------------------------------------
+
+
+def test_shards_bind_all_interfaces_and_advertise_the_node_ip():
+    assert bind_host(None, "10.250.0.2") == "0.0.0.0"
+    assert bind_host(None, "127.0.0.1") == "127.0.0.1"  # a local Ray: nothing else could dial it
+    assert bind_host("10.9.9.9", "10.250.0.2") == "10.9.9.9"
+    assert advertised_address("0.0.0.0", "10.250.0.2", 50051) == "10.250.0.2:50051"
+    assert advertised_address("::", "fd00::2", 50051) == "[fd00::2]:50051"
+    assert advertised_address("127.0.0.1", "10.250.0.2", 7) == "127.0.0.1:7"
+
+
+def test_public_address_and_environment_errors_name_the_field():
+    with pytest.raises(SpecError, match="service.public_address"):
+        JobSpec.from_dict({"service": {"public_address": "no-port"}})
+    with pytest.raises(SpecError, match="resources.shards: 1"):
+        JobSpec.from_dict({"service": {"public_address": "lb:443"}, "resources": {"shards": 2}})
+    with pytest.raises(SpecError, match="FEDRAY_GRPC_PORT"):
+        apply_cluster_env(JobSpec(), {"FEDRAY_GRPC_PORT": "grpc"})
+
+
+def test_a_round_past_the_failure_threshold_fails_the_job_naming_the_cause():
+    lines: list[str] = []
+    fake = SimpleNamespace(spec=JobSpec.from_dict({"service": {"real_clients": 2}}), log=lines.append,
+                           shards=SimpleNamespace(addresses=["10.250.0.2:50051"]))
+    fake._unreachable_hint = lambda failed: JobRuntime._unreachable_hint(fake, failed)
+    err = "client 3, round 1, stage upload: UNAVAILABLE: ipv4:10.250.0.2:50051: Connection refused"
+    failed = [SimpleNamespace(error=err)] * 3
+    assert JobRuntime._check_outcome(fake, 1, 10, failed[:1], 1, 10) == 1  # 1 failed + 1 missing of 12: logged only
+    assert "round 1: 1 of 10 simulated clients failed" in lines and any("1 of 2 real clients missing" in x for x in lines)
+    assert JobRuntime._check_outcome(fake, 2, 10, failed + failed[:2], 2, 7) == 0  # 5 of 12: under half
+    with pytest.raises(JobError, match=r"round 3: 6 of 12 clients failed or were missing.*service.host=None"):
+        JobRuntime._check_outcome(fake, 3, 10, failed * 2, 2, 6)  # half of them: the job fails
+
+
+def test_a_shard_resource_no_node_offers_fails_within_the_start_timeout(ray_session):
+    spec = JobSpec.from_dict(_spec("no-agg", rounds=1, resources={"shard_resource": "fedray_nowhere",
+                                                                  "shard_start_timeout_s": 2}))
+    t0 = time.monotonic()
+    with pytest.raises(JobError, match="no live node offers the Ray resource 'fedray_nowhere'"):
+        run_job(spec, progress=False, log=lambda s: None)
+    assert time.monotonic() - t0 < 60
 
 
 # --- the chart's contract, rendered --------------------------------------------------------
@@ -190,18 +237,23 @@ class Cluster:
                  + " && exec " + shlex.join(cmd))
         return ["ip", "netns", "exec", _ns(host), "unshare", "-m", "--propagation", "private", "sh", "-c", setup]
 
-    def start_node(self, host: str) -> None:
-        group = self.chart[GROUP[host]]
-        flags = _ray_flags(group)
-        if host == "head":
-            flags += ["--head", "--port=6379", "--include-dashboard=true", "--dashboard-port=8265"]
-        else:
-            flags += [f"--address={HOSTS['head']}:6379"]
-        cmd = [str(BIN / "ray"), "start", f"--node-ip-address={HOSTS[host]}", f"--temp-dir={self.tmp / ('ray-' + host)}",
-               "--object-store-memory=100000000", "--disable-usage-stats", *flags]
-        r = subprocess.run(["timeout", "120", *self._in_host(host, cmd)], env=self.env(host),
-                           capture_output=True, text=True, timeout=130)
-        assert r.returncode == 0, f"ray start on {host} failed:\n{r.stdout}\n{r.stderr}"
+    def start_nodes(self, hosts: list[str]) -> None:
+        """`ray start` on each host (in parallel), with the flags and env of its chart group."""
+        procs = {}
+        for host in hosts:
+            flags = _ray_flags(self.chart[GROUP[host]])
+            if host == "head":
+                flags += ["--head", "--port=6379", "--include-dashboard=true", "--dashboard-port=8265"]
+            else:
+                flags += [f"--address={HOSTS['head']}:6379"]
+            cmd = [str(BIN / "ray"), "start", f"--node-ip-address={HOSTS[host]}",
+                   f"--temp-dir={self.tmp / ('ray-' + host)}", "--object-store-memory=100000000",
+                   "--disable-usage-stats", *flags]
+            procs[host] = subprocess.Popen(["timeout", "120", *self._in_host(host, cmd)], env=self.env(host),
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for host, p in procs.items():
+            out = p.communicate(timeout=130)[0]
+            assert p.returncode == 0, f"ray start on {host} failed:\n{out}"
 
     def wait_nodes(self, n: int, timeout: float = 60) -> None:
         code = ("import ray,time; ray.init(address='auto', logging_level='ERROR'); t=time.time()\n"
@@ -246,7 +298,7 @@ class Cluster:
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             for ns in self.made:
                 self.kill_host(ns[len(TAG) + 1:], sig)
             end = time.monotonic() + wait
@@ -266,8 +318,8 @@ def cluster():
     try:
         c.up_network()
         c.make_certs()
-        for host in ("head", "agg", "agg2", "work"):
-            c.start_node(host)
+        c.start_nodes(["head"])
+        c.start_nodes(["agg", "agg2", "work"])
         c.wait_nodes(4)
         fwd = c.tmp / "forward.py"
         fwd.write_text(FORWARDER)
@@ -278,7 +330,8 @@ def cluster():
         c.down()
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert TAG not in left, f"namespaces left behind: {left}"
-        shutil.rmtree(c.tmp, ignore_errors=True)
+        if not os.environ.get("FEDRAY_MULTIHOST_KEEP"):  # set it to keep the logs and Ray's folders
+            shutil.rmtree(c.tmp, ignore_errors=True)
 
 
 # A TCP forwarder standing in for the aggregation Service: each connection goes to the first
