@@ -14,6 +14,8 @@ process is bounded by a timeout and stopped by PID; the namespaces are deleted a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -32,10 +34,12 @@ import pytest
 import torch
 import yaml
 
+from fedray.orchestrator.cli import main as cli_main
 from fedray.orchestrator.cluster_env import apply_cluster_env
 from fedray.orchestrator.engine import JobError, JobRuntime, run_job
 from fedray.orchestrator.shard import advertised_address, bind_host
 from fedray.orchestrator.spec import JobSpec, SpecError
+from fedray.proto.auth import client_token
 
 try:
     from tests.helm_tools import extract_helm, load_docs, run_helm
@@ -410,6 +414,19 @@ def _same_model(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@contextlib.contextmanager
+def _env_var(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = old
+
+
 def _fedray(*args: str) -> list[str]:
     return [str(BIN / "fedray"), *args]
 
@@ -460,8 +477,11 @@ def test_real_clients_through_the_forwarded_service_port_join_every_round(cluste
                            timeout=180, env=env, log=cluster.tmp / "real-driver.log")
     clients = []
     for i, cid in enumerate((1000, 1001)):
-        tok = subprocess.run(_fedray("token", "--job-id", job_id, "--client-id", str(cid)), env=env,
-                             capture_output=True, text=True, timeout=60, check=True).stdout.split()[-1]
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), _env_var("FEDRAY_JOB_SECRET", SECRET):
+            assert cli_main(["token", "--job-id", job_id, "--client-id", str(cid)]) == 0
+        tok = buf.getvalue().split()[-1]
+        assert tok == client_token(SECRET, job_id, cid)
         clients.append(cluster.popen(
             "outside", _fedray("client", "--server", PUBLIC, "--job-id", job_id, "--client-id", str(cid),
                                "--token", tok, "--dataset", "digits", "--data-shard", f"{i}/2", "--timeout", "150"),
@@ -498,6 +518,18 @@ def test_workers_on_other_hosts_upload_over_tls_as_the_chart_mounts_it(cluster):
     assert seen == ["tls.crt"]  # the key stays on the aggregation hosts
 
 
+def test_a_shard_address_workers_cannot_reach_fails_the_job_naming_service_host(cluster):
+    """A shard bound to loopback on purpose: every worker upload is refused, and the job fails
+    with the address and the setting to change, not a silent success."""
+    d = _spec("mh-loopback", rounds=1, service={"host": "127.0.0.1"})
+    r = cluster.run("head", _fedray("run", str(_write(cluster.tmp, d)), "--quiet"), timeout=150)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "fedray: error: round 1:" in out and "6 clients failed" in out, out
+    assert "Workers could not reach the aggregation service at 127.0.0.1:50051" in out, out
+    assert "service.host='127.0.0.1'" in out, out
+
+
 def test_aggregation_host_lost_mid_job(cluster, ray_session):
     """Scenario 3: the shard's host dies; the shard restarts on the other aggregation host and
     the job ends with the one-host model. Then, with no aggregation host left, a job fails fast."""
@@ -520,7 +552,7 @@ def test_aggregation_host_lost_mid_job(cluster, ray_session):
 
     # no aggregation host left after this one: fail fast, naming the resource
     log2 = cluster.tmp / "kill2-driver.log"
-    d2 = _spec("mh-kill2", rounds=40, resources={"shard_start_timeout_s": 15})
+    d2 = _spec("mh-kill2", rounds=40, resources={"shard_start_timeout_s": 10})
     driver = cluster.popen("head", _fedray("run", str(_write(cluster.tmp, d2)), "--quiet"), timeout=200, log=log2)
     _kill_after_round(cluster, driver, log2, 2)
     t_kill = time.monotonic()
