@@ -78,8 +78,9 @@ def _can_make_namespaces() -> str | None:
     if r.returncode != 0:
         return f"`ip netns add` failed: {r.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    if shutil.which("unshare") is None:
-        return "`unshare` (util-linux) is not installed"
+    for tool, pkg in (("unshare", "util-linux"), ("nsenter", "util-linux"), ("openssl", "openssl")):
+        if shutil.which(tool) is None:
+            return f"`{tool}` ({pkg}) is not installed"
     return None
 
 
