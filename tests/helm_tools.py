@@ -142,7 +142,10 @@ def jobspec_schema() -> dict[str, Any]:
             return {"type": "object"}
         return {}
 
-    schema = of(JobSpec)
+    if hasattr(JobSpec, "model_json_schema"):  # a pydantic JobSpec describes itself
+        schema = JobSpec.model_json_schema()
+    else:
+        schema = of(JobSpec)
     schema["description"] = "a fedray job spec, as `fedray validate` and `fedray run` read it"
     return schema
 

@@ -45,11 +45,6 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s-aggregator.%s.svc" (include "fedray.fullname" .) .Release.Namespace }}
 {{- end }}
 
-{{/* FEDRAY_PUBLIC_ADDRESS: aggregation.publicAddress, else the Service's cluster DNS name and port. */}}
-{{- define "fedray.publicAddress" -}}
-{{- default (printf "%s:%v" (include "fedray.aggregatorHost" .) .Values.aggregation.grpcPort) .Values.aggregation.publicAddress }}
-{{- end }}
-
 {{- define "fedray.jobConfigMapName" -}}
 {{- printf "%s-job" (include "fedray.fullname" .) }}
 {{- end }}
@@ -158,8 +153,10 @@ spec:
           value: {{ $v.aggregation.rayResource.name | quote }}
         - name: FEDRAY_GRPC_PORT
           value: {{ $v.aggregation.grpcPort | quote }}
+        {{- with $v.aggregation.publicAddress }}
         - name: FEDRAY_PUBLIC_ADDRESS
-          value: {{ include "fedray.publicAddress" $root | quote }}
+          value: {{ . | quote }}
+        {{- end }}
         {{- end }}
         {{- if $tls }}
         - name: FEDRAY_TLS_CERT
