@@ -450,22 +450,23 @@ def test_job_submitted_to_the_head_runs_across_hosts_and_matches_one_host(cluste
     assert r.returncode == 0, out
     shard_ip = _addresses(out)[0].rsplit(":", 1)[0]
     assert shard_ip in (HOSTS["agg"], HOSTS["agg2"]), out  # advertised node IP, bound on all interfaces
-    assert f":{50051}" in _addresses(out)[0], out  # FEDRAY_GRPC_PORT from the chart
+    assert _addresses(out)[0].endswith(":50051"), out  # FEDRAY_GRPC_PORT from the chart
     (job_dir,) = [p for p in results.iterdir() if p.is_dir()]
     summary = json.loads((job_dir / "summary.json").read_text())
     assert [x["clients"] for x in summary["rounds"]] == [6, 6, 6] and summary["failed_clients_total"] == 0
     assert summary["spec"]["resources"]["shard_resource"] == "fedray_aggregator"
     model = torch.load(job_dir / "model.pt", weights_only=True)
     assert _same_model(model, _reference(d)), "the cluster's final model differs from the one-host run"
-    # placement: the worker ran on the worker host, the shard on an aggregation host
-    probe = ("import ray; ray.init(address='auto', logging_level='ERROR'); from ray.util.state import list_actors\n"
-             "ip={n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()}\n"
-             "print({a.class_name: ip.get(a.node_id) for a in list_actors(filters=[('state','=','DEAD')], limit=1000)"
-             " if 'mh-submit' in (a.name or '') or a.class_name == '_WorkerActor'})")
+    # placement: the job's worker ran on the worker host, its shard on an aggregation host
+    probe = ("import json, ray; ray.init(address='auto', logging_level='ERROR')\n"
+             "from ray.util.state import list_actors\n"
+             "ip = {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes()}\n"
+             "print(json.dumps(sorted({(a.class_name, ip.get(a.node_id)) for a in list_actors(limit=1000)"
+             " if a.class_name in ('AggregationShard', '_WorkerActor')})))")
     p = cluster.run("head", [sys.executable, "-c", probe], timeout=60)
-    placed = p.stdout
-    assert f"'AggregationShard': '{shard_ip}'" in placed, placed + p.stderr
-    assert f"'_WorkerActor': '{HOSTS['work']}'" in placed, placed + p.stderr
+    assert p.returncode == 0, p.stderr
+    placed = {tuple(x) for x in json.loads(p.stdout.strip().splitlines()[-1])}
+    assert placed == {("AggregationShard", shard_ip), ("_WorkerActor", HOSTS["work"])}, placed
 
 
 def test_real_clients_through_the_forwarded_service_port_join_every_round(cluster):
@@ -534,7 +535,8 @@ def test_a_shard_address_workers_cannot_reach_fails_the_job_naming_service_host(
 def test_aggregation_host_lost_mid_job(cluster, ray_session):
     """Scenario 3: the shard's host dies; the shard restarts on the other aggregation host and
     the job ends with the one-host model. Then, with no aggregation host left, a job fails fast."""
-    d = _spec("mh-kill", rounds=10, resources={"shard_start_timeout_s": 30})
+    # rounds take about 0.05 s here: 30 of them leave the kill time to land mid-job
+    d = _spec("mh-kill", rounds=30, resources={"shard_start_timeout_s": 30})
     path = _write(cluster.tmp, d)
     log = cluster.tmp / "kill-driver.log"
     out_dir = cluster.tmp / "kill-out"
@@ -546,14 +548,14 @@ def test_aggregation_host_lost_mid_job(cluster, ray_session):
     survivor = HOSTS["agg2" if victim == "agg" else "agg"]
     assert f"restarted at {survivor}:50051" in text, text
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert [x["clients"] for x in summary["rounds"]] == [6] * 10, text
+    assert [x["clients"] for x in summary["rounds"]] == [6] * 30, text
     assert summary["failed_clients_total"] == 0, text  # the lost shard's clients were trained again
     model = torch.load(out_dir / "model.pt", weights_only=True)
     assert _same_model(model, _reference(d)), "lost or double-counted updates: the model differs from one host's"
 
     # no aggregation host left after this one: fail fast, naming the resource
     log2 = cluster.tmp / "kill2-driver.log"
-    d2 = _spec("mh-kill2", rounds=40, resources={"shard_start_timeout_s": 10})
+    d2 = _spec("mh-kill2", rounds=100, resources={"shard_start_timeout_s": 10})
     driver = cluster.popen("head", _fedray("run", str(_write(cluster.tmp, d2)), "--quiet"), timeout=200, log=log2)
     _kill_after_round(cluster, driver, log2, 2)
     t_kill = time.monotonic()
@@ -571,7 +573,7 @@ def _kill_after_round(cluster: Cluster, driver: subprocess.Popen, log: Path, r: 
         text = log.read_text()
         if re.search(rf"^round {r}/", text, re.M):
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     else:
         pytest.fail(f"round {r} never came:\n{log.read_text()}")
     ip = _addresses(log.read_text())[0].rsplit(":", 1)[0]
