@@ -198,7 +198,7 @@ class _Shards:
 
     def _bring_up(self, i: int, deadline: float) -> tuple[object, str]:
         """Start shard i and wait until it serves; retry a start that died (its node was dying)
-        until `deadline`. Raises JobError on a timeout or a shard that fails to start 3 times."""
+        until `deadline`. Raises JobError on a timeout or a shard whose own start fails twice."""
         creation_errors, last = 0, None
         while True:
             actor = self._start(i)
@@ -217,7 +217,7 @@ class _Shards:
                 # An error raised in the shard's own __init__ (bind, TLS files) repeats; a start
                 # cancelled with its dying node is placed elsewhere on the next try.
                 creation_errors += "creation task" in str(e)
-                if creation_errors >= 3:
+                if creation_errors >= 2:
                     raise JobError(f"aggregation shard {i} failed to start: {last}") from None
                 self._log(f"aggregation shard {i} did not start ({last}); starting it again")
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))

@@ -128,6 +128,13 @@ def test_a_shard_resource_no_node_offers_fails_within_the_start_timeout(ray_sess
     assert time.monotonic() - t0 < 60
 
 
+def test_a_shard_that_cannot_bind_fails_the_job_naming_service_host(ray_session):
+    spec = JobSpec.from_dict(_spec("bad-bind", rounds=1, service={"host": "192.0.2.1"}))  # no local address
+    with pytest.raises(JobError, match=r"aggregation shard 0 failed to start: .*could not serve on 192.0.2.1:0.*"
+                                       r"service.host must be an address of every node"):
+        run_job(spec, progress=False, log=lambda s: None)
+
+
 # --- the chart's contract, rendered --------------------------------------------------------
 
 
