@@ -562,7 +562,7 @@ def test_aggregation_host_lost_mid_job(cluster, ray_session):
 
     # no aggregation host left after this one: fail fast, naming the resource
     log2 = cluster.tmp / "kill2-driver.log"
-    d2 = _spec("mh-kill2", rounds=100, resources={"shard_start_timeout_s": 10})
+    d2 = _spec("mh-kill2", rounds=100, resources={"shard_start_timeout_s": 15})
     driver = cluster.popen("head", _fedray("run", str(_write(cluster.tmp, d2)), "--quiet"), timeout=200, log=log2)
     _kill_after_round(cluster, driver, log2, 2)
     t_kill = time.monotonic()
