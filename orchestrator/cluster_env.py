@@ -4,6 +4,7 @@ The chart (helm/fedray/templates/_helpers.tpl) sets these variables in every Ray
 driver (`fedray run`, on the head pod) reads them once and fills the job spec's fields that the
 spec itself leaves unset. A value written in the job spec always wins over the environment.
 tests/test_helm.py renders the chart and fails if it sets a FEDRAY_* variable not named here.
+The public address is left out for jobs with several shards (it reaches one shard).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def apply_cluster_env(spec, environ: Mapping[str, str] | None = None):
         raw = env.get(name, "")
         if not raw or d[section].get(key) not in _UNSET:
             continue
+        if name == PUBLIC_ADDRESS and d["resources"].get("shards", 1) > 1:
+            continue  # one public address reaches one shard; jobs with more give clients node addresses
         if name == GRPC_PORT:
             try:
                 value: object = int(raw)

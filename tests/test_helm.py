@@ -320,6 +320,8 @@ def test_every_fedray_variable_the_chart_sets_is_read_by_the_code(render):
     assert spec.service.public_address is None  # clients stay on the address they dialled
     tls = _one(render("-f", str(CHART / "ci" / "tls-values.yaml")), "RayCluster")["spec"]["headGroupSpec"]["template"]
     assert cluster_env.apply_cluster_env(JobSpec(), _env(tls))[0].service.public_address == "fedray.example.com:443"
+    two = JobSpec.from_dict({"resources": {"shards": 2}})  # a public address reaches one shard: not filled
+    assert cluster_env.apply_cluster_env(two, _env(tls))[0].service.public_address is None
     written = JobSpec.from_dict({"service": {"port": 7000}, "resources": {"shard_resource": "mine"}})
     spec, _ = cluster_env.apply_cluster_env(written, head)  # the job spec's own values win
     assert (spec.resources.shard_resource, spec.service.port) == ("mine", 7000)
