@@ -21,12 +21,13 @@ from typing import Sequence
 from fedray.builtin_tasks import DATASETS, MODELS, PARTITIONS
 
 from . import realclient_cli
+from .state import JobError
 from .spec import (
     CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
     ResourceSpec, SpecError, StrategySpec, TrainingSpec,
 )
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -164,7 +165,8 @@ def _run(
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `fedray` command line (the Helm chart's RayJob entrypoint is checked against it)."""
     parser = argparse.ArgumentParser(prog="fedray", description="Ray-based federated learning")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _demo_parser(sub)
@@ -185,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("codecs", help="list the registered codecs")
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.cmd == "schema":  # no torch, no Ray
         return _schema(a.out)
 
@@ -225,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DatasetMissingError) as e:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
+    except JobError as e:  # the job started and failed: the message names the round and the cause
+        print(f"fedray: error: {e}", file=sys.stderr)
+        return 1
     return 1
 
 

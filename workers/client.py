@@ -44,6 +44,7 @@ class TrainerSetup:
     broadcast_params: Mapping[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
     tls_ca_file: str | None = None  # set when the service serves TLS
+    tls_server_name: str | None = None  # the certificate's name, when it does not hold the shard's node IP
     dropout: Any = None  # orchestrator DropoutSpec-like: keep_rates, mode, probs, policy
     omc: Any = None  # OMCConfig
     prox_mu: float = 0.0  # FedProx
@@ -60,7 +61,8 @@ class TrainerSetup:
         kw = dict(
             job_id=job_id, secret=secret, seed=spec.seed, train=train_config(tr), codec=comp.codec,
             codec_params=dict(comp.codec_params), broadcast=comp.broadcast, broadcast_params=dict(comp.broadcast_params),
-            tls_ca_file=spec.service.tls_cert, dropout=spec.dropout,
+            tls_ca_file=spec.service.tls_ca or spec.service.tls_cert, tls_server_name=spec.service.tls_server_name,
+            dropout=spec.dropout,
             omc=spec.omc, prox_mu=spec.strategy.proximal_mu,
             batched=res.batched, pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
         )
@@ -106,7 +108,8 @@ class ClientTrainer:
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = serde.open_channel(address, ca_file=self.setup.tls_ca_file)
+            ch = self._channels[address] = serde.open_channel(
+                address, ca_file=self.setup.tls_ca_file, server_name=self.setup.tls_server_name)
         return ch
 
     def _global(self, round: int, broadcast: Broadcast) -> dict[str, torch.Tensor]:
