@@ -157,7 +157,7 @@ class _Shards:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
-            limits=ServiceLimits(max_inflight=spec.service.max_inflight),
+            limits=ServiceLimits(max_inflight=spec.service.max_inflight, idle_timeout_s=spec.service.idle_timeout_s),
             spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,

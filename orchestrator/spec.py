@@ -325,12 +325,14 @@ class ServiceSpec:
     job_id: str | None = None  # fixed job id (real clients need it); default: name + random suffix
     secret_env: str = "FEDRAY_JOB_SECRET"  # environment variable holding the job secret, if set
     max_inflight: int = 64  # uploads in flight per shard before RESOURCE_EXHAUSTED
+    idle_timeout_s: float = 10.0  # a stream that keeps a shard waiting this long is ended (ServiceLimits)
 
     def __post_init__(self) -> None:
         _int("service.port", self.port, 0, 65535)
         _int("service.real_clients", self.real_clients, 0)
         _num("service.real_client_wait_s", self.real_client_wait_s, 0)
         _int("service.max_inflight", self.max_inflight, 1)
+        _num("service.idle_timeout_s", self.idle_timeout_s, 0, lo_open=True)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise SpecError("service.tls_cert: set both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
