@@ -325,7 +325,7 @@ class ServiceSpec:
     job_id: str | None = None  # fixed job id (real clients need it); default: name + random suffix
     secret_env: str = "FEDRAY_JOB_SECRET"  # environment variable holding the job secret, if set
     max_inflight: int = 64  # uploads in flight per shard before RESOURCE_EXHAUSTED
-    idle_timeout_s: float = 10.0  # a stream that keeps a shard waiting this long is ended (ServiceLimits)
+    idle_timeout_s: float = 30.0  # a stream that keeps a shard waiting this long is ended (ServiceLimits)
 
     def __post_init__(self) -> None:
         _int("service.port", self.port, 0, 65535)
