@@ -115,6 +115,8 @@ def test_billion_clients_store_nothing_per_client():
     assert len(np.unique(s.train_ids)) == 10_000 and 0 <= s.train_ids.min() and s.train_ids.max() < n
     assert s.online == 800_000_000  # the expectation: nobody counts a billion clients
     assert pop.is_online(1, s.train_ids).all()
+    with pytest.raises(PopulationError, match="is_online"):
+        pop.online(1)  # would list 800M ids
     # The last clients are as reachable as the first: ids spread over the whole range.
     assert np.histogram(s.train_ids, bins=4, range=(0, n))[0].min() > 2000
     np.testing.assert_array_equal(s.train_ids, pop.sample_round(1, 10_000, over_select=1.3, bytes_up=20_000,
