@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -95,11 +94,9 @@ def _update(cid: int, *, tensors=None):
     return serde.upload_messages(job_id=JOB, round=1, client_id=cid, weight=1.0, tensors=tensors)
 
 
-def _header_only(cid: int, token: str | None = None) -> bytes:
+def _header_only(cid: int) -> bytes:
     m = _update(cid)[0]
     m.ClearField("data")
-    if token is not None:
-        m.header.token = token
     return m.SerializeToString()
 
 

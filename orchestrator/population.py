@@ -237,7 +237,13 @@ class Population:
 
     def online(self, round: int) -> np.ndarray:
         """Ids of every client online in `round`: O(num_clients), for small populations and tests;
-        rounds never call it."""
+        rounds never call it.
+
+        Raises:
+            PopulationError: more than 50,000,000 clients (use `is_online` on the ids of interest)."""
+        if self.num_clients > 50_000_000:
+            raise PopulationError(f"online() lists all {self.num_clients} clients; above 50,000,000 ask "
+                                  "is_online(round, ids) for the clients of interest instead")
         ids = np.arange(self.num_clients, dtype=np.int64)
         return ids if self._always_online else ids[self.is_online(round, ids)]
 

@@ -39,6 +39,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--job-id", required=True)
     t.add_argument("--client-id", type=int, required=True)
     t.add_argument("--secret-env", default="FEDRAY_JOB_SECRET")
+    t.add_argument("--ttl-s", type=float, default=7 * 24 * 3600,
+                   help="seconds the token stays valid (default: 7 days; the server's clock decides)")
 
 
 def _json_map(text: str) -> dict:
@@ -106,7 +108,10 @@ def run_token(a: argparse.Namespace) -> int:
     if not secret:
         print(f"fedray token: error: set the job secret in ${a.secret_env}", file=sys.stderr)
         return 2
-    print(client_token(secret, a.job_id, a.client_id))
+    if not a.ttl_s > 0:
+        print(f"fedray token: error: --ttl-s must be > 0, got {a.ttl_s}", file=sys.stderr)
+        return 2
+    print(client_token(secret, a.job_id, a.client_id, ttl_s=a.ttl_s))
     return 0
 
 

@@ -136,3 +136,11 @@ def _check_batch_independence(digits, train_batched_stacked):
         pair, _ = train_batched_stacked(model, start, xs[i:i + 2], ys[i:i + 2], cfg, ids[i:i + 2], digits.scale, digits.shift)
         for k in full:
             assert torch.equal(full[k][i], alone[k][0]) and torch.equal(full[k][i], pair[k][0])
+
+
+def test_batching_pays_only_without_2d_convolutions(digits):
+    from fedray.workers.batched import batching_pays
+
+    assert batching_pays(build_model("mlp", digits.input_shape, 10, (16,)))
+    assert not batching_pays(build_model("cnn", digits.input_shape, 10, (4, 8, 16)))  # compute-bound: one by one
+    assert not batching_pays(build_model("gru", (9, 5), 10, (8,)))  # cannot be batched at all

@@ -116,6 +116,8 @@ def test_billion_clients_store_nothing_per_client():
     assert len(np.unique(s.train_ids)) == 10_000 and 0 <= s.train_ids.min() and s.train_ids.max() < n
     assert s.online == 800_000_000  # the expectation: nobody counts a billion clients
     assert pop.is_online(1, s.train_ids).all()
+    with pytest.raises(PopulationError, match="is_online"):
+        pop.online(1)  # would list 800M ids
     # The last clients are as reachable as the first: ids spread over the whole range.
     assert np.histogram(s.train_ids, bins=4, range=(0, n))[0].min() > 2000
     np.testing.assert_array_equal(s.train_ids, pop.sample_round(1, 10_000, over_select=1.3, bytes_up=20_000,
@@ -166,3 +168,23 @@ def test_seeded_partition_deterministic_distinct_in_range():
         SeededPartition(10, 5, examples_per_client=11)
     with pytest.raises(IndexError):
         p.client(10_000)
+
+
+def test_billion_client_job_runs_through_ray_and_is_seeded(ray_session):
+    """The real path (Ray workers, gRPC shard) with a population of 10**9 derived clients: the
+    same seed trains the same cohorts to the same model."""
+    from fedray.orchestrator.engine import run_job
+    from fedray.orchestrator.spec import DataSpec, JobSpec, ModelSpec, PopulationSpec, ResourceSpec, TrainingSpec
+
+    spec = JobSpec(
+        name="billion", seed=3,
+        data=DataSpec(dataset="digits", num_clients=10**9, examples_per_client=8),
+        model=ModelSpec(hidden=(16,)),
+        training=TrainingSpec(rounds=2, clients_per_round=30, local_epochs=1, batch_size=8, lr=0.1),
+        resources=ResourceSpec(num_workers=2, clients_per_call=15),
+        population=PopulationSpec(over_select=1.3, availability=0.5),
+    )
+    a, b = (run_job(spec, progress=False, log=lambda m: None) for _ in range(2))
+    assert [r.clients for r in a.rounds] == [30, 30] and all(r.virtual_s > 0 for r in a.rounds)
+    for k in a.params:
+        assert np.array_equal(a.params[k].numpy(), b.params[k].numpy())

@@ -16,7 +16,7 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
-from .batched import supports_batched, train_batched_stacked
+from .batched import batching_pays, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import as_arrays
 from .models import set_params
@@ -135,7 +135,7 @@ class ClientTrainer:
     def _batchable(self) -> bool:
         s = self.setup
         return (s.batched and s.dropout is None and s.omc is None and not s.prox_mu and not s.pruning
-                and not self.step.custom_train and self.device.type == "cpu" and supports_batched(self.model))
+                and not self.step.custom_train and self.device.type == "cpu" and batching_pays(self.model))
 
     def _batched(self, round: int, start, cids: list[int], servers, attempt: int) -> list[ClientResult]:
         """Train every client of the call as one batched computation, then encode and upload each."""

@@ -300,8 +300,9 @@ class ServiceLimits(Section):
         client); gRPC refuses more with RESOURCE_EXHAUSTED. Stalled streams are ended after
         `idle_timeout_s`, so this many is what a hostile client can hold for that long.
     max_streams_per_connection: HTTP/2 streams one connection may open (grpc.max_concurrent_streams).
-    idle_timeout_s: a stream that keeps the server waiting this long (no payload bytes, an
-        unread download) is cancelled (orchestrator/streams.py); max_stream_s bounds a call in all.
+    idle_timeout_s: a stream that keeps the server waiting this long (no message with payload
+        bytes, an unread download) is cancelled (orchestrator/streams.py): a client must deliver
+        one chunk (~1 MiB) per idle_timeout_s. max_stream_s bounds a call in all.
     max_header_bytes: an upload header larger than this is refused before it is parsed (before
         the token is checked); 0: 16 KiB plus 1 KiB per model tensor.
     max_metrics: client metrics entries per update.
@@ -317,7 +318,7 @@ class ServiceLimits(Section):
     max_inflight_per_client: PosInt = 1
     max_streams: PosInt = 4096
     max_streams_per_connection: PosInt = 256
-    idle_timeout_s: PosFloat = 10.0
+    idle_timeout_s: PosFloat = 30.0
     max_stream_s: PosFloat = 900.0
     max_header_bytes: NonNegInt = 0
     max_metrics: NonNegInt = 64
