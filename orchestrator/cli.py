@@ -21,7 +21,7 @@ from typing import Sequence
 from . import realclient_cli
 from .spec import (
     CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
-    ResourceSpec, SpecError, StrategySpec, TrainingSpec,
+    ResourceSpec, SpecError, StrategySpec, TrackingSpec, TrainingSpec,
 )
 
 __all__ = ["main"]
@@ -81,6 +81,24 @@ def _demo_parser(sub) -> None:
                    help="stragglers: over-select this factor of clients, keep the first finishers (virtual time)")
     p.add_argument("--deadline", type=float, default=None, help="stragglers: round deadline in virtual seconds")
     p.add_argument("--client-eval", action="store_true", help="clients also evaluate each received model on their data")
+    _tracking_flags(p)
+
+
+def _tracking_flags(p) -> None:
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write every round's metrics as TensorBoard event files under DIR/<job id> (tracking.tensorboard_dir)")
+    p.add_argument("--mlflow", metavar="URI", default=None,
+                   help="log every round's metrics to MLflow: file:PATH (no server) or http://host:port (tracking.mlflow_uri)")
+
+
+def _with_tracking(spec: JobSpec, a: argparse.Namespace) -> JobSpec:
+    """The spec with --tensorboard / --mlflow laid over its `tracking:` section."""
+    if a.tensorboard is None and a.mlflow is None:
+        return spec
+    base = spec.tracking or TrackingSpec(tensorboard_dir=a.tensorboard, mlflow_uri=a.mlflow)
+    tracking = dataclasses.replace(base, tensorboard_dir=a.tensorboard or base.tensorboard_dir,
+                                   mlflow_uri=a.mlflow or base.mlflow_uri)
+    return dataclasses.replace(spec, tracking=tracking)
 
 
 def _json_map(text: str) -> dict:
@@ -176,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in the spec's checkpoint_dir (after a crash or kill)")
     r.add_argument("--checkpoint-dir", default=None, help="checkpoint after every round here (overrides the spec)")
+    _tracking_flags(r)
     v = sub.add_parser("validate", help="check a job spec and print it with defaults filled in")
     v.add_argument("spec")
     sub.add_parser("codecs", help="list the registered codecs")
@@ -185,13 +204,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedray.workers.data import DatasetMissingError
 
+    from .tracking import TrackingError
+
     try:
         if a.cmd == "demo":
-            return _run(spec_from_demo_args(a), json_path=a.json_path, quiet=a.quiet, dashboard=a.dashboard, out=a.out)
+            return _run(_with_tracking(spec_from_demo_args(a), a), json_path=a.json_path, quiet=a.quiet,
+                        dashboard=a.dashboard, out=a.out)
         if a.cmd == "run":
             spec = JobSpec.from_yaml(a.spec)
             if a.checkpoint_dir:
                 spec = dataclasses.replace(spec, checkpoint_dir=a.checkpoint_dir)
+            spec = _with_tracking(spec, a)
             if a.resume and not spec.checkpoint_dir:
                 raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
             return _run(spec, json_path=a.json_path, quiet=a.quiet, out=a.out, emit_result=a.emit_result,
@@ -210,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print("\n".join(available_codecs()))
             return 0
-    except (SpecError, DatasetMissingError) as e:
+    except (SpecError, DatasetMissingError, TrackingError) as e:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
     return 1

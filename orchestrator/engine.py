@@ -211,13 +211,19 @@ def run_job(
     Raises:
         DatasetMissingError: the data set is not on this machine.
         JobError: a round ended with fewer than `training.min_clients` updates.
+        TrackingError: a `tracking:` backend cannot be opened (before the first round).
     """
     if not ray.is_initialized():
         raise JobError("Ray is not initialized: call fedray.orchestrator.engine.ensure_ray() first")
     rt = JobRuntime(spec, progress=progress, log=log)
     if on_start:
         on_start(rt)
-    return rt.run(on_round=on_round, resume=resume)
+    if spec.tracking is None:
+        return rt.run(on_round=on_round, resume=resume)
+    from .tracking import Tracker
+
+    with Tracker(spec, job_id=rt.job_id, log=log) as tracker:
+        return rt.run(on_round=tracker.chain(on_round), resume=resume)
 
 
 class JobRuntime:
@@ -324,7 +330,7 @@ class JobRuntime:
         }
 
     def _restore(self, ck: dict, result: JobResult) -> None:
-        if ck["spec"] != self.spec.to_dict():
+        if {**ck["spec"], "tracking": None} != {**self.spec.to_dict(), "tracking": None}:  # tracking may change
             raise JobError(f"checkpoint in {self.spec.checkpoint_dir} is of another job spec; use a new checkpoint_dir")
         self.params = {k: v.clone() for k, v in ck["params"].items()}
         set_params(self.model, self.params)

@@ -32,6 +32,7 @@ __all__ = [
     "ServiceSpec",
     "SpecError",
     "StrategySpec",
+    "TrackingSpec",
     "TrainingSpec",
 ]
 
@@ -338,6 +339,23 @@ class ServiceSpec:
 
 
 @dataclass(frozen=True)
+class TrackingSpec:
+    """Experiment tracking of every round's metrics (orchestrator/tracking.py)."""
+
+    tensorboard_dir: str | None = None  # TensorBoard event files go to <tensorboard_dir>/<job id>/
+    mlflow_uri: str | None = None  # file:PATH (a local store, no server), http://host:port, sqlite:///...
+    mlflow_experiment: str | None = None  # default: the job's name
+
+    def __post_init__(self) -> None:
+        for f in ("tensorboard_dir", "mlflow_uri", "mlflow_experiment"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                _fail(f"tracking.{f}", "must be a non-empty string or null", v)
+        if self.tensorboard_dir is None and self.mlflow_uri is None:
+            raise SpecError("tracking: set tracking.tensorboard_dir, tracking.mlflow_uri or both (or drop the section)")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """Everything a fedray job can set. Build it in Python or load it with `from_yaml`."""
 
@@ -356,6 +374,7 @@ class JobSpec:
     population: PopulationSpec | None = None  # device profiles, over-selection, deadline (virtual time)
     pruning: PruningSpec | None = None  # server-side gradual magnitude pruning
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
+    tracking: TrackingSpec | None = None  # TensorBoard / MLflow logging of every round's metrics
 
     def __post_init__(self) -> None:
         if self.privacy is not None:
