@@ -6,6 +6,8 @@
     fedray codecs
     fedray submit JOB.yaml [--address URL] [--follow]     (prints the job id)
     fedray status|logs|stop|wait|result JOB_ID [--address URL]
+    fedray cluster up|down                                (a local Ray head from this environment)
+    fedray --version
 
 `--address` defaults to $FEDRAY_ADDRESS, else http://127.0.0.1:8265 (a Ray dashboard URL).
 """
@@ -18,7 +20,7 @@ import os
 import sys
 from typing import Sequence
 
-from . import realclient_cli
+from . import cluster, realclient_cli
 from .spec import (
     CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
     ResourceSpec, SpecError, StrategySpec, TrackingSpec, TrainingSpec,
@@ -182,6 +184,7 @@ def _run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedray", description="Ray-based federated learning")
+    parser.add_argument("--version", action="version", version=f"fedray {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _demo_parser(sub)
     r = sub.add_parser("run", help="run a job spec (YAML) on an embedded Ray, or on RAY_ADDRESS's cluster")
@@ -200,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("codecs", help="list the registered codecs")
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
+    cluster.add_parser(sub)
     a = parser.parse_args(argv)
 
     from fedray.workers.data import DatasetMissingError
@@ -219,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
             return _run(spec, json_path=a.json_path, quiet=a.quiet, out=a.out, emit_result=a.emit_result,
                         resume=a.resume)
+        if a.cmd == "cluster":
+            return cluster.main(a)
         if a.cmd == "client":
             return realclient_cli.run_client(a)
         if a.cmd == "token":
@@ -237,6 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedray")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 _REMOTE = ("submit", "status", "logs", "stop", "wait", "result")
