@@ -2,8 +2,9 @@
 
 They appear on Ray's metrics export port with a `ray_` prefix (e.g. `ray_fedray_rounds_total`).
 
-Ray drops a process's gauges when the process exits, so gauges set by the job driver (accuracy,
-round, ...) vanished with the job. The metrics are therefore set by one long-lived actor per
+Ray drops a process's gauges when the process exits (and, in Ray 2.60, when they have not been set
+for two report intervals), so gauges set by the job driver (accuracy, round, ...) vanished with
+the job. The metrics are therefore set by one long-lived actor per
 cluster, `fedray_metrics_v1` in namespace `fedray` (detached, no CPU, about 50 MB): the driver
 sends it each round's numbers, and a finished job's last values stay on the metrics port (and
 in Prometheus) until the cluster stops or the next job of the same name overwrites them. The
@@ -12,6 +13,8 @@ series carry the actor's WorkerId instead of the driver's, one set for all jobs 
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import lru_cache
 
 __all__ = ["EXPORTER_NAME", "EXPORTER_NAMESPACE", "JobMetrics"]
@@ -51,10 +54,19 @@ def _exporter():
 
 
 class _Exporter:
-    """Holds the Ray metric objects; lives as long as the cluster."""
+    """Holds the Ray metric objects; lives as long as the cluster.
+
+    Ray 2.60's metrics agent forgets a gauge value that its process has not set again within two
+    report intervals (20 s by default), even while the process lives; a thread here sets every
+    gauge's last value again each second.
+    """
 
     def __init__(self) -> None:
         from ray.util import metrics as m
+
+        self._lock = threading.Lock()
+        self._last: dict[tuple, tuple] = {}  # (gauge name, sorted tags) -> (gauge, value, tags)
+        threading.Thread(target=self._refresh, name="fedray-gauge-refresh", daemon=True).start()
 
         self.rounds = _counter(m, "fedray_rounds_total", "Completed rounds", ("fl_job",))
         self.round_gauge = _gauge(m, "fedray_round", "Current round", ("fl_job",))
@@ -71,20 +83,32 @@ class _Exporter:
         fp32_up: int, accuracy: float, wall_s: float, decode_s: float, broadcast_codec: str,
     ) -> None:
         t = {"fl_job": job}
-        self.rounds.inc(1, t)
-        self.round_gauge.set(round, t)
-        if ok:  # Ray's Counter.inc refuses 0
-            self.clients.inc(ok, {**t, "outcome": "ok"})
-        if failed:
-            self.clients.inc(failed, {**t, "outcome": "failed"})
-        if bytes_up:
-            self.bytes.inc(bytes_up, {**t, "codec": codec, "direction": "up"})
-            self.ratio.set(fp32_up / bytes_up, {**t, "codec": codec})
-        if bytes_down:
-            self.bytes.inc(bytes_down, {**t, "codec": broadcast_codec, "direction": "down"})
-        self.accuracy.set(accuracy, t)
-        self.round_s.set(wall_s, t)
-        self.decode_s.set(decode_s, {**t, "codec": codec})
+        with self._lock:
+            self.rounds.inc(1, t)
+            self._set(self.round_gauge, round, t)
+            if ok:  # Ray's Counter.inc refuses 0
+                self.clients.inc(ok, {**t, "outcome": "ok"})
+            if failed:
+                self.clients.inc(failed, {**t, "outcome": "failed"})
+            if bytes_up:
+                self.bytes.inc(bytes_up, {**t, "codec": codec, "direction": "up"})
+                self._set(self.ratio, fp32_up / bytes_up, {**t, "codec": codec})
+            if bytes_down:
+                self.bytes.inc(bytes_down, {**t, "codec": broadcast_codec, "direction": "down"})
+            self._set(self.accuracy, accuracy, t)
+            self._set(self.round_s, wall_s, t)
+            self._set(self.decode_s, decode_s, {**t, "codec": codec})
+
+    def _set(self, gauge, value: float, tags: dict) -> None:
+        gauge.set(value, tags)
+        self._last[(gauge.info["name"], tuple(sorted(tags.items())))] = (gauge, value, tags)
+
+    def _refresh(self) -> None:
+        while True:  # a daemon thread: ends with the actor's process
+            time.sleep(1.0)
+            with self._lock:
+                for gauge, value, tags in list(self._last.values()):
+                    gauge.set(value, tags)
 
 
 # Ray refuses to declare the same metric twice in one process with other settings; cache them.
