@@ -86,12 +86,11 @@ def head():
 
 
 @pytest.fixture(scope="module")
-def prometheus(head):
+def prometheus(head, tmp_path_factory):
     exe = shutil.which("prometheus")
     if exe is None:
         pytest.skip("Debian's prometheus is not installed (scripts/setup.sh test installs it with apt-get)")
-    folder = Path(head["temp"]) / "prometheus"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("prometheus")
     (port,) = _free_ports(1)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
