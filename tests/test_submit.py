@@ -188,9 +188,8 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
     if auth_token():
         assert _get(f"{url}/api/jobs/", token=None)[0] == 401
 
-    # The job driver's fedray_* metrics reach Ray's metrics port (with Ray's `ray_` prefix). Counters
-    # outlive the driver; gauges (accuracy, round, ...) are dropped when it exits, so only counters
-    # can be checked after the job.
+    # The jobs' fedray_* metrics reach Ray's metrics port (with Ray's `ray_` prefix), through the
+    # cluster's exporter actor (gauges outliving the job: tests/test_cluster.py).
     want = {"ray_fedray_rounds_total", "ray_fedray_clients_total", "ray_fedray_bytes_total"}
     deadline, names, page = time.monotonic() + 30, set(), ""
     while not want <= names and time.monotonic() < deadline:
