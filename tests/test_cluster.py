@@ -217,3 +217,22 @@ def test_cluster_down_stops_only_this_head(head):
     assert not (Path(head["temp"]) / "fedray-cluster.json").exists()
     again = _fedray("cluster", "down", "--temp-dir", head["temp"])
     assert again.returncode == 0 and "nothing to stop" in again.stdout
+
+
+def test_version_and_busy_port_errors(tmp_path, capsys):
+    from fedray.orchestrator import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("fedray 0.")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        gcs, metrics = _free_ports(2)
+        rc = cli.main(["cluster", "up", "--temp-dir", str(tmp_path), "--dashboard-port", str(port),
+                       "--port", str(gcs), "--metrics-port", str(metrics)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"port {port} on 127.0.0.1 is in use" in err and "--dashboard-port" in err
+    assert not (tmp_path / "fedray-cluster.json").exists()
+    assert "nothing to stop" in _fedray("cluster", "down", "--temp-dir", str(tmp_path)).stdout
