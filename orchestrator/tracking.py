@@ -118,13 +118,13 @@ class _MLflow:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
             run = self.client.create_run(exp_id, run_name=job_id, tags={"fedray.job_id": job_id})
+            self.run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
         except Exception as e:  # MlflowException, connection errors: all mean the same here
             raise TrackingError(f"tracking.mlflow_uri: cannot open an MLflow run at {self.uri!r}: "
-                                f"{str(e).splitlines()[0][:300]}") from e
-        self.run_id = run.info.run_id
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+                                f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from e
 
     def log(self, step: int, metrics: Mapping[str, float], walltime: float) -> None:
         ms = int(walltime * 1000)
