@@ -1,11 +1,14 @@
 """Codec microbenchmark: every registered codec on 32M float32 values (compression.md E, F5).
 
-    python benchmarks/codecs.py --json benchmarks/results/codecs.json [--quick] [--repeats 3]
+    python benchmarks/codecs.py --json benchmarks/results/codecs.json [--quick] [--repeats 5]
 
 Each row: codec (registry name + params), bits_per_value from the bytes actually produced,
 formula_bits (compression.md's wire formula), rel_error (relative L2), encode_gbps and
-decode_gbps (float32 bytes per second, best of the repeats), roundtrip_gbps
-(4d / (encode + decode time)), and memcpy_gbps, measured in the same run by np.copyto.
+decode_gbps (float32 bytes per second, the median of the repeats, with `*_spread` = [min, max]
+over them), roundtrip_gbps (4d / (median encode + median decode time)), memcpy_gbps (np.copyto,
+median of repeats taken just before each codec's timings, so the ratio is side by side) and the
+load average when the row was taken. The JSON also records the CPU model (/proc/cpuinfo), the
+number of CPUs, the load average before and after, and the exact command.
 
 decode_gbps is `Codec.decode_into` a preallocated float32 buffer, reused across repeats: what the
 aggregation service does with every upload (one staging buffer per tensor, see
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -69,27 +73,52 @@ def _cases(n: int):
     ]
 
 
-def _best(fn, repeats: int, budget_s: float = 20.0):
-    best, out, spent = math.inf, None, 0.0
+def _timed(fn, repeats: int, budget_s: float = 20.0):
+    """(median seconds, [min, max] seconds, last output) over `repeats` calls (fewer once
+    `budget_s` is spent), after one untimed warm-up call."""
+    out, times, spent = fn(), [], 0.0
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t
-        best, spent = min(best, dt), spent + dt
+        times.append(dt)
+        spent += dt
         if spent > budget_s:
             break
-    return best, out
+    return statistics.median(times), (min(times), max(times)), out
+
+
+def _gbps(nbytes: int, t: float) -> float:
+    return round(nbytes / t / 1e9, 3)
+
+
+def _spread(nbytes: int, mm: tuple[float, float]) -> list[float]:
+    return [_gbps(nbytes, mm[1]), _gbps(nbytes, mm[0])]
+
+
+def memcpy_timed(n: int, repeats: int):
+    a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    b = np.empty_like(a)
+    return _timed(lambda: np.copyto(b, a), max(repeats, 5))
 
 
 def memcpy_gbps(n: int, repeats: int) -> float:
-    a = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-    b = np.empty_like(a)
-    t, _ = _best(lambda: np.copyto(b, a), max(repeats, 5))
-    return 4 * n / t / 1e9
+    return 4 * n / memcpy_timed(n, repeats)[0] / 1e9
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform's answer where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def run(n: int, repeats: int, only: list[str] | None = None) -> list[dict]:
-    memcpy = memcpy_gbps(n, repeats)
     rows = []
     for label, name, params, shape, formula in _cases(n):
         if only and label not in only:
@@ -98,10 +127,11 @@ def run(n: int, repeats: int, only: list[str] | None = None) -> list[dict]:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         codec = get_codec(name, **params)
         ctx = CodecContext(seed=1, key="bench")
-        t_enc, p = _best(lambda: codec.encode(x, ctx), repeats)
-        t_fresh, y = _best(lambda: codec.decode(p, ctx), repeats)
+        t_mem, mm_mem, _ = memcpy_timed(n, repeats)  # beside this codec's timings
+        t_enc, mm_enc, p = _timed(lambda: codec.encode(x, ctx), repeats)
+        t_fresh, mm_fresh, y = _timed(lambda: codec.decode(p, ctx), repeats)
         buf = torch.empty(shape).fill_(0.0)  # touched once, like a server's reused staging buffer
-        t_dec, _ = _best(lambda: codec.decode_into(p, buf, ctx), repeats)
+        t_dec, mm_dec, _ = _timed(lambda: codec.decode_into(p, buf, ctx), repeats)
         bits = 8 * p.nbytes / d
         row = {
             "codec": label, "name": name, "params": params, "numel": d,
@@ -109,15 +139,18 @@ def run(n: int, repeats: int, only: list[str] | None = None) -> list[dict]:
             "formula_bits": None if formula is None else round(formula, 4),
             "bits_vs_formula": None if formula is None else round(bits / formula - 1, 4),
             "rel_error": round(float((y - x).norm() / x.norm()), 5),
-            "encode_gbps": round(4 * d / t_enc / 1e9, 3),
-            "decode_gbps": round(4 * d / t_dec / 1e9, 3),
-            "roundtrip_gbps": round(4 * d / (t_enc + t_dec) / 1e9, 3),
-            "decode_fresh_gbps": round(4 * d / t_fresh / 1e9, 3),
-            "roundtrip_fresh_gbps": round(4 * d / (t_enc + t_fresh) / 1e9, 3),
-            "memcpy_gbps": round(memcpy, 3),
+            "encode_gbps": _gbps(4 * d, t_enc), "encode_gbps_spread": _spread(4 * d, mm_enc),
+            "decode_gbps": _gbps(4 * d, t_dec), "decode_gbps_spread": _spread(4 * d, mm_dec),
+            "roundtrip_gbps": _gbps(4 * d, t_enc + t_dec),
+            "roundtrip_gbps_spread": [_gbps(4 * d, mm_enc[1] + mm_dec[1]), _gbps(4 * d, mm_enc[0] + mm_dec[0])],
+            "decode_fresh_gbps": _gbps(4 * d, t_fresh), "decode_fresh_gbps_spread": _spread(4 * d, mm_fresh),
+            "roundtrip_fresh_gbps": _gbps(4 * d, t_enc + t_fresh),
+            "memcpy_gbps": _gbps(4 * n, t_mem), "memcpy_gbps_spread": _spread(4 * n, mm_mem),
+            "repeats": repeats,
             # Other jobs on a shared 2-core box skew everything: keep the load beside the figures.
-            "loadavg_1m": round(os.getloadavg()[0], 2),
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
         }
+        row["roundtrip_vs_memcpy"] = round(row["roundtrip_gbps"] / row["memcpy_gbps"], 4)
         rows.append(row)
         print(_fmt(row), flush=True)
         del x, p, y, buf
@@ -145,31 +178,43 @@ def _fmt(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the rows to this path")
+    ap.add_argument("--json", help="write the results to this path")
     ap.add_argument("--quick", action="store_true", help="1M values instead of 32M")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per figure (the median is reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--only", nargs="*", help="codec labels to run")
     a = ap.parse_args(argv)
+    if a.repeats < 1:
+        ap.error("--repeats must be >= 1")
     torch.set_num_threads(a.threads)
     n = (1 << 20) if a.quick else (32 << 20)
-    print(f"{n} float32 values, {a.threads} thread(s), {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs")
+    load0 = os.getloadavg()
+    print(f"{n} float32 values, {a.threads} thread(s), {cpu_model()}, {os.cpu_count()} CPUs, "
+          f"load {' '.join(f'{v:.2f}' for v in load0)}; medians of {a.repeats} repeats")
     print(_HEAD)
     rows = run(n, a.repeats, a.only)
-    print(f"memcpy (np.copyto): {rows[0]['memcpy_gbps'] if rows else float('nan'):.2f} GB/s")
+    targets = []
     for r in rows:
         if r["codec"] in TARGETS:
             metric, frac = TARGETS[r["codec"]]
             got = r[metric] / r["memcpy_gbps"]
+            targets.append({"codec": r["codec"], "metric": metric, "fraction_of_memcpy": round(got, 4),
+                            "target": frac, "met": got >= frac})
             line = f"target {r['codec']:18s} {metric} >= {frac:.2f} x memcpy: {got:.3f} x  {'MET' if got >= frac else 'MISSED'}"
             if metric == "roundtrip_gbps":
                 fresh = r["roundtrip_fresh_gbps"] / r["memcpy_gbps"]
                 line += f"   (with a fresh decode output: {fresh:.3f} x, {'met' if fresh >= frac else 'missed'})"
             print(line)
     if a.json:
+        out = {
+            "cpu_model": cpu_model(), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "numel": n, "threads": a.threads, "repeats": a.repeats,
+            "load_before": list(load0), "load_after": list(os.getloadavg()),
+            "command": "python benchmarks/codecs.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "targets": targets, "rows": rows,
+        }
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(out, f, indent=1)
     return 0
 
 

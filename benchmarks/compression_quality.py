@@ -150,7 +150,7 @@ def run_fp32(run: Run) -> dict:
 
 
 def run_omc(run: Run, arm: str, cfg: OMCConfig) -> dict:
-    cfg = OMCConfig(**{**cfg.__dict__, "block_bytes": run.t.block_bytes})
+    cfg = cfg.replace(block_bytes=run.t.block_bytes)
     names = quantizable_names(build_model(run.t.kind, run.d.input_shape, run.d.num_classes, run.t.hidden))
     try:
         _omc_rounds(run, cfg, names)

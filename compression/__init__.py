@@ -20,13 +20,14 @@ from .codec import (
 )
 from .p2u import P2UConfig, decode_stages, encode_stages, stage_bytes
 from .payload import MAX_TENSOR_ELEMENTS, Payload, PayloadError
-from .state import CodecState, ErrorFeedbackState
+from .state import CodecState, CodecStateStore, ErrorFeedbackState
 
 __all__ = [
     "MAX_TENSOR_ELEMENTS",
     "Codec",
     "CodecContext",
     "CodecState",
+    "CodecStateStore",
     "ErrorFeedbackState",
     "P2UConfig",
     "Payload",

@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from fedray.config import KeepRateConfig
+
 __all__ = [
     "POLICIES",
     "Axis",
@@ -286,33 +288,13 @@ class CountedSum:
                 for k, s in self.sums.items()}
 
 
-@dataclass(frozen=True)
-class KeepRateConfig:
-    """Keep rates per client: `fixed` gives each client one rate for the whole job (its device
-    tier), `drawn` draws a new one every round; both pick from `rates` with probabilities `probs`
-    (uniform when empty)."""
-
-    rates: tuple[float, ...] = (0.75,)
-    mode: str = "fixed"
-    probs: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("fixed", "drawn"):
-            raise ValueError(f"keep-rate mode must be 'fixed' or 'drawn', got {self.mode!r}")
-        if not self.rates or any(not 0 < r <= 1 for r in self.rates):
-            raise ValueError(f"keep rates must be a non-empty list of values in (0, 1], got {self.rates}")
-        if self.probs and (len(self.probs) != len(self.rates) or abs(sum(self.probs) - 1) > 1e-6
-                           or any(p < 0 for p in self.probs)):
-            raise ValueError(f"probs {self.probs} must be {len(self.rates)} non-negative numbers summing to 1")
-
-
 def keep_rate_for(client_id: int, round: int, cfg: KeepRateConfig, seed: int = 0) -> float:
     """The keep rate of `client_id` in `round`, from `seed` alone."""
-    if len(cfg.rates) == 1:
-        return float(cfg.rates[0])
+    if len(cfg.keep_rates) == 1:
+        return float(cfg.keep_rates[0])
     key = [seed & 0xFFFFFFFFFFFFFFFF, client_id] + ([round] if cfg.mode == "drawn" else [])
     rng = np.random.default_rng(key)
-    return float(cfg.rates[rng.choice(len(cfg.rates), p=list(cfg.probs) if cfg.probs else None)])
+    return float(cfg.keep_rates[rng.choice(len(cfg.keep_rates), p=list(cfg.probs) if cfg.probs else None)])
 
 
 def flops_per_example(layout: ModelLayout, spec: SubnetSpec | None = None, *, train: bool = True) -> int:

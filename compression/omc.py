@@ -3,19 +3,21 @@
 `OMCModel` wraps a model from `workers.models`: each quantized weight lives as bit-packed codes
 plus a per-variable (alpha, beta) transform (`QuantizedParam`). Linear and Conv layers run
 through custom autograd functions that dequantize the weight block by block (output rows or
-channels) inside forward and again inside backward, so at most one block is held in fp32 and
-nothing fp32 of the weight is saved for backward. The weight gradient is dense fp32 (as any
-gradient); `step` applies SGD block by block and re-quantizes with a freshly fitted transform.
+channels) into one reused workspace inside forward, and again inside backward for the input
+gradient only, so at most one block is held in fp32 and nothing fp32 of the weight is saved for
+backward. The weight gradient is dense fp32 (as any gradient); `step` applies SGD block by block
+and re-quantizes with a freshly fitted transform (`omc_kernels`: one pass per block, 16-bit
+stochastic rounding). Embedding tables and LSTM / GRU / RNN weights are held quantized too
+(`omc_layers`); Embedding steps touch only the rows looked up.
 
-Variables of other layer types (GRU) stay fp32. Wire format of one quantized variable (codec
-"omc"): alpha and beta as float32, then ceil(n * bits / 8) bytes of little-endian packed codes.
+Wire format of one quantized variable (codec "omc"): alpha and beta as float32, then
+ceil(n * bits / 8) bytes of little-endian packed codes.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -23,7 +25,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedray.config import OMCConfig
+
 from .codec import Codec, CodecContext, get_codec, register_codec
+from .omc_kernels import Rounder, Workspace, dequantize_into
+from .omc_layers import QEmbedding, RNNWeights, embedding_ok
 from .payload import Payload, PayloadError, param
 
 __all__ = [
@@ -39,48 +45,6 @@ __all__ = [
 ]
 
 _FORMATS = ("int", "float")
-
-
-@dataclass(frozen=True)
-class OMCConfig:
-    """OMC options.
-
-    Attributes:
-        bits: bits per stored value (int: 1-16; float: 3-16).
-        fmt: "int" (affine uniform) or "float" (1 sign, `exp_bits` exponent, the rest mantissa;
-            no inf/nan codes, subnormals kept).
-        per_variable: fit (alpha, beta) per variable at every compression; False shares one
-            transform fitted over all quantized variables of the model.
-        weights_only: quantize only weight matrices / conv kernels; biases stay fp32.
-        partial_fp32_fraction: per client and round, a random set of quantizable variables
-            holding at most this fraction of their parameters stays fp32.
-        stochastic: stochastic rounding when re-quantizing after each step (RTN otherwise).
-        block_bytes: the most fp32 bytes of one weight decompressed at a time (rounded up to
-            one output row or channel).
-    """
-
-    bits: int = 8
-    fmt: str = "int"
-    exp_bits: int = 5
-    per_variable: bool = True
-    weights_only: bool = True
-    partial_fp32_fraction: float = 0.0
-    stochastic: bool = True
-    block_bytes: int = 16 * 1024
-
-    def __post_init__(self) -> None:
-        if self.fmt not in _FORMATS:
-            raise ValueError(f"OMC fmt must be one of {_FORMATS}, got {self.fmt!r}")
-        lo = 1 if self.fmt == "int" else 3
-        if not lo <= self.bits <= 16:
-            raise ValueError(f"OMC {self.fmt} bits must be in [{lo}, 16], got {self.bits}")
-        if self.fmt == "float" and not 1 <= self.exp_bits <= self.bits - 2:
-            raise ValueError(f"OMC float exp_bits must be in [1, bits - 2 = {self.bits - 2}], got {self.exp_bits}")
-        if not 0.0 <= self.partial_fp32_fraction <= 1.0:
-            raise ValueError(f"partial_fp32_fraction must be in [0, 1], got {self.partial_fp32_fraction}")
-        if self.block_bytes < 4:
-            raise ValueError(f"block_bytes must be >= 4, got {self.block_bytes}")
-
 
 # --- the number formats (pure functions) --------------------------------------------------------
 
@@ -201,13 +165,18 @@ class _Transient:
 
 
 class QuantizedParam:
-    """One variable held as packed codes and an (alpha, beta) transform; mutable in place."""
+    """One variable held as packed codes and an (alpha, beta) transform; mutable in place.
+
+    `grad` is a dense fp32 gradient (Linear, Conv, recurrent weights); `sgrad` a list of
+    (row ids, row gradients) from embedding lookups.
+    """
 
     def __init__(self, shape: tuple[int, ...], cfg: OMCConfig, buf: np.ndarray, alpha: float, beta: float) -> None:
         self.shape, self.cfg = tuple(shape), cfg
         self.n = math.prod(self.shape)
         self.buf, self.alpha, self.beta = buf, alpha, beta
         self.grad: torch.Tensor | None = None
+        self.sgrad: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, cfg: OMCConfig, *, generator: torch.Generator | None = None,
@@ -221,12 +190,42 @@ class QuantizedParam:
     def row_numel(self) -> int:
         return self.n // self.shape[0] if self.shape and self.shape[0] else self.n
 
+    @property
+    def fast(self) -> bool:
+        """Integer codes of 8 bits or fewer: the torch kernels of `omc_kernels` apply."""
+        return self.cfg.fmt == "int" and self.cfg.bits <= 8
+
+    def _codes(self, start: int, stop: int) -> torch.Tensor:
+        if self.cfg.bits == 8:
+            return torch.from_numpy(self.buf[start:stop])
+        return torch.from_numpy(_unpack(self.buf, self.cfg.bits, start, stop))
+
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows (dim 0) r0..r1-1 decompressed to a new fp32 tensor."""
+        return self.rows_into(r0, r1, torch.empty((r1 - r0) * self.row_numel)).reshape((r1 - r0,) + self.shape[1:])
+
+    def rows_into(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows r0..r1-1 decompressed into `out` (flat float32 of (r1 - r0) * row_numel)."""
+        rn, c = self.row_numel, self.cfg
+        codes = self._codes(r0 * rn, r1 * rn)
+        if c.fmt == "int":
+            return dequantize_into(codes, self.alpha, self.beta, out)
+        return out.copy_(dequantize(codes, self.alpha, self.beta, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits).reshape(-1))
+
+    def gather_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """fp32 rows `idx` (1-D int64) as a new (len(idx), row_numel) tensor."""
         rn = self.row_numel
-        codes = torch.from_numpy(_unpack(self.buf, self.cfg.bits, r0 * rn, r1 * rn))
+        if self.cfg.bits == 8:
+            codes = torch.from_numpy(self.buf).view(self.shape[0], rn).index_select(0, idx)
+            return dequantize_into(codes, self.alpha, self.beta, torch.empty(idx.numel(), rn)) if self.cfg.fmt == "int" \
+                else self._dequant_codes(codes)
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        rows = torch.stack([self.rows(int(r), int(r) + 1).reshape(rn) for r in uniq]) if uniq.numel() else torch.empty(0, rn)
+        return rows.index_select(0, inv)
+
+    def _dequant_codes(self, codes: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        return dequantize(codes, self.alpha, self.beta, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits).reshape((r1 - r0,) + self.shape[1:])
+        return dequantize(codes, self.alpha, self.beta, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
 
     def stored_bytes(self) -> int:
         return int(self.buf.nbytes) + 8
@@ -243,20 +242,20 @@ def _block_rows(qp_shape: tuple[int, ...], block_bytes: int) -> int:
     return max(1, block_bytes // max(row, 1))
 
 
+def _auto_block_bytes(quantized_numel: int) -> int:
+    """Default decompression block: 1/8 of the quantized weights' fp32 bytes, within
+    [16 KiB, 4 MiB]: whole layers of small models at a few blocks, bounded on large ones."""
+    return int(min(4 << 20, max(16 << 10, 4 * quantized_numel // 8)))
+
+
 class _QOp(torch.autograd.Function):
-    """y = op(x, W, b) with W decompressed block by block (dim 0); backward re-decompresses."""
+    """y = op(x, W, b) with W decompressed block by block into the model's workspace (Linear:
+    blocks of input columns, accumulated into y; Conv: blocks of output channels); backward
+    re-decompresses only for the input gradient (the weight gradient needs no W)."""
 
     @staticmethod
     def forward(ctx, x, token, bias, mod):  # noqa: ANN001 - autograd signature
-        qp, nb = mod.qweight, mod.block_rows
-        outs = []
-        for r0 in range(0, qp.shape[0], nb):
-            w = mod.tracker.track(qp.rows(r0, min(r0 + nb, qp.shape[0])))
-            outs.append(mod.op(x, w, None))
-            del w
-        y = torch.cat(outs, dim=1)
-        if bias is not None:
-            y = y + bias.reshape((1, -1) + (1,) * (y.dim() - 2))
+        y = mod.apply_op(x, bias)
         ctx.save_for_backward(x)
         ctx.mod, ctx.has_bias = mod, bias is not None
         return y
@@ -265,47 +264,115 @@ class _QOp(torch.autograd.Function):
     def backward(ctx, gy):  # noqa: ANN001
         (x,) = ctx.saved_tensors
         mod = ctx.mod
-        qp, nb = mod.qweight, mod.block_rows
-        gx = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        gw = torch.empty(qp.shape)
-        for r0 in range(0, qp.shape[0], nb):
-            r1 = min(r0 + nb, qp.shape[0])
-            g = gy[:, r0:r1]
-            w = mod.tracker.track(qp.rows(r0, r1))
-            if gx is not None:
-                gx += mod.grad_input(x, w, g)
-            gw[r0:r1] = mod.grad_weight(x, w, g)
-            del w
-        qp.grad = gw if qp.grad is None else qp.grad + gw
-        gb = gy.sum(dim=[d for d in range(gy.dim()) if d != 1]) if ctx.has_bias else None
-        return gx, torch.zeros(()), gb, None
+        qp = mod.qweight
+        gx, gw = mod.backward(x, gy, ctx.needs_input_grad[0])
+        qp.grad = gw if qp.grad is None else qp.grad.add_(gw)
+        gb = None
+        if ctx.has_bias:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0) if mod.out_dim == -1 else gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
+        return gx, None, gb, None
 
 
 class _QModule(nn.Module):
     """Stand-in for a Linear / Conv1d / Conv2d whose weight is a `QuantizedParam`."""
 
-    def __init__(self, orig: nn.Module, qweight: QuantizedParam, tracker: _Transient, block_bytes: int) -> None:
+    def __init__(self, orig: nn.Module, qweight: QuantizedParam, tracker: _Transient, block_bytes: int,
+                 workspace: Workspace | None = None) -> None:
         super().__init__()
         self.qweight, self.tracker = qweight, tracker
+        self.ws = workspace or Workspace(tracker)
         self.block_rows = _block_rows(qweight.shape, block_bytes)
+        # Linear at 8-bit int codes: blocks of input columns (a K-split keeps each GEMM as wide
+        # as the layer: 2.3x faster than blocks of output rows on the Fashion-MNIST MLP).
+        cols = qweight.shape[1] if len(qweight.shape) == 2 else 0
+        self.block_cols = max(1, block_bytes // (4 * qweight.shape[0])) if isinstance(orig, nn.Linear) \
+            and qweight.cfg.bits == 8 and qweight.cfg.fmt == "int" and qweight.shape[0] else cols
         self.bias = orig.bias
         self.token = nn.Parameter(torch.zeros(()))  # makes autograd call backward even for the first layer
-        if isinstance(orig, nn.Linear):
-            self.op = lambda x, w, b: F.linear(x, w, b)
-            self.grad_input = lambda x, w, g: g @ w
-            self.grad_weight = lambda x, w, g: g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        self.linear = isinstance(orig, nn.Linear)
+        self.out_dim = -1 if self.linear else 1
+        if self.linear:
+            self.op = F.linear
         else:
-            conv = F.conv1d if isinstance(orig, nn.Conv1d) else F.conv2d
-            gi = torch.nn.grad.conv1d_input if isinstance(orig, nn.Conv1d) else torch.nn.grad.conv2d_input
-            gwf = torch.nn.grad.conv1d_weight if isinstance(orig, nn.Conv1d) else torch.nn.grad.conv2d_weight
-            kw = dict(stride=orig.stride, padding=orig.padding, dilation=orig.dilation, groups=orig.groups)
+            one = isinstance(orig, nn.Conv1d)
+            conv = F.conv1d if one else F.conv2d
+            self._gi = torch.nn.grad.conv1d_input if one else torch.nn.grad.conv2d_input
+            self._gw = torch.nn.grad.conv1d_weight if one else torch.nn.grad.conv2d_weight
+            self._kw = dict(stride=orig.stride, padding=orig.padding, dilation=orig.dilation, groups=orig.groups)
             if orig.groups != 1 or isinstance(orig.padding, str):
                 raise ValueError("OMC supports convolutions with groups=1 and numeric padding")
-            self.op = lambda x, w, b: conv(x, w, b, **kw)
-            self.grad_input = lambda x, w, g: gi(x.shape, w, g, **kw)
-            self.grad_weight = lambda x, w, g: gwf(x, w.shape, g, **kw)
+            self.op = lambda x, w, b: conv(x, w, b, **self._kw)
 
     qbias: QuantizedParam | None = None
+
+    def _col_blocks(self) -> list[tuple[int, int]] | None:
+        cols, kb = self.qweight.shape[-1], self.block_cols
+        return None if not self.linear or kb >= cols else [(k, min(k + kb, cols)) for k in range(0, cols, kb)]
+
+    def weight_cols(self, k0: int, k1: int) -> torch.Tensor:
+        """Columns k0..k1-1 of an 8-bit Linear weight, decompressed into the workspace."""
+        qp = self.qweight
+        rows = qp.shape[0]
+        codes = torch.from_numpy(qp.buf).view(rows, -1)[:, k0:k1]
+        return dequantize_into(codes, qp.alpha, qp.beta, self.ws.get(rows * (k1 - k0)).view(rows, k1 - k0))
+
+    def apply_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows, nb = self.qweight.shape[0], self.block_rows
+        kblocks = self._col_blocks()
+        if kblocks is not None:
+            x2 = x.reshape(-1, x.shape[-1])
+            y = None
+            for k0, k1 in kblocks:
+                w = self.weight_cols(k0, k1)
+                if y is None:
+                    y = torch.addmm(bias, x2[:, k0:k1], w.t()) if bias is not None else x2[:, k0:k1].mm(w.t())
+                else:
+                    y.addmm_(x2[:, k0:k1], w.t())
+            return y.reshape(tuple(x.shape[:-1]) + (rows,))
+        if nb >= rows:
+            return self.op(x, self.weight_block(0, rows), bias)
+        y = torch.cat([self.op(x, self.weight_block(r0, min(r0 + nb, rows)), None) for r0 in range(0, rows, nb)],
+                      dim=self.out_dim)
+        if bias is not None:
+            y = y + (bias if self.out_dim == -1 else bias.reshape((1, -1) + (1,) * (y.dim() - 2)))
+        return y
+
+    def weight_block(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1-1 of the weight, decompressed into the shared workspace (valid until the
+        next call on any layer of the model)."""
+        qp = self.qweight
+        w = self.ws.get((r1 - r0) * qp.row_numel)
+        return qp.rows_into(r0, r1, w).view((r1 - r0,) + qp.shape[1:])
+
+    def backward(self, x: torch.Tensor, gy: torch.Tensor, need_gx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        rows, nb = self.qweight.shape[0], self.block_rows
+        if self.linear:
+            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            gw = g2.t().mm(x2)
+            if not need_gx:
+                return None, gw
+            kblocks = self._col_blocks()
+            if kblocks is not None:
+                gx = torch.empty(x2.shape)
+                for k0, k1 in kblocks:
+                    gx[:, k0:k1] = g2.mm(self.weight_cols(k0, k1))
+                return gx.reshape(x.shape), gw
+            if nb >= rows:
+                return g2.mm(self.weight_block(0, rows)).reshape(x.shape), gw
+            gx = torch.zeros(x2.shape)
+            for r0 in range(0, rows, nb):
+                r1 = min(r0 + nb, rows)
+                gx.addmm_(g2[:, r0:r1], self.weight_block(r0, r1))
+            return gx.reshape(x.shape), gw
+        gw = self._gw(x, self.qweight.shape, gy, **self._kw)
+        if not need_gx:
+            return None, gw
+        gx = None
+        for r0 in range(0, rows, nb):
+            r1 = min(r0 + nb, rows)
+            part = self._gi(x.shape, self.weight_block(r0, r1), gy[:, r0:r1], **self._kw)
+            gx = part if gx is None else gx.add_(part)
+        return gx, gw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -320,8 +387,19 @@ _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def quantizable_names(model: nn.Module) -> list[str]:
-    """Names of the weights OMC can hold quantized (Linear and Conv kernels), in model order."""
-    return [f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, _SUPPORTED)]
+    """Names of the weights OMC can hold quantized, in model order: Linear and Conv kernels
+    (not the output projection inside nn.MultiheadAttention, which reads it directly), plain
+    Embedding tables, and the input / hidden weights of LSTM, GRU and RNN layers."""
+    names: list[str] = []
+    inside_mha = {f"{n}.{c}".lstrip(".") for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                  for c, _ in m.named_children()}
+    for n, m in model.named_modules():
+        pre = f"{n}." if n else ""
+        if (isinstance(m, _SUPPORTED) and n not in inside_mha) or embedding_ok(m):
+            names.append(f"{pre}weight")
+        elif isinstance(m, nn.RNNBase):
+            names += [f"{pre}{w}" for w in m._flat_weights_names if w.startswith("weight_")]
+    return names
 
 
 def _pick_fp32(names: list[str], sizes: Mapping[str, int], fraction: float, seed: int) -> set[str]:
@@ -353,16 +431,20 @@ class OMCModel:
         self.model, self.cfg = model, cfg
         self.tracker = _Transient()
         self._gen = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        self._rounder = Rounder(seed if cfg.stochastic else None)
         self._names = list(model.state_dict())
-        mods = {n: m for n, m in model.named_modules() if isinstance(m, _SUPPORTED)}
         names = quantizable_names(model)
-        sizes = {n: mods[_mod_name(n)].weight.numel() for n in names}
+        sizes = {n: model.get_parameter(n).numel() for n in names}
         self.fp32_names = _pick_fp32(names, sizes, cfg.partial_fp32_fraction, seed)
         chosen = [n for n in names if n not in self.fp32_names]
-        tensors = {n: mods[_mod_name(n)].weight for n in chosen}
+        self.block_bytes = cfg.block_bytes or _auto_block_bytes(sum(sizes[n] for n in chosen))
+        self.ws = Workspace(self.tracker)
+        tensors = {n: model.get_parameter(n) for n in chosen}
         if not cfg.weights_only:
-            tensors.update({f"{_mod_name(n)}.bias".lstrip("."): mods[_mod_name(n)].bias
-                            for n in chosen if mods[_mod_name(n)].bias is not None})
+            for n in chosen:
+                mod = model.get_submodule(_mod_name(n))
+                if isinstance(mod, _SUPPORTED) and mod.bias is not None:
+                    tensors[f"{_mod_name(n)}.bias".lstrip(".")] = mod.bias
         shared = None
         if not cfg.per_variable and tensors:
             lo = min(float(t.detach().min()) for t in tensors.values())
@@ -370,74 +452,159 @@ class OMCModel:
             shared = fit_transform(lo, hi, bits=cfg.bits, fmt=cfg.fmt, exp_bits=cfg.exp_bits)
         self.q = {n: QuantizedParam.from_tensor(t, cfg, transform=shared) for n, t in tensors.items()}
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._rnn: list[RNNWeights] = []
+        rnn: dict[str, dict[str, str]] = {}
         for name in chosen:
             mname = _mod_name(name)
-            orig = mods[mname]
-            qm = _QModule(orig, self.q[name], self.tracker, cfg.block_bytes)
-            bname = f"{mname}.bias".lstrip(".")
-            if bname in self.q:
-                qm.bias, qm.qbias = None, self.q[bname]
-                orig.bias = nn.Parameter(torch.empty(0))
+            orig = model.get_submodule(mname)
+            if isinstance(orig, nn.RNNBase):
+                rnn.setdefault(mname, {})[name.rsplit(".", 1)[-1]] = name
+                continue
+            if isinstance(orig, nn.Embedding):
+                qm = QEmbedding(orig, self.q[name])
+            else:
+                qm = _QModule(orig, self.q[name], self.tracker, self.block_bytes, self.ws)
+                bname = f"{mname}.bias".lstrip(".")
+                if bname in self.q:
+                    qm.bias, qm.qbias = None, self.q[bname]
+                    orig.bias = nn.Parameter(torch.empty(0))
             parent, attr = _parent(model, mname)
             self._swapped.append((parent, attr, orig))
             parent._modules[attr] = qm
             orig.weight = nn.Parameter(torch.empty(0))  # no fp32 copy is held while training
+        for mname, attrs in rnn.items():
+            self._rnn.append(RNNWeights(model.get_submodule(mname), attrs, self.q, self.tracker))
 
     def fp32_parameters(self) -> list[nn.Parameter]:
         """Parameters held in fp32 (biases, fp32-kept weights, other layers' parameters)."""
         return [p for n, p in self.model.named_parameters() if not n.endswith("token")]
 
     def step(self, lr: float) -> None:
-        """SGD step: fp32 parameters in place; each quantized variable decompressed block by
-        block, updated and re-quantized with a refitted transform (stochastic if configured)."""
+        """SGD step: fp32 parameters in place; each quantized variable that has a gradient is
+        decompressed block by block, updated and re-quantized with a refitted transform
+        (stochastic if configured). Embedding tables update and re-quantize only the rows
+        looked up since the last step (see `_sparse_step`)."""
         with torch.no_grad():
-            for p in self.fp32_parameters():
-                if p.grad is not None:
-                    p.add_(p.grad, alpha=-lr)
+            ps = [p for p in self.fp32_parameters() if p.grad is not None]
+            if ps:
+                torch._foreach_add_(ps, [p.grad for p in ps], alpha=-lr)
+                for p in ps:
                     p.grad = None
-            for m in self.model.modules():
-                if isinstance(m, _QModule):
-                    m.token.grad = None
             shared = None
             if not self.cfg.per_variable:
+                for qp in self.q.values():
+                    _densify(qp)
                 shared = self._range(self.q.values(), lr)
             for qp in self.q.values():
-                self._requantize(qp, lr, shared or self._range([qp], lr))
+                if qp.sgrad:
+                    self._sparse_step(qp, lr)
+                elif qp.grad is not None or shared is not None:
+                    self._requantize(qp, lr, shared)
 
-    def _each_block(self, qp: QuantizedParam, lr: float, fn) -> None:
-        """fn(r0, r1, w) for each block of rows of the updated variable, one block alive at a time."""
-        nb = _block_rows(qp.shape, self.cfg.block_bytes)
-        for r0 in range(0, qp.shape[0], nb):
-            r1 = min(r0 + nb, qp.shape[0])
-            w = self.tracker.track(qp.rows(r0, r1))
-            if qp.grad is not None:
-                w.add_(qp.grad[r0:r1], alpha=-lr)
-            fn(r0, r1, w)
-            del w
+    def _blocks(self, qp: QuantizedParam) -> Iterable[tuple[int, int]]:
+        nb = _block_rows(qp.shape, self.block_bytes)
+        rows = qp.shape[0] if qp.shape else 1
+        return [(r0, min(r0 + nb, rows)) for r0 in range(0, rows, nb)]
+
+    def _updated(self, qp: QuantizedParam, r0: int, r1: int, lr: float) -> torch.Tensor:
+        """Rows r0..r1-1 after the SGD update, flat fp32 in the workspace."""
+        rn = qp.row_numel
+        w = qp.rows_into(r0, r1, self.ws.get((r1 - r0) * rn))
+        if qp.grad is not None:
+            w.add_(qp.grad.reshape(-1)[r0 * rn : r1 * rn], alpha=-lr)
+        return w
 
     def _range(self, qps: Iterable[QuantizedParam], lr: float) -> tuple[float, float]:
         # Pass 1 of 2: the range of the updated values, without holding a whole variable in fp32.
-        lo, hi = [math.inf], [-math.inf]
-
-        def see(r0, r1, w):
-            lo[0], hi[0] = min(lo[0], float(w.min())), max(hi[0], float(w.max()))
-
+        lo, hi = math.inf, -math.inf
         for qp in qps:
-            self._each_block(qp, lr, see)
+            for r0, r1 in self._blocks(qp):
+                mn, mx = torch.aminmax(self._updated(qp, r0, r1, lr))
+                lo, hi = min(lo, float(mn)), max(hi, float(mx))
         c = self.cfg
-        return fit_transform(lo[0], hi[0], bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
+        return fit_transform(lo, hi, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
 
-    def _requantize(self, qp: QuantizedParam, lr: float, transform: tuple[float, float]) -> None:
+    def _requantize(self, qp: QuantizedParam, lr: float, transform: tuple[float, float] | None) -> None:
         c = self.cfg
-        gen = self._gen if c.stochastic else None
-        codes = torch.empty(qp.n, dtype=torch.int32)  # bookkeeping; packed right below
+        blocks = self._blocks(qp)
+        if qp.grad is not None and not qp.grad.is_contiguous():  # e.g. LSTM gradients: flatten once
+            qp.grad = qp.grad.contiguous()
+        if not qp.fast:
+            transform = transform or self._range([qp], lr)
+            gen = self._gen if c.stochastic else None
+            codes = np.empty(qp.n, dtype=np.int32)  # bookkeeping; packed right below
+            rn = qp.row_numel
+            for r0, r1 in blocks:
+                w = self._updated(qp, r0, r1, lr)
+                codes[r0 * rn : r1 * rn] = quantize(w, *transform, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits,
+                                                    generator=gen).numpy()
+            qp.buf, (qp.alpha, qp.beta), qp.grad = _pack(codes, c.bits), transform, None
+            return
+        if transform is None and len(blocks) == 1:  # one block: range and codes from one decompression
+            w = self._updated(qp, 0, blocks[0][1], lr)
+            mn, mx = torch.aminmax(w)
+            transform = fit_transform(float(mn), float(mx), bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
+            self._write_codes(qp, [(0, blocks[0][1], w)], transform)
+        else:
+            transform = transform or self._range([qp], lr)
+            self._write_codes(qp, ((r0, r1, None) for r0, r1 in blocks), transform, lr)
+        qp.alpha, qp.beta = transform
+        qp.grad = None
+
+    def _write_codes(self, qp: QuantizedParam, blocks, transform: tuple[float, float], lr: float = 0.0) -> None:
+        """Pass 2: quantize each block (given, or recomputed from the old codes) into qp.buf."""
+        bits, rn = qp.cfg.bits, qp.row_numel
+        alpha, beta = transform
+        codes = qp.buf if bits == 8 else np.empty(qp.n, np.uint8)
+        for r0, r1, w in blocks:
+            w = self._updated(qp, r0, r1, lr) if w is None else w
+            self._rounder.quantize_into(w, beta, alpha, (1 << bits) - 1, codes[r0 * rn : r1 * rn])
+        if bits != 8:
+            qp.buf = _pack(codes, bits)
+
+    def _sparse_step(self, qp: QuantizedParam, lr: float) -> None:
+        """Embedding rows: update the rows looked up and re-quantize them alone with the
+        current transform; if an updated value leaves the transform's range, refit it over
+        the old range and the new values and re-quantize the whole table."""
+        c = self.cfg
+        if not qp.fast:
+            _densify(qp)
+            self._requantize(qp, lr, None)
+            return
+        ids = torch.cat([i for i, _ in qp.sgrad])
+        g = torch.cat([r for _, r in qp.sgrad])
+        qp.sgrad = []
+        rows, inv = torch.unique(ids, return_inverse=True)
+        w = self.tracker.track(qp.gather_rows(rows))
+        w.index_add_(0, inv, g, alpha=-lr)
+        mn, mx = (float(v) for v in torch.aminmax(w))
+        top = (1 << c.bits) - 1
+        lo, hi = qp.beta, qp.beta + qp.alpha * top
         rn = qp.row_numel
+        if mn >= lo and mx <= hi:
+            new = np.empty(w.numel(), np.uint8)
+            self._rounder.quantize_into(w.reshape(-1), qp.beta, qp.alpha, top, new)
+            self._put_rows(qp, rows, torch.from_numpy(new).view(-1, rn))
+            return
+        transform = fit_transform(min(mn, lo), max(mx, hi), bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
+        codes = qp.buf if c.bits == 8 else np.empty(qp.n, np.uint8)
+        for r0, r1 in self._blocks(qp):
+            blk = qp.rows_into(r0, r1, self.ws.get((r1 - r0) * rn)).view(r1 - r0, rn)
+            sel = (rows >= r0) & (rows < r1)
+            blk[rows[sel] - r0] = w[sel]
+            self._rounder.quantize_into(blk.view(-1), transform[1], transform[0], top, codes[r0 * rn : r1 * rn])
+        if c.bits != 8:
+            qp.buf = _pack(codes, c.bits)
+        qp.alpha, qp.beta = transform
 
-        def put(r0, r1, w):
-            codes[r0 * rn : r1 * rn] = quantize(w, *transform, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits, generator=gen).reshape(-1)
-
-        self._each_block(qp, lr, put)
-        qp.buf, (qp.alpha, qp.beta), qp.grad = _pack(codes.numpy(), c.bits), transform, None
+    def _put_rows(self, qp: QuantizedParam, rows: torch.Tensor, codes: torch.Tensor) -> None:
+        rn = qp.row_numel
+        if qp.cfg.bits == 8:
+            torch.from_numpy(qp.buf).view(-1, rn).index_copy_(0, rows, codes)
+            return
+        allc = _unpack(qp.buf, qp.cfg.bits, 0, qp.n).reshape(-1, rn)
+        allc[rows.numpy()] = codes.numpy()
+        qp.buf = _pack(allc, qp.cfg.bits)
 
     # -- accounting -----------------------------------------------------------------------------
     def stored_bytes(self) -> int:
@@ -447,12 +614,17 @@ class OMCModel:
         return q + sum(p.numel() * p.element_size() for p in self.fp32_parameters())
 
     def peak_transient_bytes(self) -> int:
-        """The most bytes of decompressed fp32 weight blocks alive at once, so far."""
+        """The most bytes of decompressed fp32 parameter values alive at once, so far (the
+        model's decompression workspace included for as long as it exists)."""
         return self.tracker.peak
 
     def param_memory_bytes(self) -> int:
         """Stored bytes plus the peak of simultaneously decompressed fp32 blocks."""
         return self.stored_bytes() + self.peak_transient_bytes()
+
+    def scratch_bytes(self) -> int:
+        """Random-bit scratch of stochastic rounding (not parameter values; reported apart)."""
+        return self._rounder.scratch_bytes()
 
     # -- wire and hand-back ---------------------------------------------------------------------
     def _fp32_tensor(self, name: str) -> torch.Tensor:
@@ -484,6 +656,8 @@ class OMCModel:
     def _rebind(self, name: str, qp: QuantizedParam) -> None:
         self.q[name] = qp
         mod = self.model.get_submodule(_mod_name(name))
+        if isinstance(mod, nn.RNNBase):
+            return  # looked up in self.q at every forward
         if name.endswith("weight"):
             mod.qweight = qp
         else:
@@ -499,10 +673,22 @@ class OMCModel:
         values = self.dequantized()
         for parent, attr, orig in self._swapped:
             parent._modules[attr] = orig
+        for r in self._rnn:
+            r.remove()
         for name in self.q:
             mname, attr = name.rsplit(".", 1) if "." in name else ("", name)
             setattr(self.model.get_submodule(mname), attr, nn.Parameter(values[name]))
-        self._swapped = []
+        self._swapped, self._rnn = [], []
+
+
+def _densify(qp: QuantizedParam) -> None:
+    """Fold embedding row gradients into a dense gradient (for the shared-transform path)."""
+    if qp.sgrad:
+        g = torch.zeros(qp.shape[0], qp.row_numel)
+        for i, r in qp.sgrad:
+            g.index_add_(0, i, r)
+        qp.grad = g if qp.grad is None else qp.grad.add_(g.reshape(qp.shape))
+        qp.sgrad = []
 
 
 def _mod_name(pname: str) -> str:

@@ -27,7 +27,7 @@ import torch
 import zstandard
 
 from .codecs._bits import pack, packed_nbytes, unpack
-from .codecs._buf import as_bytes, expect_nbytes, flat32, view
+from .codecs._buf import CHUNK, as_bytes, chunks, expect_nbytes, flat32, view
 from .codecs.uniform import _group_minmax
 from .payload import Payload, PayloadError, check_shape, param
 
@@ -114,23 +114,19 @@ def encode_stages(t: torch.Tensor, *, cfg: P2UConfig = P2UConfig()) -> list[Payl
     lo, hi = _group_minmax(wf, block)
     b0 = cfg.stage_bits[0]
     step0 = ((hi - lo) * np.float32(1.0 / ((1 << b0) - 1))).astype(np.float32)
-    lo_e, step = _expand(lo, block, n), _expand(step0, block, n)
-    w = wf.astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.where(step > 0, np.rint((w - lo_e) / step), 0)
-    c = np.clip(c, 0, (1 << b0) - 1)
-    approx = lo_e + step * c
-    meta = np.concatenate([lo.astype(np.float32), step0]).view(np.uint8)
-    out = [_stage_payload(dtype, shape, {**common, "stage": 0, "bits": b0, "prior_bits": 0},
-                          np.concatenate([meta, pack(c.astype(np.uint8), b0)]))]
-    prior = b0
-    for k, b in enumerate(cfg.stage_bits[1:], start=1):
-        c, approx, step = _refine(w - approx, approx, step, b)
-        out.append(_stage_payload(dtype, shape, {**common, "stage": k, "bits": b, "prior_bits": prior},
-                                  pack(c, b)))
-        prior += b
+    sizes = stage_bytes(cfg=cfg, shape=(n,))
+    bufs = [np.empty(s, np.uint8) for s in sizes[: len(cfg.stage_bits)]]
+    groups = lo.size
+    bufs[0][: 8 * groups] = np.concatenate([lo.astype(np.float32), step0]).view(np.uint8)
+    streams = [_Stream(bufs[0][8 * groups :], b0, n, block)]
+    streams += [_Stream(b, bits, n, block) for b, bits in zip(bufs[1:], cfg.stage_bits[1:])]
+    approx = _encode(wf, lo, step0, block, streams, cfg.exact_final)
+    out, prior = [], 0
+    for k, (b, bits) in enumerate(zip(bufs, cfg.stage_bits)):
+        out.append(_stage_payload(dtype, shape, {**common, "stage": k, "bits": bits, "prior_bits": prior}, b))
+        prior += bits
     if cfg.exact_final:
-        diff = wf.view(np.uint32) ^ approx.astype(np.float32).view(np.uint32)
+        diff = wf.view(np.uint32) ^ approx.view(np.uint32)
         frame = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(diff.tobytes())
         out.append(_stage_payload(dtype, shape, {**common, "stage": len(cfg.stage_bits), "bits": 0,
                                                  "prior_bits": prior, "exact": 1},
@@ -138,19 +134,105 @@ def encode_stages(t: torch.Tensor, *, cfg: P2UConfig = P2UConfig()) -> list[Payl
     return out
 
 
-def _expand(per_block: np.ndarray, block: int, n: int) -> np.ndarray:
-    return np.repeat(per_block.astype(np.float64), block)[:n]
+class _Stream:
+    """One stage's packed codes, written or read piece by piece (`chunks` pieces) where every
+    piece starts on a whole byte, else through one full-length code array."""
+
+    def __init__(self, data: np.ndarray, bits: int, n: int, block: int) -> None:
+        self.data, self.bits, self.n = data, bits, n
+        self.piecewise = block % 8 == 0 or block >= n  # pieces start at multiples of block (and CHUNK)
+        self.codes: np.ndarray | None = None
+
+    def put(self, s: int, e: int, codes: np.ndarray) -> None:
+        if self.piecewise:
+            self.data[s * self.bits // 8 : (e * self.bits + 7) // 8] = pack(codes, self.bits)
+            return
+        if self.codes is None:
+            self.codes = np.empty(self.n, np.uint8)
+        self.codes[s:e] = codes
+
+    def flush(self) -> None:
+        if self.codes is not None:
+            self.data[:] = pack(self.codes, self.bits)
+
+    def get(self, s: int, e: int) -> np.ndarray:
+        if self.piecewise:
+            return unpack(self.data[s * self.bits // 8 : (e * self.bits + 7) // 8], self.bits, e - s)
+        if self.codes is None:
+            self.codes = unpack(self.data, self.bits, self.n)
+        return self.codes[s:e]
 
 
-def _refine(resid: np.ndarray | None, approx: np.ndarray, step: np.ndarray, bits: int):
-    """One refinement: codes from `resid` (None when decoding), the new approx and step."""
-    fine = step / (1 << bits)
-    if resid is None:
-        return None, approx, fine
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c = np.where(fine > 0, np.floor((resid + step / 2) / fine), 0)
-    c = np.clip(c, 0, (1 << bits) - 1).astype(np.uint8)
-    return c, approx - step / 2 + (c + 0.5) * fine, fine
+# The stages in closed form. With u = (w - min) / step0 (per block), stage 0 sends
+# c0 = rint(u); the refinements split the residual cell [c0 - 1/2, c0 + 1/2] into 2**R cells
+# (R = the refinement bits in all), so their codes are the bit fields, most significant first,
+# of one fixed-point number M = min(floor((u - c0 + 1/2) * 2**R), 2**R - 1). After the first k
+# stages (P of the R bits, M_P = M's top P bits) the value is
+#     min + step0 * (c0 - 1/2 + (M_P + 1/2) / 2**P)        (min + step0 * c0 after stage 0),
+# which is what stage-by-stage refinement (step_k = step_{k-1} / 2**b_k, codes
+# floor((w - approx + step_{k-1} / 2) / step_k)) gives. Encoder and decoder evaluate this one
+# float64 expression in the same order, in cache-sized pieces packed straight into the stage
+# buffers (compression.md E.5), so the exact stage's XOR sees the same float32 bits on both
+# sides. Bounds: w >= min makes u >= 0 and u - c0 >= -1/2 exactly, so only the top needs a clamp.
+
+
+def _encode(wf: np.ndarray, lo: np.ndarray, step0: np.ndarray, block: int, streams: list[_Stream],
+            exact: bool) -> np.ndarray | None:
+    """Write every stage's codes; return the float32 reconstruction after all stages if `exact`."""
+    n = wf.size
+    lo64, st64 = lo.astype(np.float64), step0.astype(np.float64)
+    dead = ~(st64 > 0)  # zero or non-finite step: every code 0, as the value is the block min
+    approx = np.empty(n, np.float32) if exact else None
+    size = min(CHUNK, max(n, 1))
+    u_buf, c_buf = np.empty(size, np.float64), np.empty(size, np.float64)
+    m_buf = np.empty(size, np.uint32)
+    b0, fine = streams[0].bits, streams[1:]
+    r = sum(s.bits for s in fine)
+    top0, scale = float((1 << b0) - 1), float(1 << r)
+    for s, e, g0, rows, w in chunks(n, block):
+        u, c = u_buf[: e - s].reshape(rows, w), c_buf[: e - s].reshape(rows, w)
+        l, st, d = lo64[g0 : g0 + rows, None], st64[g0 : g0 + rows, None], dead[g0 : g0 + rows]
+        np.subtract(wf[s:e].reshape(rows, w), l, out=u)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(u, st, out=u)
+        if d.any():
+            u[d] = 0.0
+        np.rint(u, out=c)
+        np.minimum(c, top0, out=c)
+        streams[0].put(s, e, c.astype(np.uint8).reshape(-1))
+        if r:
+            np.subtract(u, c, out=u)
+            u += 0.5
+            u *= scale
+            np.floor(u, out=u)
+            np.minimum(u, scale - 1, out=u)
+            if d.any():
+                u[d] = 0.0
+            m = m_buf[: e - s]
+            np.copyto(m.reshape(rows, w), u, casting="unsafe")
+            shift = r
+            for st_ in fine:
+                shift -= st_.bits
+                st_.put(s, e, ((m >> np.uint32(shift)) & np.uint32((1 << st_.bits) - 1)).astype(np.uint8))
+        if exact:
+            _value(c, u if r else None, r, l, st, approx[s:e].reshape(rows, w))
+    for st_ in streams:
+        st_.flush()
+    return approx
+
+
+def _value(c0: np.ndarray, m: np.ndarray | None, p: int, lo: np.ndarray, step: np.ndarray, out: np.ndarray) -> None:
+    """out = lo + step * (c0 - 1/2 + (m + 1/2) / 2**p), or lo + step * c0 without m; float64
+    arrays c0 and m (m is overwritten)."""
+    if m is None:
+        np.add(lo, step * c0, out=out, casting="unsafe")
+        return
+    m += 0.5
+    m *= 1.0 / (1 << p)
+    m += c0
+    m -= 0.5
+    m *= step
+    np.add(lo, m, out=out, casting="unsafe")
 
 
 def decode_stages(payloads: Sequence[Payload]) -> torch.Tensor:
@@ -171,8 +253,7 @@ def decode_stages(payloads: Sequence[Payload]) -> torch.Tensor:
     meta = view(mv, np.float32, 2 * groups, 0)
     if not np.isfinite(meta).all() or (meta[groups:] < 0).any():
         raise PayloadError("p2u: stage 0 block min and step must be finite, steps non-negative")
-    step = _expand(meta[groups:], block, n)
-    approx = _expand(meta[:groups], block, n) + step * unpack(view(mv, np.uint8, -1, 8 * groups), b0, n)
+    streams = [_Stream(view(mv, np.uint8, -1, 8 * groups), b0, n, block)]
     prior = b0
     for k, p in enumerate(payloads[1:], start=1):
         _check_stage(p, k, first)
@@ -181,14 +262,34 @@ def decode_stages(payloads: Sequence[Payload]) -> torch.Tensor:
         if p.params.get("exact") == 1:
             if k != len(payloads) - 1 or k != param(first, "stages", int) - 1:
                 raise PayloadError("p2u: the exact stage must be the last one")
-            return _exact(p, approx, n)
+            return _exact(p, _decode_values(streams, meta, groups, block, n), n)
         b = param(p, "bits", int, 1, _MAX_TOTAL_BITS - prior)
-        codes = unpack(view(expect_nbytes(p, packed_nbytes(n, b)), np.uint8, -1, 0), b, n)
-        fine = step / (1 << b)
-        approx = approx - step / 2 + (codes + 0.5) * fine
-        step = fine
+        streams.append(_Stream(view(expect_nbytes(p, packed_nbytes(n, b)), np.uint8, -1, 0), b, n, block))
         prior += b
-    return _finish(approx.astype(np.float32), first)
+    return _finish(_decode_values(streams, meta, groups, block, n), first)
+
+
+def _decode_values(streams: list[_Stream], meta: np.ndarray, groups: int, block: int, n: int) -> np.ndarray:
+    """float32 values from the stages' codes (see `_value`)."""
+    lo64, st64 = meta[:groups].astype(np.float64), meta[groups:].astype(np.float64)
+    fine = streams[1:]
+    p = sum(s.bits for s in fine)
+    out = np.empty(n, np.float32)
+    size = min(CHUNK, max(n, 1))
+    c_buf = np.empty(size, np.float64)
+    m_buf = np.empty(size, np.float64) if fine else None
+    for s, e, g0, rows, w in chunks(n, block):
+        c = c_buf[: e - s].reshape(rows, w)
+        np.copyto(c, streams[0].get(s, e).reshape(rows, w), casting="unsafe")
+        m = None
+        if fine:
+            m = m_buf[: e - s].reshape(rows, w)
+            np.copyto(m, fine[0].get(s, e).reshape(rows, w), casting="unsafe")
+            for st_ in fine[1:]:
+                m *= float(1 << st_.bits)
+                m += st_.get(s, e).reshape(rows, w)
+        _value(c, m, p, lo64[g0 : g0 + rows, None], st64[g0 : g0 + rows, None], out[s:e].reshape(rows, w))
+    return out
 
 
 def _check_stage(p: Payload, k: int, first: Payload | None) -> int:
@@ -217,7 +318,7 @@ def _exact(p: Payload, approx: np.ndarray, n: int) -> torch.Tensor:
         raise PayloadError(f"p2u: corrupt exact stage: {e}") from None
     if len(raw) != 4 * n:
         raise PayloadError("p2u: the exact stage holds the wrong number of bytes")
-    bits = np.frombuffer(raw, np.uint32) ^ approx.astype(np.float32).view(np.uint32)
+    bits = np.frombuffer(raw, np.uint32) ^ approx.view(np.uint32)
     return _finish(bits.view(np.float32), p)
 
 

@@ -2,8 +2,12 @@
 
 Storage is pluggable through `CheckpointStore`; `LocalDirStore` writes atomically to a folder
 (a mounted volume on a cluster). Client sampling, subnets and codec randomness are pure functions
-of (job seed, round, client), so no RNG state needs saving: resuming from round r with the same
-seed replays rounds r+1.. exactly as an uninterrupted run would.
+of (job seed, round, client), so no RNG state needs saving; the rest of what a round depends on
+(the population model's upload-size estimate, the DP noise secret) is in the checkpoint:
+resuming from round r with the same seed replays rounds r+1.. exactly as an uninterrupted run
+would. A checkpoint holds tensors and plain containers only and is loaded with
+`weights_only=True` (no arbitrary unpickling). It holds the DP noise secret: keep it on the
+driver's side.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class LocalDirStore:
         rounds = self._rounds()
         if not rounds:
             return None
-        return torch.load(self.path / f"round-{rounds[-1]:06d}.pt", weights_only=False)
+        return torch.load(self.path / f"round-{rounds[-1]:06d}.pt", weights_only=True)
 
 
 def open_store(uri: str) -> CheckpointStore:

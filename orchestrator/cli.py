@@ -3,6 +3,7 @@
     fedray demo [--dataset fashion-mnist] [--clients 1000] ... [--json out.json] [--out DIR]
     fedray run JOB.yaml [--json out.json] [--out DIR]
     fedray validate JOB.yaml
+    fedray schema [--out PATH]                          (the JSON Schema of a job spec)
     fedray codecs
     fedray submit JOB.yaml [--address URL] [--follow]     (prints the job id)
     fedray status|logs|stop|wait|result JOB_ID [--address URL]
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from typing import Sequence
@@ -98,9 +98,8 @@ def _with_tracking(spec: JobSpec, a: argparse.Namespace) -> JobSpec:
     if a.tensorboard is None and a.mlflow is None:
         return spec
     base = spec.tracking or TrackingSpec(tensorboard_dir=a.tensorboard, mlflow_uri=a.mlflow)
-    tracking = dataclasses.replace(base, tensorboard_dir=a.tensorboard or base.tensorboard_dir,
-                                   mlflow_uri=a.mlflow or base.mlflow_uri)
-    return dataclasses.replace(spec, tracking=tracking)
+    tracking = base.replace(tensorboard_dir=a.tensorboard or base.tensorboard_dir, mlflow_uri=a.mlflow or base.mlflow_uri)
+    return spec.replace(tracking=tracking)
 
 
 def _json_map(text: str) -> dict:
@@ -200,11 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tracking_flags(r)
     v = sub.add_parser("validate", help="check a job spec and print it with defaults filled in")
     v.add_argument("spec")
+    sc = sub.add_parser("schema", help="print the JSON Schema of a job spec (or write it with --out)")
+    sc.add_argument("--out", default=None, help="write the schema to this file instead of printing it")
     sub.add_parser("codecs", help="list the registered codecs")
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
     cluster.add_parser(sub)
     a = parser.parse_args(argv)
+    if a.cmd == "schema":  # no torch, no Ray
+        return _schema(a.out)
 
     from fedray.workers.data import DatasetMissingError
 
@@ -217,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "run":
             spec = JobSpec.from_yaml(a.spec)
             if a.checkpoint_dir:
-                spec = dataclasses.replace(spec, checkpoint_dir=a.checkpoint_dir)
+                spec = spec.replace(checkpoint_dir=a.checkpoint_dir)
             spec = _with_tracking(spec, a)
             if a.resume and not spec.checkpoint_dir:
                 raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
@@ -232,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd in _REMOTE:
             return _remote(a)
         if a.cmd == "validate":
-            print(JobSpec.from_yaml(a.spec).to_yaml(), end="")
+            spec = JobSpec.from_yaml(a.spec)
+            spec.check_plugins()
+            print(spec.to_yaml(), end="")
             return 0
         if a.cmd == "codecs":
             from fedray.compression import available_codecs
@@ -252,6 +257,22 @@ def _version() -> str:
         return version("fedray")
     except PackageNotFoundError:  # running from a source tree that was not installed
         return "unknown (not installed)"
+
+
+def _schema(out: str | None) -> int:
+    from fedray.config.job import schema_json
+
+    text = schema_json()
+    if out is None:
+        print(text, end="")
+        return 0
+    try:
+        with open(out, "w") as f:
+            f.write(text)
+    except OSError as e:
+        print(f"fedray: error: cannot write the schema to {out}: {e.strerror}", file=sys.stderr)
+        return 2
+    return 0
 
 
 _REMOTE = ("submit", "status", "logs", "stop", "wait", "result")
@@ -288,6 +309,8 @@ def _remote(a: argparse.Namespace) -> int:
     from .client import DEFAULT_RESULTS_ROOT, Client, ClientError
 
     spec = JobSpec.from_yaml(a.spec) if a.cmd == "submit" else None  # bad specs fail before any connection
+    if spec is not None:
+        spec.check_plugins()
     try:
         client = Client(a.address, token=a.token, ship_code=getattr(a, "ship_code", True),
                         results_root=getattr(a, "results_root", None) or DEFAULT_RESULTS_ROOT)

@@ -129,6 +129,7 @@ class Client:
             ClientError: the cluster refused the job.
         """
         spec = _as_spec(spec)
+        spec.check_plugins()  # codec names and parameters, before anything is sent
         job_id = job_id or f"fedray-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}"
         out = f"{self._results_root.rstrip('/')}/{job_id}"
         entry = (f"{self._python} -m fedray.orchestrator.cli run job.yaml --quiet --emit-result "

@@ -30,7 +30,7 @@ from fedray.compression.omc import quantizable_names
 from fedray.workers.broadcast import decode_broadcast, make_broadcast
 from fedray.workers.models import build_model, get_params, model_layout, num_params, set_params
 from fedray.workers.pool import RayPool, default_num_workers
-from fedray.workers.train import TrainConfig, evaluate
+from fedray.workers.train import evaluate
 
 from fedray.proto import serde
 from fedray.proto.serde import TLSConfig
@@ -38,9 +38,8 @@ from fedray.proto.serde import TLSConfig
 from .checkpoint import open_store
 from .metrics import JobMetrics
 from .population import Population, SeededPartition
-from .privacy import add_gaussian_noise, noise_generator
+from .privacy import add_gaussian_noise, noise_generator, noise_secret
 from .strategy import aggregate_metrics
-from .service import ServiceLimits
 from .shard import AggregationShard
 from .spec import JobSpec
 from .state import JobState, JobStateMachine
@@ -116,7 +115,11 @@ class JobResult:
 
 
 def sample_clients(num_clients: int, k: int, seed: int, round: int) -> np.ndarray:
-    """The clients of one round: k distinct ids, from (seed, round) alone."""
+    """The clients of one round: k distinct ids, from (seed, round) alone.
+
+    O(k) whatever num_clients (numpy's `choice` without replacement runs Floyd's algorithm with
+    a hash set when k is under 2% of the population; below 500,000 clients it may shuffle them
+    all): a billion-client population samples as fast as a thousand-client one."""
     rng = np.random.default_rng([seed, round, 0x5A3])
     return np.sort(rng.choice(num_clients, size=k, replace=False))
 
@@ -152,16 +155,17 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
 class _Shards:
     """The job's aggregation shards: start, restart after a failure, open and close rounds."""
 
-    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout) -> None:
+    def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout,
+                 max_weight: float | None = None) -> None:
         self._spec, self._job_id = spec, job_id
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
-            limits=ServiceLimits(max_inflight=spec.service.max_inflight),
+            limits=spec.service,  # a ServiceSpec is the shards' ServiceLimits
             spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
-            layout=layout, seed=spec.seed,
+            layout=layout, seed=spec.seed, max_weight=max_weight,
         )
         self.actors = [self._start(i) for i in range(spec.resources.shards)]
         self.addresses = ray.get([a.address.remote() for a in self.actors])
@@ -209,10 +213,12 @@ def run_job(
     With `resume`, continue from the last checkpoint in `spec.checkpoint_dir` (if any).
 
     Raises:
+        SpecError: a codec name or its parameters are unknown (`JobSpec.check_plugins`).
         DatasetMissingError: the data set is not on this machine.
         JobError: a round ended with fewer than `training.min_clients` updates.
         TrackingError: a `tracking:` backend cannot be opened (before the first round).
     """
+    spec.check_plugins()
     if not ray.is_initialized():
         raise JobError("Ray is not initialized: call fedray.orchestrator.engine.ensure_ray() first")
     rt = JobRuntime(spec, progress=progress, log=log)
@@ -235,7 +241,7 @@ class JobRuntime:
         self.job_id = spec.service.job_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
         self.secret = _job_secret(spec)
         self.data = load_dataset(spec.data.dataset, spec.data.data_dir, spec.seed)
-        if spec.data.examples_per_client is not None:  # O(clients) memory for huge populations
+        if spec.data.examples_per_client is not None:  # nothing stored per client: any population size
             self.parts = SeededPartition(len(self.data.y_train), spec.data.num_clients,
                                          examples_per_client=spec.data.examples_per_client, seed=spec.seed)
         else:
@@ -243,8 +249,9 @@ class JobRuntime:
                                    alpha=spec.data.alpha, seed=spec.seed)
         self.population = None
         if spec.population is not None:
-            self.population = Population(spec.data.num_clients, spec.seed, profile=spec.population.profile(),
-                                         examples=np.asarray(self.parts.sizes()))
+            # A seeded partition derives each client's size from (seed, id): nothing per client.
+            sizes = getattr(self.parts, "sizes_of", None) or np.asarray(self.parts.sizes())
+            self.population = Population(spec.data.num_clients, spec.seed, profile=spec.population, examples=sizes)
         self._bytes_up_estimate = 0.0
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
@@ -252,13 +259,15 @@ class JobRuntime:
         self.params = get_params(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.layout = model_layout(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
-        self.omc_cfg = spec.omc.config() if spec.omc is not None else None
+        self.omc_cfg = spec.omc
         self.quantized = quantizable_names(self.model) if spec.omc is not None else []
         self.fp32_bytes = 4 * num_params(self.params)
         comp = spec.compression
         self.strategy = spec.strategy.build()
         self.accountant = None
+        self.noise_secret = b""  # DP: the driver's secret noise seed (privacy.noise_secret); never sent
         if spec.privacy is not None:
+            self.noise_secret = noise_secret(spec.privacy)
             rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / spec.data.num_clients)
             self.accountant = spec.privacy.accountant(sample_rate=rate)
         self.metrics = JobMetrics(spec.name, comp.codec)
@@ -268,10 +277,12 @@ class JobRuntime:
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
-        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
+        cap = spec.strategy.weight_cap(clients_per_round=tr.clients_per_round + spec.service.real_clients,
+                                       mean_examples=float(np.mean(self.parts.sizes())))
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap)
         setup = TrainerSetup(
             job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
-            hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
+            hidden=spec.model.hidden, train=tr,
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
             broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
@@ -327,6 +338,9 @@ class JobRuntime:
             "round": r, "params": self.params, "strategy": self.strategy.state_dict(),
             "accountant": self.accountant.state_dict() if self.accountant else None,
             "rounds": [asdict(x) for x in result.rounds], "wall_s": time.perf_counter(), "spec": self.spec.to_dict(),
+            # what the next round depends on besides (seed, round): the stragglers model's upload
+            # size estimate and the DP noise secret (the checkpoint stays on the driver's side)
+            "bytes_up_estimate": self._bytes_up_estimate, "noise_secret": self.noise_secret.hex(),
         }
 
     def _restore(self, ck: dict, result: JobResult) -> None:
@@ -337,6 +351,9 @@ class JobRuntime:
         self.strategy.load_state_dict(ck["strategy"])
         if self.accountant is not None:
             self.accountant.load_state_dict(ck["accountant"])
+        self._bytes_up_estimate = float(ck.get("bytes_up_estimate", 0.0))
+        if ck.get("noise_secret"):
+            self.noise_secret = bytes.fromhex(ck["noise_secret"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
     def _round(self, r: int) -> RoundRecord:
@@ -383,7 +400,7 @@ class JobRuntime:
         if spec.privacy is not None:
             delta = add_gaussian_noise(
                 delta, noise_multiplier=spec.privacy.noise_multiplier, clip_norm=spec.privacy.clip_norm,
-                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(spec.seed, r),
+                num_clients=tr.clients_per_round + spec.service.real_clients, generator=noise_generator(self.noise_secret, r),
             )
             self.accountant.step()
             epsilon = self.accountant.epsilon(spec.privacy.delta)

@@ -11,12 +11,17 @@ The guarantee is client-level (add/remove one client's whole data).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
-from dataclasses import dataclass
+import os
+import secrets
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from fedray.config import DPSpec, SpecError
 
 from .aggregation import clip_update
 
@@ -28,6 +33,7 @@ __all__ = [
     "clip_update",
     "compute_rdp",
     "noise_generator",
+    "noise_secret",
     "rdp_to_epsilon",
 ]
 
@@ -38,58 +44,41 @@ DEFAULT_ORDERS: tuple[float, ...] = (
     tuple(1 + x / 10 for x in range(1, 100)) + tuple(float(a) for a in range(11, 64)) + (128.0, 256.0, 512.0, 1024.0)
 )
 
-# Strategies whose aggregate is the clipped mean, which the Gaussian mechanism's analysis covers.
-_DP_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
+def noise_secret(spec: DPSpec, environ: Mapping[str, str] = os.environ) -> bytes:
+    """The job's noise secret: from the driver's `spec.noise_secret_env` (hex) if set, else 32
+    fresh random bytes. Nothing a client is told (job seed, spec, tokens) determines it.
 
-def _spec_error(field_name: str, msg: str, value: Any) -> Exception:
-    from .spec import SpecError  # lazily: spec.py may import this module (see strategy.py)
-
-    return SpecError(f"privacy.{field_name}: {msg}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class DPSpec:
-    """Client-level DP settings (`privacy:` in the job spec).
-
-    noise_multiplier z: noise std on the sum of clipped deltas is z * clip_norm.
-    clip_norm C: every client delta is clipped to this L2 norm.
-    delta: the delta of the reported (epsilon, delta); well below 1 / number of clients.
+    Raises:
+        SpecError: the variable is set but not hex of at least 16 bytes.
     """
 
-    noise_multiplier: float
-    clip_norm: float
-    delta: float = 1e-5
-
-    def __post_init__(self) -> None:
-        for name, lo_open in (("noise_multiplier", False), ("clip_norm", True)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (lo_open and v == 0):
-                raise _spec_error(name, f"must be a finite number {'>' if lo_open else '>='} 0", v)
-        d = self.delta
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
-            raise _spec_error("delta", "must be in (0, 1), e.g. 1e-5", d)
-
-    def check_strategy(self, name: str) -> None:
-        """DP's noise is calibrated for the clipped mean; median, trimmed mean and Krum are not covered.
-
-        Raises:
-            SpecError: the strategy is not one of the mean-based ones.
-        """
-        if name not in _DP_STRATEGIES:
-            raise _spec_error("noise_multiplier", f"differential privacy needs a mean-based strategy "
-                              f"({', '.join(_DP_STRATEGIES)}), not strategy.name", name)
-
-    def accountant(self, *, sample_rate: float, orders: Sequence[float] = DEFAULT_ORDERS) -> "RDPAccountant":
-        """An accountant for this noise with clients sampled at `sample_rate` per round."""
-        return RDPAccountant(self.noise_multiplier, sample_rate, orders=orders)
+    raw = environ.get(spec.noise_secret_env)
+    if not raw:
+        return secrets.token_bytes(32)
+    try:
+        key = bytes.fromhex(raw)
+    except ValueError:
+        key = b""
+    if len(key) < 16:
+        raise SpecError(f"privacy.noise_secret_env: ${spec.noise_secret_env} must hold at least 32 hex digits, "
+                        f"got {len(raw)} characters")
+    return key
 
 
-def noise_generator(seed: int, round: int) -> torch.Generator:
-    """The noise generator of one round, from (job seed, round) alone, so a resumed job adds the
-    same noise. (For privacy against someone who knows the job seed, use a secret seed.)"""
-    ss = np.random.SeedSequence([seed, round, 0xD9])
-    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+def noise_generator(secret: bytes, round: int) -> torch.Generator:
+    """The noise generator of one round, from (noise secret, round) alone, so a resumed job (which
+    restores the secret from its checkpoint) adds the same noise. The seed is an HMAC of the
+    round under the secret: without the secret, no participant can regenerate the noise.
+
+    Raises:
+        TypeError: `secret` is not bytes (the job seed is public and must not seed the noise).
+    """
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) < 16:
+        raise TypeError("noise_generator needs the job's noise secret (>= 16 bytes, `noise_secret`), "
+                        "not the public job seed")
+    mac = hmac.new(bytes(secret), f"fedray-dp-noise:{int(round)}".encode(), hashlib.sha256).digest()
+    return torch.Generator().manual_seed(int.from_bytes(mac[:8], "big") >> 1)
 
 
 def add_gaussian_noise(mean_update: Mapping[str, torch.Tensor], *, noise_multiplier: float, clip_norm: float,

@@ -16,7 +16,6 @@ allocation per upload).
 from __future__ import annotations
 
 import math
-import os
 import queue
 import threading
 import time
@@ -34,13 +33,15 @@ from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import verify_token
 
-from fedray.compression.fd import CountedSum, KeepRateConfig, SubnetSpec, keep_rate_for
+from fedray.compression.fd import CountedSum, SubnetSpec, keep_rate_for
+from fedray.config import ServiceLimits
 from fedray.workers.broadcast import Broadcast, decode_broadcast
 from fedray.workers.client import client_seed
 
 from .aggregation import RunningWeightedSum, clip_update
 from .privacy import DPSpec
 from .strategy import StrategySpec
+from .streams import StreamWatchdog
 
 __all__ = [
     "AggregationCore",
@@ -115,33 +116,12 @@ def status_of(e: Exception) -> grpc.StatusCode | None:
     return None
 
 
-@dataclass(frozen=True)
-class ServiceLimits:
-    """Per-shard limits.
-
-    max_inflight: uploads admitted at once; the next one gets RESOURCE_EXHAUSTED with a
-        retry-after-ms hint (the server runs max_inflight + 4 handler threads so that it can).
-    max_active: admitted uploads that decode and fold at the same time; the others wait their
-        turn with their bytes in gRPC's buffers. More than the shard has cores only adds lock and
-        GIL hand-offs (measured: twice the system time at 8 than at 2 on 2 cores). 0: the
-        number of CPUs.
-    """
-
-    max_update_bytes: int = 1 << 32
-    max_tensors: int = 4096
-    max_inflight: int = 64
-    max_active: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("max_update_bytes", "max_tensors", "max_inflight"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ServiceLimits.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_active < 0:
-            raise ValueError(f"ServiceLimits.max_active must be >= 0 (0: the number of CPUs), got {self.max_active}")
-
-    @property
-    def active(self) -> int:
-        return self.max_active or max(1, len(os.sched_getaffinity(0)))
+def _q(x: object, n: int = 64) -> str:
+    """`repr(x)` cut to about `n` characters: error messages quote client input only this short."""
+    if isinstance(x, (str, bytes, list, tuple)) and len(x) > n:  # never repr a megabyte to cut it
+        return f"{x[: n - 16]!r}...({len(x)} long)"
+    r = repr(x)
+    return r if len(r) <= n else f"{r[: n - 12]}...({len(r)} chars)"
 
 
 @dataclass
@@ -213,15 +193,16 @@ class AggregationCore:
         limits: ServiceLimits = ServiceLimits(), spec_json: str = "{}", num_rounds: int = 0,
         shard: tuple[int, int] = (0, 1), strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None,
         max_clients: int = 1 << 16, codecs: Mapping[str, Mapping] | None = None, dropout=None, layout=None,
-        seed: int = 0,
+        seed: int = 0, max_weight: float | None = None,
     ) -> None:
         self.job_id = job_id
+        self._max_weight = max_weight  # StrategySpec.weight_cap: declared weights above it count as it
         self._codec_params = {k: dict(v) for k, v in (codecs or {}).items()}
         self._dropout = dropout  # DropoutSpec: uploads are sub-models, averaged per coordinate
         self._layout = layout
         self._seed = seed
         if dropout is not None:
-            self._keep = KeepRateConfig(tuple(dropout.keep_rates), dropout.mode, tuple(dropout.probs))
+            self._keep = dropout  # a DropoutSpec is a KeepRateConfig
         self._strategy = strategy.build()
         self._privacy = privacy
         self._max_clients = max_clients
@@ -239,6 +220,7 @@ class AggregationCore:
         self._cond = threading.Condition(self._lock)  # close_round waits here for commits in progress
         self._state: _RoundState | None = None
         self._inflight = 0
+        self._per_client: dict[tuple[str, int], int] = {}  # ("up" or "down", client) -> calls open
         self._committed_total = 0
         self._bytes_total = 0
         self._codecs: dict[tuple[str, tuple], Codec] = {}
@@ -251,6 +233,10 @@ class AggregationCore:
     @property
     def limits(self) -> ServiceLimits:
         return self._limits
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
 
     # -- round control (driver side) ------------------------------------------------------------
 
@@ -311,13 +297,22 @@ class AggregationCore:
 
     # -- RPC handlers ---------------------------------------------------------------------------
 
-    def _check_auth(self, job_id: str, client_id: int, token: str) -> None:
+    def authenticate(self, job_id: str, client_id: int, token: str) -> None:
+        """Check the token; the first thing done with any request, before anything else the client
+        sent is parsed, converted or cached.
+
+        Raises:
+            AuthError: no token, or one that is malformed, expired or not this client's.
+            WrongJobError: the request names another job.
+        """
         if not token:
             raise AuthError("no token: send the client's token in the x-fedray-token metadata")
         if job_id != self.job_id:
-            raise WrongJobError(f"this service aggregates job {self.job_id!r}, not {job_id!r}")
+            raise WrongJobError(f"this service aggregates job {self.job_id!r}, not {_q(job_id)}")
         if not verify_token(self._secret, job_id, client_id, token):
-            raise AuthError(f"invalid token for client {client_id} of job {job_id!r}")
+            raise AuthError(f"invalid or expired token for client {client_id} of job {self.job_id!r}")
+
+    _check_auth = authenticate
 
     def _codec(self, p: Payload) -> Codec:
         key = (p.codec, p.version)
@@ -325,8 +320,25 @@ class AggregationCore:
         if c is None:
             # The job's own settings for its codecs (composite codecs check them); defaults otherwise.
             c = get_codec(p.codec, **self._codec_params.get(p.codec, {}))  # UnknownCodecError is a PayloadError
+            if p.version != c.version:  # only what this build speaks is cached (a bounded set)
+                raise PayloadError(f"{p.codec}: wire version {p.version} is not supported (this build speaks {c.version})")
             self._codecs[key] = c
         return c
+
+    def _enter(self, kind: str, client_id: int) -> None:
+        """Count one more open call of `client_id` (under the lock)."""
+        key = (kind, client_id)
+        n = self._per_client.get(key, 0)
+        if n >= self._limits.max_inflight_per_client:
+            raise OverloadedError(f"client {client_id} already has {n} {kind}load(s) open "
+                                  f"(limit {self._limits.max_inflight_per_client}); retry after a back-off", 500)
+        self._per_client[key] = n + 1
+
+    def _leave(self, kind: str, client_id: int) -> None:
+        key = (kind, client_id)
+        n = self._per_client.pop(key, 1) - 1
+        if n > 0:
+            self._per_client[key] = n
 
     def _subnet(self, h: serde.UpdateHeader) -> SubnetSpec | None:
         """The client's subnet, regenerated here from (job seed, round, client): only the seed
@@ -352,16 +364,23 @@ class AggregationCore:
             raise PayloadError(f"{len(h.tensors)} tensors, over the limit of {self._limits.max_tensors}")
         names = [t.name for t in h.tensors]
         if sorted(names) != sorted(self._shapes) or len(set(names)) != len(names):
-            raise PayloadError(f"update tensors {names} do not match the model's {sorted(self._shapes)}")
+            raise PayloadError(f"update tensors {_q(names, 200)} do not match the model's {sorted(self._shapes)}")
         shapes = self._layout.sub_shapes(sub) if sub is not None else self._shapes
         for t in h.tensors:
             if t.payload.shape != shapes[t.name]:
-                raise PayloadError(f"tensor {t.name!r}: shape {t.payload.shape} != expected {shapes[t.name]}")
+                raise PayloadError(f"tensor {t.name!r}: shape {_q(t.payload.shape)} != expected {shapes[t.name]}")
+            # what the codec can need for this shape, before a byte is buffered
+            most = _max_wire_bytes(self._codec(t.payload), t.payload.shape)
+            if t.nbytes > most:
+                raise PayloadError(f"tensor {t.name!r}: declares {t.nbytes} bytes, but codec {t.payload.codec!r} "
+                                   f"needs at most {most} for shape {t.payload.shape}")
         total = h.total_bytes
         if total > self._limits.max_update_bytes:
             raise PayloadError(f"update declares {total} bytes, over the limit of {self._limits.max_update_bytes}")
         if not (h.weight > 0 and h.weight < 1e12):
             raise PayloadError(f"update weight must be in (0, 1e12), got {h.weight}")
+        if len(h.metrics) > self._limits.max_metrics:
+            raise PayloadError(f"{len(h.metrics)} metrics, over the limit of {self._limits.max_metrics}")
 
     def upload(self, header: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], token: str) -> tuple[int, int]:
         self._check_auth(header.job_id, header.client_id, token)
@@ -386,13 +405,14 @@ class AggregationCore:
                 raise OverloadedError(
                     f"{self._inflight} uploads in flight (limit {self._limits.max_inflight}); retry after a back-off"
                 )
+            self._enter("up", header.client_id)
             self._inflight += 1
         held: list[torch.Tensor] = []  # staging buffers of this upload, back to the pool at the end
         try:
             fold = self._folds and not header.weights
             staged, received, decode_s = self._receive(header, chunks, fold, held)
             with self._active:  # CPU work only: a slow client's stream never holds a turn
-                weight = header.weight
+                weight = header.weight if self._max_weight is None else min(header.weight, self._max_weight)
                 if not fold:
                     if header.weights:
                         start = self._start(st)
@@ -405,6 +425,7 @@ class AggregationCore:
         finally:
             with self._lock:
                 self._inflight -= 1
+                self._leave("up", header.client_id)
             self._scratch.give_back(held)
         return header.round, received
 
@@ -457,7 +478,7 @@ class AggregationCore:
             spans.append((off, off + t.nbytes))
             off += t.nbytes
         staged: dict[str, object] = {}
-        filled, nxt, decode_s = 0, 0, 0.0
+        filled, nxt, decode_s, empty = 0, 0, 0.0, 0
         partial: np.ndarray | None = None  # the spanning tensor being assembled
         digest = serde.new_digest(h.digest_kind)
 
@@ -469,6 +490,10 @@ class AggregationCore:
 
         for offset, data in chunks:
             n = len(data)
+            if not n:
+                empty += 1
+                if empty > _MAX_EMPTY_CHUNKS:
+                    raise PayloadError(f"more than {_MAX_EMPTY_CHUNKS} empty chunks in one upload")
             if offset != filled:
                 raise PayloadError(f"chunk at offset {offset}, expected {filled}")
             if filled + n > total:
@@ -507,7 +532,7 @@ class AggregationCore:
         plan = self._folders.get(t.key) if t.key else None
         if plan is None:
             plan = self._codec(t.payload).folder(t.payload)
-            if t.key:
+            if t.key and len(t.key) <= _MAX_CACHED_KEY:  # bounded: 4096 keys of at most 1 KiB
                 if len(self._folders) >= 4096:
                     self._folders.clear()
                 self._folders[t.key] = plan
@@ -536,14 +561,22 @@ class AggregationCore:
             return st.start
 
     def download(self, job_id: str, round: int, client_id: int, max_stage: int | None, token: str):
+        """The round's model stages, as an iterator: one download per client at a time
+        (`max_inflight_per_client`), counted until the iterator is closed."""
         self._check_auth(job_id, client_id, token)
         with self._lock:
             st = self._state
-        if st is None or st.round != round or st.broadcast is None:
-            raise RoundClosedError(f"round {round} is not open for download")
+            if st is None or st.round != round or st.broadcast is None:
+                raise RoundClosedError(f"round {round} is not open for download")
+            self._enter("down", client_id)
         b = st.broadcast
         n = len(b.stages) if max_stage is None else min(max_stage + 1, len(b.stages))
-        return [serde.ModelStage(round, k, len(b.stages), b.stages[k]) for k in range(n)]
+        return _Stages([serde.ModelStage(round, k, len(b.stages), b.stages[k]) for k in range(n)],
+                       lambda: self._leave_locked("down", client_id))
+
+    def _leave_locked(self, kind: str, client_id: int) -> None:
+        with self._lock:
+            self._leave(kind, client_id)
 
     def get_job(self, job_id: str, client_id: int, token: str) -> serde.JobInfo:
         self._check_auth(job_id, client_id, token)
@@ -554,8 +587,39 @@ class AggregationCore:
         )
 
     def health(self) -> serde.HealthInfo:
+        """Status and counters, for the shard's owner (the gRPC Health reply carries the status only)."""
         st = self._state
-        return serde.HealthInfo("SERVING", self.job_id, 0 if st is None else st.round, self._committed_total, self._bytes_total)
+        status = "NOT_SERVING" if self._finished else "SERVING"
+        return serde.HealthInfo(status, self.job_id, 0 if st is None else st.round, self._committed_total, self._bytes_total)
+
+
+class _Stages(list):
+    """A download's stages; `close()` (once) ends the download's per-client count."""
+
+    def __init__(self, stages, release) -> None:
+        super().__init__(stages)
+        self._release = release
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+# An upload has no reason to send empty chunks (one, for an update with no bytes); a stream of
+# them would keep an admitted upload alive without progress.
+_MAX_EMPTY_CHUNKS = 4
+_MAX_CACHED_KEY = 1 << 10
+
+
+def _max_wire_bytes(codec: Codec, shape: tuple[int, ...]) -> int:
+    """The most payload bytes `codec` can emit for `shape`: its exact size where it has one, its
+    bound where it declares one, else 8 bytes per element plus 4 KiB (no codec here needs more)."""
+    bound = getattr(codec, "max_wire_bytes", None)
+    if bound is not None:
+        return int(bound(shape))
+    exact = codec.wire_bytes(shape)
+    return int(exact) if exact is not None else 8 * math.prod(shape) + 4096
 
 
 def create_server(
@@ -564,19 +628,48 @@ def create_server(
 ) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `core` on `address` (port 0 picks a free port); return it and its port.
 
-    max_workers: handler threads; default max_inflight + 4, so that an upload past the in-flight
-    limit is answered with RESOURCE_EXHAUSTED instead of waiting unseen in gRPC's queue.
+    max_workers: handler threads; default `limits.max_streams` + 4: every call gRPC admits has a
+    thread (threads are made as calls need them), so Health and well-behaved uploads are
+    answered while up to max_streams stalled streams wait for `idle_timeout_s`.
 
     With `tls`, the port serves TLS only (mutual TLS when `tls.client_ca_file` is set).
 
     Raises:
         RuntimeError: the address could not be bound.
     """
-    workers = max_workers or core.limits.max_inflight + 4
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=serde.GRPC_OPTIONS)
-    serde.add_aggregation_service(server, core, job_id=core.job_id, status_of=status_of)
+    lim = core.limits
+    workers = max_workers or lim.max_streams + 4
+    header = lim.header_bytes(len(core.shapes))
+    # The largest message a fedray client sends is one ~1 MiB chunk with its header: gRPC
+    # refuses anything larger from its length prefix (RESOURCE_EXHAUSTED), before buffering it.
+    options = tuple(o for o in serde.GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length") + (
+        ("grpc.max_receive_message_length", serde.CHUNK_BYTES + header + (64 << 10)),
+        ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedray-rpc"),
+                         options=options, maximum_concurrent_rpcs=min(lim.max_streams, workers))
+    watchdog = StreamWatchdog(idle_s=lim.idle_timeout_s, max_s=lim.max_stream_s)
+    serde.add_aggregation_service(
+        server, core, job_id=core.job_id, status_of=status_of, watchdog=watchdog,
+        max_header_bytes=header, max_batch_updates=lim.max_batch_updates,
+    )
     port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if port == 0:
+        watchdog.stop()
         raise RuntimeError(f"could not bind the aggregation service to {address}")
     server.start()
-    return server, port
+    return _Server(server, watchdog), port
+
+
+class _Server:
+    """A started `grpc.Server` with its stream watchdog; `stop` stops both."""
+
+    def __init__(self, server: grpc.Server, watchdog: StreamWatchdog) -> None:
+        self._server, self.watchdog = server, watchdog
+
+    def stop(self, grace: float | None = None):
+        self.watchdog.stop()
+        return self._server.stop(grace)
+
+    def __getattr__(self, name: str):
+        return getattr(self._server, name)

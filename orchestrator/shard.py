@@ -25,7 +25,7 @@ class AggregationShard:
         port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int | None = None,
         tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
         strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None, max_clients: int = 1 << 16,
-        codecs=None, dropout=None, layout=None, seed: int = 0,
+        codecs=None, dropout=None, layout=None, seed: int = 0, max_weight: float | None = None,
     ) -> None:
         import torch
 
@@ -33,7 +33,7 @@ class AggregationShard:
         self._core = AggregationCore(
             job_id=job_id, secret=secret, shapes=shapes, limits=limits, spec_json=spec_json, num_rounds=num_rounds,
             shard=shard, strategy=strategy, privacy=privacy, max_clients=max_clients, codecs=codecs, dropout=dropout,
-            layout=layout, seed=seed,
+            layout=layout, seed=seed, max_weight=max_weight,
         )
         self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers, tls=tls)
         self._host = host

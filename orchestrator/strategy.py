@@ -16,10 +16,12 @@ name the usual combinations.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
+
+from fedray.config import STRATEGY_PARAMS, SpecError, StrategySpec
 
 from .aggregation import (
     BufferedUpdates, Collector, CoordinateMedian, Krum, Reducer, RunningWeightedSum, TrimmedMean,
@@ -39,6 +41,7 @@ __all__ = [
     "aggregate_metrics",
     "available_strategies",
     "build_strategy",
+    "strategy_from_spec",
 ]
 
 Params = Mapping[str, torch.Tensor]
@@ -281,110 +284,30 @@ class FedAvg:
         self._opt_state = None if opt is None else ServerOptState.from_state_dict(opt)
 
 
-# -- config and registry --------------------------------------------------------------------------
+# -- registry: the strategy objects for the names of `fedray.config.StrategySpec` -----------------
 
-def _spec_error(field_name: str, msg: str, value: Any = ...) -> Exception:
-    # SpecError lives in spec.py, which will import this module for JobSpec.strategy; imported
-    # here, when an error is raised, so that neither module needs the other at import time.
-    from .spec import SpecError
-
-    got = "" if value is ... else f", got {value!r}"
-    return SpecError(f"strategy.{field_name}: {msg}{got}")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    params: tuple[str, ...]  # StrategySpec fields this strategy uses, besides clip_norm, proximal_mu
-    build: Callable[["StrategySpec"], FedAvg]
-
-
-_ADAPTIVE = ("server_lr", "beta1", "beta2", "tau")
-_REGISTRY: dict[str, _Entry] = {
-    "fedavg": _Entry(("server_lr",), lambda s: FedAvg(server_lr=s.server_lr, clip_norm=s.clip_norm)),
-    "fedavgm": _Entry(("server_lr", "server_momentum"), lambda s: FedAvg(
-        server_optimizer=ServerSGD(lr=s.server_lr, momentum=s.server_momentum), clip_norm=s.clip_norm)),
-    "fedadam": _Entry(_ADAPTIVE, lambda s: FedAvg(
-        server_optimizer=ServerAdam(lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau), clip_norm=s.clip_norm)),
-    "fedyogi": _Entry(_ADAPTIVE, lambda s: FedAvg(
-        server_optimizer=ServerYogi(lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau), clip_norm=s.clip_norm)),
-    "fedadagrad": _Entry(("server_lr", "beta1", "tau"), lambda s: FedAvg(
-        server_optimizer=ServerAdagrad(lr=s.server_lr, beta1=s.beta1, tau=s.tau), clip_norm=s.clip_norm)),
-    "median": _Entry(("server_lr",), lambda s: FedAvg(
-        server_lr=s.server_lr, aggregator=CoordinateMedian(), clip_norm=s.clip_norm)),
-    "trimmed_mean": _Entry(("server_lr", "trim_ratio"), lambda s: FedAvg(
-        server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio), clip_norm=s.clip_norm)),
-    "krum": _Entry(("server_lr", "krum_f"), lambda s: FedAvg(
-        server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm)),
+_BUILDERS: dict[str, Callable[[StrategySpec], FedAvg]] = {
+    "fedavg": lambda s: FedAvg(server_lr=s.server_lr, clip_norm=s.clip_norm),
+    "fedavgm": lambda s: FedAvg(server_optimizer=ServerSGD(lr=s.server_lr, momentum=s.server_momentum),
+                                clip_norm=s.clip_norm),
+    "fedadam": lambda s: FedAvg(server_optimizer=ServerAdam(lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau),
+                                clip_norm=s.clip_norm),
+    "fedyogi": lambda s: FedAvg(server_optimizer=ServerYogi(lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau),
+                                clip_norm=s.clip_norm),
+    "fedadagrad": lambda s: FedAvg(server_optimizer=ServerAdagrad(lr=s.server_lr, beta1=s.beta1, tau=s.tau),
+                                   clip_norm=s.clip_norm),
+    "median": lambda s: FedAvg(server_lr=s.server_lr, aggregator=CoordinateMedian(), clip_norm=s.clip_norm),
+    "trimmed_mean": lambda s: FedAvg(server_lr=s.server_lr, aggregator=TrimmedMean(s.trim_ratio),
+                                     clip_norm=s.clip_norm),
+    "krum": lambda s: FedAvg(server_lr=s.server_lr, aggregator=Krum(f=s.krum_f), clip_norm=s.clip_norm),
 }
-_ALWAYS = ("clip_norm", "proximal_mu")
-
-
 def available_strategies() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(STRATEGY_PARAMS)
 
 
-def _number(name: str, v: Any, *, lo: float, lo_open: bool = False, hi: float | None = None,
-            hi_open: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _spec_error(name, "must be a finite number", v)
-    if v < lo or (lo_open and v == lo) or (hi is not None and (v > hi or (hi_open and v == hi))):
-        rng = f"{'(' if lo_open else '['}{lo}, {'inf)' if hi is None else f'{hi}' + (')' if hi_open else ']')}"
-        raise _spec_error(name, f"must be in {rng}", v)
-
-
-@dataclass(frozen=True)
-class StrategySpec:
-    """The server strategy of a job (`strategy:` in the job spec).
-
-    clip_norm clips every client delta to that L2 norm before aggregation (any strategy);
-    proximal_mu is FedProx's proximal weight, used by client training, not by the server.
-    A field that the named strategy does not use must keep its default, so that a typo'd or
-    stale setting is an error rather than silently ignored.
-    """
-
-    name: str = "fedavg"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    trim_ratio: float = 0.1
-    clip_norm: float | None = None
-    krum_f: int = 0
-    proximal_mu: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.name not in _REGISTRY:
-            raise _spec_error("name", f"must be one of {', '.join(_REGISTRY)}", self.name)
-        _number("server_lr", self.server_lr, lo=0, lo_open=True)
-        _number("server_momentum", self.server_momentum, lo=0, hi=1, hi_open=True)
-        _number("beta1", self.beta1, lo=0, hi=1, hi_open=True)
-        _number("beta2", self.beta2, lo=0, hi=1, hi_open=True)
-        _number("tau", self.tau, lo=0, lo_open=True)
-        _number("trim_ratio", self.trim_ratio, lo=0, hi=0.5, hi_open=True)
-        if self.clip_norm is not None:
-            _number("clip_norm", self.clip_norm, lo=0, lo_open=True)
-        if isinstance(self.krum_f, bool) or not isinstance(self.krum_f, int) or self.krum_f < 0:
-            raise _spec_error("krum_f", "must be an integer >= 0", self.krum_f)
-        _number("proximal_mu", self.proximal_mu, lo=0)
-        used = _REGISTRY[self.name].params + _ALWAYS
-        for f in fields(self):
-            if f.name not in used and f.name != "name" and getattr(self, f.name) != f.default:
-                users = [n for n, e in _REGISTRY.items() if f.name in e.params]
-                raise _spec_error(f.name, f"is not used by strategy {self.name!r} (only by {', '.join(users)}); "
-                                  f"remove it or change strategy.name", getattr(self, f.name))
-        if self.name == "fedavgm" and self.server_momentum == 0:
-            raise _spec_error("server_momentum", "fedavgm needs a momentum in (0, 1), e.g. 0.9; "
-                              "or use strategy.name: fedavg", self.server_momentum)
-
-    @property
-    def needs_all_updates(self) -> bool:
-        """True for median, trimmed_mean, krum: the round must be collected with `BufferedUpdates`."""
-        return self.name in ("median", "trimmed_mean", "krum")
-
-    def build(self) -> FedAvg:
-        """The strategy object this spec describes (fresh optimizer state)."""
-        return _REGISTRY[self.name].build(self)
+def strategy_from_spec(spec: StrategySpec) -> FedAvg:
+    """The strategy object `spec` describes (fresh optimizer state); `StrategySpec.build()`."""
+    return _BUILDERS[spec.name](spec)
 
 
 def build_strategy(name: str, **params: Any) -> FedAvg:
@@ -397,10 +320,10 @@ def build_strategy(name: str, **params: Any) -> FedAvg:
         SpecError: unknown name, unknown or unused parameter, or a value out of range; the message
             starts with `strategy.<parameter>`.
     """
-    names = {f.name for f in fields(StrategySpec)} - {"name"}
+    names = set(StrategySpec.model_fields) - {"name"}
     for k in params:
         if k not in names:
-            raise _spec_error(k, f"unknown parameter; strategies take {', '.join(sorted(names))}")
+            raise SpecError(f"strategy.{k}: unknown parameter; strategies take {', '.join(sorted(names))}")
     return StrategySpec(name=name, **params).build()
 
 

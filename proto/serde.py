@@ -6,6 +6,7 @@ This is the only module that imports generated code. Everything else speaks `Pay
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 import zlib
@@ -244,9 +245,11 @@ def _entries(metas) -> tuple[TensorEntry, ...]:
         key = m.SerializeToString()
         e = _ENTRY_CACHE.get(key)
         if e is None:
-            if len(_ENTRY_CACHE) >= 4096:
-                _ENTRY_CACHE.clear()
-            e = _ENTRY_CACHE[key] = TensorEntry(m.name, payload_from_meta(m), int(m.nbytes), key)
+            e = TensorEntry(m.name, payload_from_meta(m), int(m.nbytes), key)
+            if len(key) <= 1024:  # bounded: 4096 entries of at most 1 KiB (servers call this after the token check)
+                if len(_ENTRY_CACHE) >= 4096:
+                    _ENTRY_CACHE.clear()
+                _ENTRY_CACHE[key] = e
         out.append(e)
     return tuple(out)
 
@@ -383,7 +386,9 @@ def _fields(mv: memoryview, max_fields: int) -> Iterator[tuple[int, memoryview |
         raise ValueError("message ends inside a field")
 
 
-def _parse_upload_chunk(buf: bytes) -> WireChunk:
+def _parse_upload_chunk(buf: bytes, max_header_bytes: int = 1 << 20) -> WireChunk:
+    """An UploadChunk, its data a view of `buf`. A header over `max_header_bytes` is refused
+    unparsed: this runs before the token is checked, so its cost must stay bounded."""
     mv = memoryview(buf)
     headers, data, offset = [], mv[0:0], 0
     try:
@@ -396,13 +401,16 @@ def _parse_upload_chunk(buf: bytes) -> WireChunk:
                 offset = v
         header = None
         if headers:  # repeated occurrences of a message field merge, as protobuf does
+            size = sum(len(v) for v in headers)
+            if size > max_header_bytes:
+                raise ValueError(f"update header of {size} bytes, over this server's limit of {max_header_bytes}")
             header = pb.UpdateHeader.FromString(b"".join(headers))
     except Exception as e:  # DecodeError or ValueError: refused by the servicer as INVALID_ARGUMENT
         return WireChunk(None, mv[0:0], 0, error=f"malformed UploadChunk: {e}")
     return WireChunk(header, data, offset)
 
 
-def _parse_upload_pack(buf: bytes) -> list[WireChunk]:
+def _parse_upload_pack(buf: bytes, max_header_bytes: int = 1 << 20) -> list[WireChunk]:
     """An UploadPack: its chunks, each parsed like an UploadChunk (views of `buf`, no copy)."""
     out: list[WireChunk] = []
     try:
@@ -410,7 +418,7 @@ def _parse_upload_pack(buf: bytes) -> list[WireChunk]:
             if field == 1 and isinstance(v, memoryview):
                 if not len(v):
                     raise ValueError("an empty chunk")
-                c = _parse_upload_chunk(v)
+                c = _parse_upload_chunk(v, max_header_bytes)
                 if c.error:
                     raise ValueError(c.error)
                 out.append(c)
@@ -659,11 +667,33 @@ def call_upload_batch(channel: grpc.Channel, updates: list[tuple[object, str]], 
             ack = stubs[1](flat(old_server=True), timeout=timeout)
     else:
         ack = stubs[1](flat(old_server=channel in _NO_PACKED), timeout=timeout)
+    # Results pair with updates by client id, not position: a server may answer fewer (one
+    # result for a malformed pack, a long batch cut at the server's max_batch_updates).
+    ids = {_update_client(u) for u, _ in updates}
+    by_id: dict[int, list] = {}
+    for r in ack.results:
+        by_id.setdefault(r.client_id if r.client_id in ids else -1, []).append(r)
+    other = by_id.get(-1, [])  # results that name none of these clients (e.g. a malformed pack's)
     out = []
-    for r, (update, _) in zip(ack.results, updates):
-        out.append(BatchResult(r.client_id, r.accepted, _CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message,
-                               wire_nbytes(update)))
+    for update, _ in updates:
+        cid = _update_client(update)
+        mine = by_id.get(cid)
+        if mine:
+            r = mine.pop(0)
+            out.append(BatchResult(cid, r.accepted, _CODES.get(r.code, grpc.StatusCode.UNKNOWN), r.message,
+                                   wire_nbytes(update)))
+        elif other:
+            out.append(BatchResult(cid, False, _CODES.get(other[0].code, grpc.StatusCode.UNKNOWN) if other[0].code
+                                   else grpc.StatusCode.UNKNOWN, other[0].message, wire_nbytes(update)))
+        else:
+            out.append(BatchResult(cid, False, grpc.StatusCode.UNAVAILABLE,
+                                   "the server sent no result for this update (it did not read it); send it again",
+                                   wire_nbytes(update)))
     return out
+
+
+def _update_client(update) -> int:
+    return int(update.header.client_id if isinstance(update, WireUpload) else update[0].header.client_id)
 
 
 def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: float = 60.0) -> dict:
@@ -788,6 +818,9 @@ class AggregationHandler(Protocol):
 
     def health(self) -> HealthInfo: ...
 
+    def authenticate(self, job_id: str, client_id: int, token: str) -> None:
+        """Raise a domain error unless `token` is valid for (job_id, client_id)."""
+
     def get_job(self, job_id: str, client_id: int, token: str) -> JobInfo: ...
 
 
@@ -799,77 +832,125 @@ def _token(context) -> str:
 
 
 class _Servicer(pb_grpc.AggregationServicer):
-    def __init__(self, handler: AggregationHandler, job_id: str, status_of: Callable[[Exception], grpc.StatusCode | None]):
+    """Thin adapter: parse, check the token first, call the handler, serialize. Every stream is
+    watched (`watchdog`: an idle or endless one is cancelled); messages quote client input only
+    truncated (`_MAX_MESSAGE`)."""
+
+    def __init__(self, handler: AggregationHandler, job_id: str, status_of: Callable[[Exception], grpc.StatusCode | None],
+                 watchdog=None, max_batch_updates: int = 4096):
         self._h = handler
         self._job_id = job_id
         self._status_of = status_of
+        self._wd = watchdog
+        self._max_batch = max_batch_updates
+
+    @contextlib.contextmanager
+    def _watch(self, context):
+        if self._wd is None:
+            yield None
+            return
+        key, w = self._wd.open(context)
+        try:
+            yield w
+        finally:
+            self._wd.close(key)
+
+    def _requests(self, w, it):
+        return it if w is None else w.requests(it, _progress)
 
     def _abort(self, context, e: Exception):
+        if isinstance(e, grpc.RpcError) and not context.is_active():
+            # The call was cancelled (by the client, or by the watchdog): nobody to answer. gRPC
+            # recognises the error its request iterator raised and ends the call quietly.
+            raise e
         code = self._status_of(e)
         if code is None:
             raise e
         hint = getattr(e, "retry_after_ms", None)
         if hint is not None:
             context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(hint))),))
-        context.abort(code, str(e))
+        context.abort(code, _message(str(e)))
 
     def Upload(self, request_iterator, context):
-        try:
-            first = _valid(next(request_iterator, None))
-            if first is None or not first.HasField("header"):
-                raise PayloadError("the first chunk of an upload must carry the update header")
-            h = first.header
-            header = _header(h)
+        with self._watch(context) as w:
+            request_iterator = self._requests(w, request_iterator)
+            try:
+                first = _valid(next(request_iterator, None))
+                if first is None or not first.HasField("header"):
+                    raise PayloadError("the first chunk of an upload must carry the update header")
+                h = first.header
+                token = _token(context)
+                self._h.authenticate(h.job_id, h.client_id, token)  # before anything else is converted
+                header = _header(h)
 
-            def chunks():
-                yield first.offset, first.data
-                for msg in request_iterator:
-                    if _valid(msg).HasField("header"):
-                        raise PayloadError("only the first chunk of an upload may carry a header")
-                    yield msg.offset, msg.data
+                def chunks():
+                    yield first.offset, first.data
+                    for msg in request_iterator:
+                        if _valid(msg).HasField("header"):
+                            raise PayloadError("only the first chunk of an upload may carry a header")
+                        yield msg.offset, msg.data
 
-            rnd, received = self._h.upload(header, chunks(), _token(context))
-            return pb.UploadAck(accepted=True, bytes_received=received, round=rnd, client_id=h.client_id)
-        except Exception as e:  # mapped to a status in one place: status_of
-            self._abort(context, e)
+                rnd, received = self._h.upload(header, chunks(), token)
+                return pb.UploadAck(accepted=True, bytes_received=received, round=rnd, client_id=h.client_id)
+            except Exception as e:  # mapped to a status in one place: status_of
+                self._abort(context, e)
 
     def UploadBatch(self, request_iterator, context):
+        with self._watch(context) as w:
+            return self._upload_batch(self._requests(w, request_iterator), context)
+
+    def _upload_batch(self, request_iterator, context):
         it = _Peekable(request_iterator)
         results = []
-        while (first := it.next()) is not None:
-            cid = first.header.client_id if first.HasField("header") else 0
-            try:
-                _valid(first)
-                if not first.HasField("header"):
-                    raise PayloadError("each update of a batch must start with a chunk carrying its header")
-                h = first.header
-                header = _header(h)
-                _, received = self._h.upload(header, _update_chunks(first, it), h.token)
-                results.append(pb.UploadResult(client_id=cid, accepted=True, bytes_received=received))
-            except Exception as e:
-                # An unexpected error refuses this update only (INTERNAL), so that the acks of the
-                # updates already committed in the batch still reach the client.
-                code = self._status_of(e) or grpc.StatusCode.INTERNAL
-                msg = str(e) if code != grpc.StatusCode.INTERNAL else f"internal error: {type(e).__name__}: {e}"
-                results.append(pb.UploadResult(client_id=cid, accepted=False, code=code.value[0], message=msg))
-            while it.peek() is not None and not it.peek().HasField("header"):  # rest of a refused update
-                it.next()
+        try:
+            while len(results) < self._max_batch and (first := it.next()) is not None:
+                cid = first.header.client_id if first.HasField("header") else 0
+                try:
+                    _valid(first)
+                    if not first.HasField("header"):
+                        raise PayloadError("each update of a batch must start with a chunk carrying its header")
+                    h = first.header
+                    self._h.authenticate(h.job_id, h.client_id, h.token)
+                    header = _header(h)
+                    _, received = self._h.upload(header, _update_chunks(first, it), h.token)
+                    results.append(pb.UploadResult(client_id=cid, accepted=True, bytes_received=received))
+                except grpc.RpcError:
+                    raise
+                except Exception as e:
+                    # An unexpected error refuses this update only (INTERNAL), so that the acks of the
+                    # updates already committed in the batch still reach the client.
+                    code = self._status_of(e) or grpc.StatusCode.INTERNAL
+                    msg = str(e) if code != grpc.StatusCode.INTERNAL else f"internal error: {type(e).__name__}: {e}"
+                    results.append(pb.UploadResult(client_id=cid, accepted=False, code=code.value[0],
+                                                   message=_message(msg, _BATCH_MESSAGE)))
+                while it.peek() is not None and not it.peek().HasField("header"):  # rest of a refused update
+                    it.next()
+        except grpc.RpcError as e:  # the stream broke or was cancelled: nobody reads the reply
+            self._abort(context, e)
         return pb.UploadBatchAck(results=results)
 
     def UploadPacked(self, request_iterator, context):
-        return self.UploadBatch((c for pack in request_iterator for c in pack), context)
+        with self._watch(context) as w:
+            packs = self._requests(w, request_iterator)
+            return self._upload_batch((c for pack in packs for c in pack), context)
 
     def Download(self, request, context):
-        try:
-            stages = self._h.download(
-                request.job_id, request.round, request.client_id,
-                request.max_stage if request.HasField("max_stage") else None, _token(context),
-            )
-        except Exception as e:
-            self._abort(context, e)
-            return
-        for stage in stages:
-            yield from _model_messages(self._job_id, stage, CHUNK_BYTES)
+        with self._watch(context) as w:
+            try:
+                stages = self._h.download(
+                    request.job_id, request.round, request.client_id,
+                    request.max_stage if request.HasField("max_stage") else None, _token(context),
+                )
+            except Exception as e:
+                self._abort(context, e)
+                return
+            try:
+                msgs = (m for stage in stages for m in _model_messages(self._job_id, stage, CHUNK_BYTES))
+                yield from (msgs if w is None else w.responses(msgs))
+            finally:
+                close = getattr(stages, "close", None)
+                if close is not None:
+                    close()
 
     def GetJob(self, request, context):
         try:
@@ -883,11 +964,24 @@ class _Servicer(pb_grpc.AggregationServicer):
         )
 
     def Health(self, request, context):
-        i = self._h.health()
-        return pb.HealthReply(
-            status=i.status, job_id=i.job_id, round=i.round, updates_committed=i.updates_committed,
-            bytes_received=i.bytes_received,
-        )
+        # No credentials, so nothing but the status: not the job id, round or counters.
+        return pb.HealthReply(status=self._h.health().status)
+
+
+# Status messages and batch result messages quote client input only truncated: a reply must stay
+# small (a 1 MiB job id echoed back overflows the client's receive limit).
+_MAX_MESSAGE, _BATCH_MESSAGE = 1024, 200
+
+
+def _message(msg: str, limit: int = _MAX_MESSAGE) -> str:
+    return msg if len(msg) <= limit else msg[: limit - 20] + f"... ({len(msg)} chars)"
+
+
+def _progress(msg) -> bool:
+    """Whether a received message moves its upload on (an empty chunk does not)."""
+    if isinstance(msg, list):  # an UploadPack
+        return any(_progress(c) for c in msg)
+    return bool(getattr(msg, "error", None)) or msg.HasField("header") or len(msg.data) > 0
 
 
 class _Peekable:
@@ -921,23 +1015,29 @@ def _valid(msg):
 
 def add_aggregation_service(
     server: grpc.Server, handler: AggregationHandler, *, job_id: str,
-    status_of: Callable[[Exception], grpc.StatusCode | None],
+    status_of: Callable[[Exception], grpc.StatusCode | None], watchdog=None, max_header_bytes: int = 1 << 20,
+    max_batch_updates: int = 4096,
 ) -> None:
     """Register `handler` as the Aggregation service on `server`.
 
     `status_of` maps a domain exception to its gRPC status (None re-raises it as INTERNAL).
+    `watchdog` (orchestrator.streams.StreamWatchdog) ends idle streams; upload headers over
+    `max_header_bytes` are refused unparsed; an UploadBatch call answers at most
+    `max_batch_updates` updates.
     """
-    sv = _Servicer(handler, job_id, status_of)
+    sv = _Servicer(handler, job_id, status_of, watchdog, max_batch_updates)
+    parse_chunk = functools.partial(_parse_upload_chunk, max_header_bytes=max_header_bytes)
+    parse_pack = functools.partial(_parse_upload_pack, max_header_bytes=max_header_bytes)
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
         # The upload streams parse their chunks without copying the payload bytes (WireChunk).
         "Upload": grpc.stream_unary_rpc_method_handler(
-            sv.Upload, request_deserializer=_parse_upload_chunk, response_serializer=pb.UploadAck.SerializeToString),
+            sv.Upload, request_deserializer=parse_chunk, response_serializer=pb.UploadAck.SerializeToString),
         "UploadBatch": grpc.stream_unary_rpc_method_handler(
-            sv.UploadBatch, request_deserializer=_parse_upload_chunk,
+            sv.UploadBatch, request_deserializer=parse_chunk,
             response_serializer=pb.UploadBatchAck.SerializeToString),
         "UploadPacked": grpc.stream_unary_rpc_method_handler(
-            sv.UploadPacked, request_deserializer=_parse_upload_pack,
+            sv.UploadPacked, request_deserializer=parse_pack,
             response_serializer=pb.UploadBatchAck.SerializeToString),
         "Download": grpc.unary_stream_rpc_method_handler(
             sv.Download, request_deserializer=pb.DownloadRequest.FromString,

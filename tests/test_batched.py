@@ -17,6 +17,8 @@ def digits():
     return load_digits(0)
 
 
+ONE_EPOCH = TrainConfig(local_epochs=1, batch_size=32, lr=0.1)
+
 def _one_by_one(model, start, xs, ys, cfg, seeds, scale, shift):
     out = []
     for x, y, s in zip(xs, ys, seeds):
@@ -87,7 +89,7 @@ def test_start_params_and_template_untouched(digits):
     model = build_model("mlp", digits.input_shape, 10, (16,))
     before = get_params(model)
     start = get_params(model)
-    train_batched(model, start, xs, ys, TrainConfig(), [0, 1], digits.scale, digits.shift)
+    train_batched(model, start, xs, ys, ONE_EPOCH, [0, 1], digits.scale, digits.shift)
     for k in before:
         assert torch.equal(start[k], before[k])
         assert torch.equal(model.state_dict()[k], before[k])
@@ -97,12 +99,12 @@ def test_rejects_mismatched_inputs_and_recurrent_models(digits):
     xs, ys = _clients(digits, [4, 4])
     model = build_model("mlp", digits.input_shape, 10, (8,))
     with pytest.raises(ValueError, match="one entry per client"):
-        train_batched(model, get_params(model), xs, ys, TrainConfig(), [0], digits.scale, digits.shift)
+        train_batched(model, get_params(model), xs, ys, ONE_EPOCH, [0], digits.scale, digits.shift)
     gru = build_model("gru", (8, 8), 10, (8,))
     assert not supports_batched(gru)
     with pytest.raises(BatchedTrainingError):
-        train_batched(gru, get_params(gru), xs, ys, TrainConfig(), [0, 1], digits.scale, digits.shift)
-    assert train_batched(model, get_params(model), [], [], TrainConfig(), [], 1.0) == []
+        train_batched(gru, get_params(gru), xs, ys, ONE_EPOCH, [0, 1], digits.scale, digits.shift)
+    assert train_batched(model, get_params(model), [], [], ONE_EPOCH, [], 1.0) == []
 
 
 def test_a_clients_update_does_not_depend_on_its_batch(digits):

@@ -352,6 +352,21 @@ def test_int8_codes_equal_clamped_oracle(x):
     assert np.array_equal(np.frombuffer(data, np.int8, offset=4), _int8_oracle(x, scale))
 
 
+def test_int8_rounds_ties_to_even_per_tensor_and_per_channel():
+    """Exact halves round to even, as np.rint does, on both sides of zero and per channel."""
+    halves = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.0, 127.0], np.float32)
+    x = np.stack([halves, halves * 2]).astype(np.float32)  # channel 1: scale 2, the same codes
+    for g, scales in (("tensor", [2.0]), ("channel", [1.0, 2.0])):
+        p = get_codec("int8", granularity=g).encode(torch.from_numpy(x))
+        data = bytes(memoryview(p.data))
+        s = np.frombuffer(data, np.float32, count=len(scales))
+        assert s.tolist() == scales
+        codes = np.frombuffer(data, np.int8, offset=4 * len(scales)).reshape(2, -1)
+        inv = (np.float32(1) / s.astype(np.float32))[:, None] if g == "channel" else np.float32(1) / s[0]
+        np.testing.assert_array_equal(codes, np.rint(x * inv).astype(np.int8))
+    assert np.rint(halves).astype(np.int8).tolist() == [0, 2, 2, 0, -2, -2, 126, -127, 127]
+
+
 def test_finite_output_codecs_bound_their_scales():
     """Codecs that skip decode_checked's finiteness pass refuse scales that could overflow."""
     fmax = float(np.finfo(np.float32).max)
@@ -440,3 +455,28 @@ def test_narrow_dtypes_are_checked_after_the_cast():
                             lambda: codec.fold(p, scratch=lambda: torch.empty(4))):
                 with pytest.raises(PayloadError):
                     attempt()
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1001])
+def test_word_packing_equals_bit_planes(bits, n):
+    from fedray.compression.codecs._bits import pack, unpack
+
+    codes = np.random.default_rng(n + bits).integers(0, 1 << bits, n).astype(np.uint8)
+    planes = np.unpackbits(codes.astype("<u4").reshape(-1, 1).view(np.uint8), axis=1, bitorder="little")[:, :bits]
+    ref = np.packbits(planes.reshape(-1), bitorder="little")
+    packed = pack(codes, bits)
+    assert np.array_equal(packed, ref)
+    assert np.array_equal(unpack(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("name", ["blockwise8", "nf4"])
+def test_codebook_nearest_equals_searchsorted(name):
+    codec = get_codec(name)
+    mid = codec._mid
+    rng = np.random.default_rng(0)
+    s = np.concatenate([rng.uniform(-1, 1, 50_000), rng.standard_normal(5000) * 1e-6, mid, np.nextafter(mid, np.inf),
+                        np.nextafter(mid, -np.inf), [0.0, -0.0, 1.0, -1.0, np.nan, 1e-38, -1e-38]]).astype(np.float32)
+    out = np.empty(s.size, np.uint8)
+    codec._nearest(s, out)
+    assert np.array_equal(out, np.searchsorted(mid, s))

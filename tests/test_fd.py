@@ -166,13 +166,13 @@ def test_counted_sum_rejects_bad_updates_and_merges():
 
 
 def test_keep_rates_fixed_and_drawn():
-    fixed = KeepRateConfig(rates=(0.25, 0.5, 1.0), mode="fixed")
-    drawn = KeepRateConfig(rates=(0.25, 0.5, 1.0), mode="drawn", probs=(0.2, 0.3, 0.5))
+    fixed = KeepRateConfig(keep_rates=(0.25, 0.5, 1.0), mode="fixed")
+    drawn = KeepRateConfig(keep_rates=(0.25, 0.5, 1.0), mode="drawn", probs=(0.2, 0.3, 0.5))
     assert {keep_rate_for(7, r, fixed, seed=3) for r in range(20)} == {keep_rate_for(7, 0, fixed, seed=3)}
     assert len({keep_rate_for(7, r, drawn, seed=3) for r in range(40)}) > 1
     assert keep_rate_for(7, 5, drawn, seed=3) == keep_rate_for(7, 5, drawn, seed=3)
     with pytest.raises(ValueError, match="probs"):
-        KeepRateConfig(rates=(0.5, 1.0), probs=(0.5,))
+        KeepRateConfig(keep_rates=(0.5, 1.0), probs=(0.5,))
     with pytest.raises(ValueError, match="mode"):
         KeepRateConfig(mode="sometimes")
 

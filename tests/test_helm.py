@@ -8,6 +8,7 @@ field list in helm/fedray/tests/.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -17,6 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from fedray.orchestrator.spec import JobSpec
 
 try:  # tests/ as a package (tests/__init__.py) or as a plain directory on sys.path
     from tests.helm_tools import (
@@ -284,6 +287,31 @@ def test_rayjob_runs_the_job_spec_from_values(render):
     assert _one(docs, "Service")["spec"]["ports"][0]["nodePort"] == 30051
 
 
+def test_chart_schema_embeds_the_job_spec_schema():
+    """values.schema.json's rayJob.jobSpec is generated from fedray.config.JobSpec; this fails on drift."""
+    loader = importlib.util.spec_from_file_location("update_helm_schema", ROOT / "scripts" / "update_helm_schema.py")
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    committed = (CHART / "values.schema.json").read_text()
+    assert module.render(json.loads(committed)) == committed, "run: python scripts/update_helm_schema.py"
+
+
+JOB_SPEC_FILES = [f for f in (CHART / "values.yaml", *CI_FILES)
+                  if ((yaml.safe_load(f.read_text()) or {}).get("rayJob") or {}).get("jobSpec")]
+
+
+def test_the_chart_has_a_job_spec_example():
+    assert CHART / "ci" / "rayjob-values.yaml" in JOB_SPEC_FILES
+
+
+@pytest.mark.parametrize("value_file", JOB_SPEC_FILES, ids=lambda p: p.stem)
+def test_job_specs_in_the_chart_are_valid_for_fedray(value_file):
+    job = yaml.safe_load(value_file.read_text())["rayJob"]["jobSpec"]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft202012Validator({**schema["$defs"]["jobSpec"], "$defs": schema["$defs"]}).validate(job)
+    JobSpec.from_dict(job).check_plugins()
+
+
 def test_grafana_configmap_holds_the_dashboard_file(render):
     docs = render()
     (config,) = [c for c in _by_kind(docs, "ConfigMap") if "fedray-dashboard.json" in c["data"]]
@@ -333,8 +361,12 @@ def test_rbac_only_when_rules_are_given(render):
         (("--set", "workerGroups.cpu.replica=2"), "replica"),
         (("--set", "workerGroups.CPU_Big.replicas=1"), "CPU_Big"),
         (("--set", "rayAuth.mode=none"), "mode"),
+        (("--set", "rayJob.jobSpec.trainig.rounds=3"), "'trainig' not allowed"),
+        (("--set", "rayJob.jobSpec.training.rounds=0"), "/rayJob/jobSpec/training/rounds"),
+        (("--set-string", "rayJob.jobSpec.seed=3"), "/rayJob/jobSpec/seed"),
     ],
-    ids=["string-replicas", "negative-gpus", "negative-agg-gpus", "service-type", "port", "typo", "group-name", "auth"],
+    ids=["string-replicas", "negative-gpus", "negative-agg-gpus", "service-type", "port", "typo", "group-name", "auth",
+         "job-spec-typo", "job-spec-range", "job-spec-type"],
 )
 def test_schema_rejects_bad_values(helm, args, message):
     res = helm("template", "fedray", str(CHART), *args)

@@ -30,10 +30,8 @@ def test_dp_job_reports_growing_epsilon(ray_session):
 
 
 def test_client_side_evaluation_is_aggregated_by_examples(ray_session):
-    import dataclasses
-
     spec = _spec()
-    spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, client_eval=True))
+    spec = spec.replace(training=spec.training.replace(client_eval=True))
     res = run_job(spec, progress=False, log=lambda s: None)
     r1, r2 = res.rounds
     # round 1's clients evaluated the random initial model; round 2's the trained one

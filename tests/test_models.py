@@ -53,17 +53,17 @@ def test_train_local_prox_pulls_toward_start_and_mask_holds():
     for mu in (0.0, 10.0):
         m = build_model("mlp", (4, 4), 3, (16,))
         m.load_state_dict(start)
-        train_local(m, x, y, 1.0, 0.0, TrainConfig(lr=0.1, local_epochs=2), seed=1, prox_mu=mu)
+        train_local(m, x, y, 1.0, 0.0, TrainConfig(lr=0.1, local_epochs=2, batch_size=32), seed=1, prox_mu=mu)
         dist[mu] = sum(float((v - start[k]).norm() ** 2) for k, v in get_params(m).items())
     assert dist[10.0] < dist[0.0]
     mask = magnitude_mask(start, 0.6)
     m = build_model("mlp", (4, 4), 3, (16,))
     m.load_state_dict(start)
-    train_local(m, x, y, 1.0, 0.0, TrainConfig(lr=0.1, momentum=0.9), seed=1, mask=mask)
+    train_local(m, x, y, 1.0, 0.0, TrainConfig(lr=0.1, momentum=0.9, local_epochs=1, batch_size=32), seed=1, mask=mask)
     for k, keep in mask.items():
         assert bool((get_params(m)[k][~keep] == 0).all())
     with pytest.raises(ValueError, match="prox_mu"):
-        train_local(m, x, y, 1.0, 0.0, TrainConfig(), seed=1, prox_mu=-1.0)
+        train_local(m, x, y, 1.0, 0.0, TrainConfig(local_epochs=1, batch_size=32, lr=0.1), seed=1, prox_mu=-1.0)
 
 
 def test_japanese_vowels_loader():
@@ -101,5 +101,5 @@ def test_train_local_runs_where_the_model_is():
     m = build_model("mlp", (8, 8), 10, (16,))
     x = np.random.default_rng(0).integers(0, 16, (20, 8, 8)).astype(np.uint8)
     y = np.arange(20) % 10
-    st = train_local(m, x, y, 1 / 16, 0.0, TrainConfig(1, 8, 0.1, 0.0), seed=1)
+    st = train_local(m, x, y, 1 / 16, 0.0, TrainConfig(local_epochs=1, batch_size=8, lr=0.1, momentum=0.0), seed=1)
     assert st.steps == 3 and next(m.parameters()).device == torch.device("cpu")

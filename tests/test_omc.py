@@ -166,12 +166,14 @@ def test_train_local_omc_learns_and_reports_memory():
     x, y = _blobs()
     torch.manual_seed(0)
     model = build_model("mlp", (8, 8), 4, (32,))
-    stats = train_local(model, x, y, 1.0, 0.0, TrainConfig(lr=0.05, batch_size=32), seed=1, omc=OMCConfig(bits=8, block_bytes=1024))
+    stats = train_local(model, x, y, 1.0, 0.0, TrainConfig(lr=0.05, batch_size=32, local_epochs=1), seed=1,
+                        omc=OMCConfig(bits=8, block_bytes=1024))
     acc, _ = evaluate(model, x, y, 1.0)
     assert acc > 0.9 and 0 < stats.param_memory_bytes < sum(p.numel() * 4 for p in model.parameters())
     assert all(p.numel() > 0 for p in model.parameters())  # fp32 weights written back
     with pytest.raises(ValueError, match="momentum"):
-        train_local(model, x, y, 1.0, 0.0, TrainConfig(momentum=0.9), seed=1, omc=OMCConfig())
+        train_local(model, x, y, 1.0, 0.0, TrainConfig(momentum=0.9, local_epochs=1, batch_size=32, lr=0.1), seed=1,
+                    omc=OMCConfig())
 
 
 def test_broadcast_and_upload_payloads_roundtrip():
@@ -190,3 +192,109 @@ def test_broadcast_and_upload_payloads_roundtrip():
     srv = decode_params(down)
     assert all(torch.equal(dec[k], srv[k]) for k in params)
     assert float((srv["1.weight"] - params["1.weight"]).abs().max()) <= om.q["1.weight"].alpha / 2 * 1.01
+
+
+# --- Embedding, recurrent layers, kernels --------------------------------------------------------
+
+class _SeqNet(torch.nn.Module):
+    """Embedding -> LSTM -> Linear (the Shakespeare model's shape, small)."""
+
+    def __init__(self, rnn=torch.nn.LSTM):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 6, padding_idx=0)
+        self.rnn = rnn(6, 12, num_layers=2, batch_first=True)
+        self.head = torch.nn.Linear(12, 20)
+
+    def forward(self, idx):
+        out, _ = self.rnn(self.embed(idx))
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("rnn", [torch.nn.LSTM, torch.nn.GRU])
+def test_embedding_and_rnn_weights_held_quantized_with_exact_gradients(rnn):
+    torch.manual_seed(0)
+    model = _SeqNet(rnn)
+    names = quantizable_names(model)
+    assert names == ["embed.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1",
+                     "rnn.weight_hh_l1", "head.weight"]
+    om = OMCModel(copy.deepcopy(model), OMCConfig(bits=8), seed=0)
+    ref = copy.deepcopy(model)
+    ref.load_state_dict(om.dequantized())
+    idx, y = torch.randint(0, 20, (5, 7)), torch.randint(0, 20, (5,))
+    idx[0, :3] = 0  # padding rows get no gradient
+    torch.nn.functional.cross_entropy(om.model(idx), y).backward()
+    torch.nn.functional.cross_entropy(ref(idx), y).backward()
+    assert set(om.q) == set(names) and not any(n in dict(om.model.named_parameters()) for n in names)
+    for n, p in ref.named_parameters():
+        if n == "embed.weight":
+            (ids, g), = om.q[n].sgrad
+            dense = torch.zeros(20, 6).index_add_(0, ids, g)
+            torch.testing.assert_close(dense, p.grad, rtol=1e-4, atol=1e-6)
+        else:
+            g = om.q[n].grad if n in om.q else dict(om.model.named_parameters())[n].grad
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+    # the recurrent weights were decompressed for the whole forward/backward, and counted
+    rnn_bytes = 4 * sum(om.q[n].n for n in names if n.startswith("rnn."))
+    assert om.peak_transient_bytes() >= rnn_bytes
+    assert all(p.numel() == 0 for p in (om.model.rnn.weight_ih_l0, om.model.rnn.weight_hh_l1))  # let go after forward
+    om.step(0.1)
+    om.release()
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in om.model.named_parameters()}
+    torch.nn.functional.cross_entropy(om.model(idx), y).backward()  # a plain fp32 model again
+
+
+def test_embedding_step_requantizes_only_the_rows_looked_up():
+    torch.manual_seed(0)
+    model = _SeqNet()
+    om = OMCModel(model, OMCConfig(bits=8, stochastic=True), seed=3)
+    q = om.q["embed.weight"]
+    before = q.buf.copy().reshape(20, 6)
+    idx = torch.tensor([[3, 5, 5, 9]])
+    torch.nn.functional.cross_entropy(om.model(idx), torch.tensor([1])).backward()
+    transform = (q.alpha, q.beta)
+    om.step(1e-3)  # small: the rows stay inside the current range
+    after = q.buf.reshape(20, 6)
+    untouched = [r for r in range(20) if r not in (3, 5, 9)]
+    assert np.array_equal(after[untouched], before[untouched]) and (q.alpha, q.beta) == transform
+    # a large step leaves the range: the transform is refitted over old and new values
+    torch.nn.functional.cross_entropy(om.model(idx), torch.tensor([1])).backward()
+    lo, hi = q.beta, q.beta + 255 * q.alpha
+    om.step(1e4)
+    assert q.beta < lo or q.beta + 255 * q.alpha > hi
+
+
+def test_stochastic_rounder_unbiased_and_in_range():
+    from fedray.compression.omc_kernels import Rounder
+
+    x = torch.full((200_000,), 3.3)
+    codes = np.empty(x.numel(), np.uint8)
+    Rounder(7).quantize_into(x.clone(), 1.0, 0.5, 255, codes)  # (3.3 - 1) / 0.5 = 4.6
+    assert set(np.unique(codes).tolist()) == {4, 5} and abs(codes.mean() - 4.6) < 0.01
+    Rounder(None).quantize_into(torch.tensor([-5.0, 1.24, 1.26, 500.0]), 1.0, 0.5, 255, codes[:4])
+    assert codes[:4].tolist() == [0, 0, 1, 255]
+
+
+def test_multihead_attention_projection_left_fp32():
+    model = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    names = quantizable_names(model)
+    assert "self_attn.out_proj.weight" not in names and {"linear1.weight", "linear2.weight"} <= set(names)
+    om = OMCModel(model, OMCConfig(bits=8), seed=0)
+    x = torch.randn(2, 5, 16)
+    om.model(x).sum().backward()
+    om.step(0.01)
+    assert om.q["linear1.weight"].grad is None
+
+
+def test_linear_on_sequences_in_several_blocks_matches_one_block():
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(8, 30), torch.nn.Linear(30, 4))
+    x = torch.randn(3, 5, 8)
+    outs = []
+    for block in (None, 4 * 8 * 7):  # whole layers, then blocks of 7 rows
+        om = OMCModel(copy.deepcopy(lin), OMCConfig(bits=8, block_bytes=block), seed=0)
+        xx = x.clone().requires_grad_(True)
+        y = om.model(xx)
+        y.square().sum().backward()
+        outs.append((y.detach(), xx.grad, om.q["0.weight"].grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -97,3 +97,38 @@ def test_p2u_codec_is_a_broadcast_codec():
     assert torch.allclose(decode_checked(codec, p), decode_stages(encode_stages(x, cfg=codec.cfg)))
     exact = get_codec("p2u", stage_bits=[4], exact_final=True)
     assert torch.equal(decode_checked(exact, exact.encode(x)), x)
+
+
+def _stagewise(x: np.ndarray, bits, block):
+    """Oracle: stage 0 per block, then each refinement from the residual of the previous
+    stage (float64), as compression.md C describes it."""
+    n = x.size
+    groups = -(-n // block)
+    lo = np.array([x[g * block:(g + 1) * block].min() for g in range(groups)], np.float32)
+    hi = np.array([x[g * block:(g + 1) * block].max() for g in range(groups)], np.float32)
+    step0 = ((hi - lo) * np.float32(1.0 / ((1 << bits[0]) - 1))).astype(np.float32)
+    lo_e, step = np.repeat(lo.astype(np.float64), block)[:n], np.repeat(step0.astype(np.float64), block)[:n]
+    w = x.astype(np.float64)
+    c = np.clip(np.where(step > 0, np.rint((w - lo_e) / np.where(step > 0, step, 1)), 0), 0, (1 << bits[0]) - 1)
+    codes, approx = [c.astype(np.uint8)], lo_e + step * c
+    for b in bits[1:]:
+        fine = step / (1 << b)
+        c = np.clip(np.where(fine > 0, np.floor((w - approx + step / 2) / np.where(fine > 0, fine, 1)), 0), 0, (1 << b) - 1)
+        codes.append(c.astype(np.uint8))
+        approx, step = approx - step / 2 + (c + 0.5) * fine, fine
+    return codes, approx.astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,block", [((4, 4, 8), 4096), ((2, 3), 7), ((3,), 64), ((1, 1, 6, 8), 100)])
+def test_closed_form_stages_equal_stagewise_refinement(bits, block):
+    from fedray.compression.codecs._bits import unpack
+
+    x = (_tensor(20_000, seed=5) * 3).numpy()
+    x[:500] = 0.25  # a constant block: step 0
+    stages = encode_stages(torch.from_numpy(x), cfg=P2UConfig(stage_bits=bits, block=block))
+    codes, approx = _stagewise(x, bits, block)
+    groups = -(-x.size // block)
+    for k, (p, ref) in enumerate(zip(stages, codes)):
+        data = np.frombuffer(memoryview(p.data), np.uint8)[8 * groups if k == 0 else 0:]
+        assert np.array_equal(unpack(data, bits[k], x.size), ref), k
+    np.testing.assert_allclose(decode_stages(stages).numpy(), approx, rtol=1e-6, atol=1e-6)

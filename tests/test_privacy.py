@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedray.orchestrator.privacy import (
-    DEFAULT_ORDERS, DPSpec, RDPAccountant, add_gaussian_noise, compute_rdp, noise_generator, rdp_to_epsilon,
+    DEFAULT_ORDERS, DPSpec, RDPAccountant, add_gaussian_noise, compute_rdp, noise_generator, noise_secret,
+    rdp_to_epsilon,
 )
 from fedray.orchestrator.spec import SpecError
 
@@ -51,15 +52,31 @@ def test_noise_std_is_z_c_over_n():
     assert out["w"].dtype == torch.float32 and torch.all(mean["w"] == 0)  # input untouched
 
 
-def test_noise_is_replayable_from_the_seed_and_round():
+def test_noise_is_replayable_from_the_secret_and_round():
     mean = {"w": torch.ones(50)}
     kw = dict(noise_multiplier=1.0, clip_norm=1.0, num_clients=4)
-    a = add_gaussian_noise(mean, generator=noise_generator(7, 3), **kw)
-    b = add_gaussian_noise(mean, generator=noise_generator(7, 3), **kw)
-    c = add_gaussian_noise(mean, generator=noise_generator(7, 4), **kw)
-    assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"])
-    z = add_gaussian_noise(mean, generator=noise_generator(7, 3), **(kw | dict(noise_multiplier=0.0)))
+    key = bytes(range(32))
+    a = add_gaussian_noise(mean, generator=noise_generator(key, 3), **kw)
+    b = add_gaussian_noise(mean, generator=noise_generator(key, 3), **kw)
+    c = add_gaussian_noise(mean, generator=noise_generator(key, 4), **kw)
+    d = add_gaussian_noise(mean, generator=noise_generator(bytes(32), 3), **kw)
+    assert torch.equal(a["w"], b["w"]) and not torch.equal(a["w"], c["w"]) and not torch.equal(a["w"], d["w"])
+    z = add_gaussian_noise(mean, generator=noise_generator(key, 3), **(kw | dict(noise_multiplier=0.0)))
     assert torch.equal(z["w"], mean["w"])
+
+
+def test_the_public_job_seed_cannot_seed_the_noise():
+    with pytest.raises(TypeError, match="noise secret"):
+        noise_generator(7, 3)
+
+
+def test_noise_secret_from_the_environment_or_fresh():
+    spec = DPSpec(noise_multiplier=1.0, clip_norm=1.0, noise_secret_env="NOISE_X")
+    assert noise_secret(spec, {"NOISE_X": "ab" * 16}) == bytes([0xAB]) * 16
+    a, b = noise_secret(spec, {}), noise_secret(spec, {})
+    assert len(a) == 32 and a != b
+    with pytest.raises(SpecError, match=r"privacy\.noise_secret_env"):
+        noise_secret(spec, {"NOISE_X": "not hex"})
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -190,3 +190,122 @@ def test_ten_thousand_hostile_requests(live):
     assert part["count"] == len(committed) == 20
     for k in SHAPES:
         assert torch.equal(part["sums"][k], ref.sums[k]), k
+
+
+def test_concurrent_hostile_batches_packs_downloads_and_health():
+    """Eight threads at once, each mixing good and hostile updates in UploadBatch and UploadPacked
+    calls (forged and non-ASCII tokens, bad bytes, a malformed pack), token-less and forged
+    Downloads, and Health: every result pairs with its client id and carries the right status,
+    and the aggregate is bit-identical to the good updates alone."""
+    import threading
+
+    from fedray.workers.broadcast import make_broadcast
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES, limits=ServiceLimits(max_update_bytes=1 << 20))
+    server, port = create_server(core, "127.0.0.1:0")
+    core.open_round(1, make_broadcast({k: torch.zeros(s) for k, s in SHAPES.items()}, codec="identity",
+                                      codec_params={}, round=1))
+    codec = get_codec("int8")
+    rng = np.random.default_rng(7)
+    u = {k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
+    tensors = [(k, codec.encode(v)) for k, v in u.items()]
+
+    def wire(cid, weight=2.0):
+        return serde.encode_upload(job_id=JOB, round=1, client_id=cid, weight=weight, tensors=tensors)
+
+    errors: list[str] = []
+    good: list[int] = []
+    lock = threading.Lock()
+
+    def sender(t: int):
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS + (("grpc.use_local_subchannel_pool", 1),))
+        try:
+            for rep in range(6):
+                base = 1000 * (t + 1) + 10 * rep
+                batch = [(wire(base + 0), client_token(SECRET, JOB, base + 0)),
+                         (wire(base + 1), client_token("forged", JOB, base + 1)),
+                         (wire(base + 2), "\u00e9" * 20),
+                         (wire(base + 3, weight=-1.0), client_token(SECRET, JOB, base + 3)),
+                         (wire(base + 4), client_token(SECRET, JOB, base + 4))]
+                if rep % 2:  # big enough to go as UploadBatch rather than packed
+                    batch = [(serde.upload_messages(job_id=JOB, round=1, client_id=w.header.client_id,
+                                                    weight=w.header.weight, tensors=tensors), tok) for w, tok in batch]
+                want = [grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED,
+                        INVALID, grpc.StatusCode.OK]
+                res = serde.call_upload_batch(ch, list(reversed(batch)), timeout=30)  # order must not matter
+                got = {r.client_id: r.code for r in res}
+                exp = {base + i: w for i, w in enumerate(want)}
+                if got != exp:
+                    errors.append(f"thread {t} rep {rep}: {got} != {exp}")
+                with lock:
+                    good.extend([base + 0, base + 4])
+                for tok, code in (("", grpc.StatusCode.UNAUTHENTICATED),
+                                  (client_token("forged", JOB, 5), grpc.StatusCode.UNAUTHENTICATED),
+                                  (client_token(SECRET, "another-job", 5), grpc.StatusCode.UNAUTHENTICATED)):
+                    try:
+                        serde.call_download(ch, job_id=JOB, round=1, client_id=5, token=tok, timeout=10)
+                        errors.append("download without a valid token succeeded")
+                    except grpc.RpcError as e:
+                        if e.code() != code:
+                            errors.append(f"download: {e.code()} != {code}")
+                if serde.call_health(ch).status != "SERVING":
+                    errors.append("health")
+            # a malformed pack: one result for the whole message, which pairs with no update
+            stub = ch.stream_unary("/fedray.v1.Aggregation/UploadPacked", request_serializer=lambda b: b,
+                                   response_deserializer=serde.pb.UploadBatchAck.FromString)
+            ack = stub(iter([b"\x0a\x05\xff\xff\xff\xff\xff"]), timeout=10)
+            if [r.code for r in ack.results] != [INVALID.value[0]]:
+                errors.append(f"malformed pack: {ack}")
+        except Exception as e:  # a failure in a thread must fail the test
+            errors.append(f"thread {t}: {type(e).__name__}: {e}")
+        finally:
+            ch.close()
+
+    threads = [threading.Thread(target=sender, args=(t,)) for t in range(8)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not errors, errors[:5]
+        ok = serde.call_download(grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS), job_id=JOB,
+                                 round=1, client_id=5, token=client_token(SECRET, JOB, 5))
+        assert len(ok) == 1
+        part = core.close_round(1)
+        assert part["count"] == len(good) == 8 * 6 * 2
+        ref = RunningWeightedSum(SHAPES)
+        folds = {}
+        w = wire(0)
+        data, off = memoryview(b"".join(bytes(c) for c in w.chunks)), 0
+        for t in w.header.tensors:
+            p = serde.payload_from_meta(t)
+            folds[t.name] = codec.fold(type(p)(p.codec, p.version, p.dtype, p.shape, p.params, data[off: off + t.nbytes]))
+            off += t.nbytes
+        for _ in good:
+            ref.add_folds(folds, 2.0)
+        for k in SHAPES:
+            assert torch.equal(part["sums"][k], ref.sums[k]), k
+    finally:
+        server.stop(None)
+
+
+def test_batch_results_pair_by_client_id_when_the_server_answers_fewer():
+    """A server that answers fewer updates than were sent (its max_batch_updates) leaves the rest
+    UNAVAILABLE (send again), never shifted onto other clients' results."""
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES, limits=ServiceLimits(max_batch_updates=2))
+    server, port = create_server(core, "127.0.0.1:0")
+    core.open_round(1)
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+    codec = get_codec("int8")
+    tensors = [(k, codec.encode(torch.ones(s))) for k, s in SHAPES.items()]
+    try:
+        ups = [(serde.encode_upload(job_id=JOB, round=1, client_id=c, weight=1.0, tensors=tensors),
+                client_token(SECRET, JOB, c)) for c in (11, 12, 13, 14)]
+        res = serde.call_upload_batch(ch, ups)
+        assert [(r.client_id, r.code) for r in res] == [
+            (11, grpc.StatusCode.OK), (12, grpc.StatusCode.OK), (13, grpc.StatusCode.UNAVAILABLE),
+            (14, grpc.StatusCode.UNAVAILABLE)]
+        assert core.committed(1) == 2
+    finally:
+        ch.close()
+        server.stop(None)

@@ -44,8 +44,10 @@ WANT = {"accuracy", "loss", "train_loss", "bytes_up", "bytes_down", "compression
 def test_tracking_spec_errors_name_the_field():
     with pytest.raises(SpecError, match=r"tracking: set tracking.tensorboard_dir, tracking.mlflow_uri"):
         JobSpec.from_dict({"tracking": {}})
-    with pytest.raises(SpecError, match=r"tracking.mlflow_uri: must be a non-empty string"):
+    with pytest.raises(SpecError, match=r"tracking.mlflow_uri: must be a string"):
         JobSpec.from_dict({"tracking": {"mlflow_uri": 5}})
+    with pytest.raises(SpecError, match=r"tracking.tensorboard_dir: must be a non-empty string"):
+        JobSpec.from_dict({"tracking": {"tensorboard_dir": ""}})
     with pytest.raises(SpecError, match=r"tracking.tensorboard: unknown field"):
         JobSpec.from_dict({"tracking": {"tensorboard": "x"}})
     spec = JobSpec.from_dict({"tracking": {"mlflow_uri": "file:runs/mlruns"}})

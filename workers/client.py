@@ -13,8 +13,8 @@ import grpc
 import numpy as np
 import torch
 
-from fedray.compression import CodecContext, CodecState, get_codec
-from fedray.compression.fd import KeepRateConfig, SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
+from fedray.compression import CodecContext, CodecState, CodecStateStore, get_codec
+from fedray.compression.fd import SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
 from fedray.compression.omc import OMCModel
 from fedray.compression.payload import Payload
 from fedray.proto import serde
@@ -110,9 +110,8 @@ class ClientTrainer:
         self._channels: dict[str, grpc.Channel] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
         self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
-        self._states: dict[int, CodecState] = {}  # error feedback / warm starts, per client
-        d = setup.dropout
-        self._keep = KeepRateConfig(tuple(d.keep_rates), d.mode, tuple(d.probs)) if d is not None else None
+        self._states = CodecStateStore()  # error feedback / warm starts of the clients that trained, bounded
+        self._keep = setup.dropout  # a DropoutSpec is a KeepRateConfig (or None)
 
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)

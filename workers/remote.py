@@ -110,7 +110,7 @@ class RemoteClient:
         model = build_model(m["kind"], self.data.x.shape[1:], self.data.num_classes, m["hidden"])
         set_params(model, start)
         seed = client_seed(spec.get("seed", 0), info.round, self.client_id)
-        cfg = TrainConfig(tr["local_epochs"], tr["batch_size"], tr["lr"], tr["momentum"])
+        cfg = TrainConfig(**{k: tr[k] for k in TrainConfig.model_fields})
         stats = train_local(model, self.data.x, self.data.y, self.data.scale, self.data.shift, cfg, seed)
         codec = get_codec(comp["codec"], **comp["codec_params"])
         params = get_params(model)

@@ -11,16 +11,9 @@ from torch import nn
 
 from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
+from fedray.config import TrainConfig
 
 __all__ = ["TrainConfig", "TrainStats", "evaluate", "pick_device", "train_local"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.1
-    momentum: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,240 @@
+"""Hostile clients that do not send malformed bytes but hold or flood the service: stalled and
+half-sent streams, unread downloads, one token opening every slot, token-less floods. Each
+against a real gRPC server on 127.0.0.1 (benchmarks/hostile.py runs the same at 2,000 streams)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import socket
+import struct
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from fedray.compression import get_codec
+from fedray.orchestrator.service import AggregationCore, ServiceLimits, create_server
+from fedray.proto import serde
+from fedray.proto.auth import client_token, verify_token
+from fedray.workers.broadcast import make_broadcast
+
+JOB, SECRET = "hostile-job", "hostile-secret"
+SHAPES = {"w": (2048, 2048)}  # 16 MiB fp32: a download larger than HTTP/2 windows hold
+UPLOAD = "/fedray.v1.Aggregation/Upload"
+
+
+def _update(cid: int):
+    x = torch.full(SHAPES["w"], 0.5)
+    return serde.upload_messages(job_id=JOB, round=1, client_id=cid, weight=1.0,
+                                 tensors=[("w", get_codec("identity").encode(x))])
+
+
+@pytest.fixture
+def live():
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES,
+                           limits=ServiceLimits(max_inflight=4, idle_timeout_s=0.6))
+    core.open_round(1, make_broadcast({"w": torch.zeros(SHAPES["w"])}, codec="identity", codec_params={}, round=1))
+    server, port = create_server(core, "127.0.0.1:0")
+    yield core, server, port
+    server.stop(None)
+
+
+def _channel(port: int) -> grpc.Channel:
+    # its own connection (a shared subchannel would put every test stream on one connection);
+    # no BDP probing, so that HTTP/2 flow-control windows stay small and an unread download
+    # really stalls the server's sends rather than landing in the client's buffers
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS + (
+        ("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)))
+
+
+def _stalled_uploads(ch, n: int, first: bytes | None, token: str | None, release: threading.Event):
+    f = ch.stream_unary(UPLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+    def gen():
+        if first is not None:
+            yield first
+        release.wait(30)
+
+    md = (("x-fedray-token", token),) if token else None
+    return [f.future(gen(), metadata=md) for _ in range(n)]
+
+
+def _code(fut, timeout: float = 10.0):
+    try:
+        fut.result(timeout=timeout)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+
+
+def test_stalled_streams_do_not_block_health_or_uploads_and_are_ended(live):
+    core, server, port = live
+    release = threading.Event()
+    ch, good = _channel(port), _channel(port)
+    try:
+        # more stalled streams than the old server had handler threads (max_inflight + 4 = 8)
+        stalled = _stalled_uploads(ch, 24, None, None, release)
+        down = ch.unary_stream("/fedray.v1.Aggregation/Download", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+        unread = down(b"\x0a" + bytes([len(JOB)]) + JOB.encode() + b"\x10\x01\x18\x05",
+                      metadata=(("x-fedray-token", client_token(SECRET, JOB, 5)),))
+        next(unread)  # the download started, and is not read any further
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        # answered, not queued behind the stalled streams (which wait 30 s); the latency targets
+        # (100 ms, 1 s) are benchmarks/hostile.py's, this bound only separates answered from stuck
+        assert serde.call_health(good, timeout=5).status == "SERVING"
+        assert time.perf_counter() - t0 < 5.0
+        t0 = time.perf_counter()
+        serde.call_upload(good, _update(1), token=client_token(SECRET, JOB, 1), timeout=10)
+        assert time.perf_counter() - t0 < 10.0
+        # ended by the server within the idle timeout (0.6 s) plus the watchdog's period
+        t0 = time.perf_counter()
+        assert {_code(f) for f in stalled} == {grpc.StatusCode.CANCELLED}
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in unread:
+                pass
+        assert e.value.code() == grpc.StatusCode.CANCELLED
+        assert time.perf_counter() - t0 < 8.0
+        assert server.watchdog.cancelled >= 25 and server.watchdog.open_streams() == 0
+        assert core._per_client == {}  # the download's slot is free again
+    finally:
+        release.set()
+        ch.close()
+        good.close()
+
+
+def _h2_frame(typ: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([typ, flags]) + struct.pack(">I", sid) + payload
+
+
+def test_half_sent_message_is_ended(live):
+    """Raw HTTP/2: a gRPC message that declares 100 bytes and sends 10; the server ends the stream."""
+    core, server, port = live
+    hdrs = [(":method", "POST"), (":scheme", "http"), (":path", UPLOAD), (":authority", f"127.0.0.1:{port}"),
+            ("content-type", "application/grpc"), ("te", "trailers")]
+    block = b"".join(b"\x00" + bytes([len(k)]) + k.encode() + bytes([len(v)]) + v.encode() for k, v in hdrs)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"") + _h2_frame(4, 1, 0, b"")
+                  + _h2_frame(1, 4, 1, block) + _h2_frame(0, 0, 1, b"\x00" + struct.pack(">I", 100) + b"x" * 10))
+        t0, ended = time.monotonic(), False
+        buf = b""
+        while not ended and time.monotonic() - t0 < 10:
+            buf += s.recv(65536)
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                ln, typ, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+                sid = int.from_bytes(buf[5:9], "big")
+                if sid == 1 and (typ == 3 or (typ == 1 and flags & 1)):
+                    ended = True
+                buf = buf[9 + ln:]
+        assert ended and time.monotonic() - t0 < 8.0
+
+
+def test_one_token_cannot_hold_every_slot(live):
+    core, server, port = live
+    release = threading.Event()
+    ch, good = _channel(port), _channel(port)
+    try:
+        head = _update(7)[0]
+        head.ClearField("data")
+        futs = _stalled_uploads(ch, 10, head.SerializeToString(), client_token(SECRET, JOB, 7), release)
+        time.sleep(0.3)
+        # another client still gets a slot (max_inflight is 4)
+        serde.call_upload(good, _update(8), token=client_token(SECRET, JOB, 8), timeout=5)
+        codes = [_code(f) for f in futs]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 9
+        assert codes.count(grpc.StatusCode.CANCELLED) == 1  # the admitted one, ended when idle
+        # the slot is free again: client 7 uploads normally
+        serde.call_upload(good, _update(7), token=client_token(SECRET, JOB, 7), timeout=5)
+        assert core.committed(1) == 2
+    finally:
+        release.set()
+        ch.close()
+        good.close()
+
+
+def _rss_mb() -> float:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_token_less_floods_allocate_and_cache_nothing(live):
+    core, server, port = live
+    ch = _channel(port)
+    big = _update(3)[0]
+    big.ClearField("data")
+    big.header.tensors[0].name = "n" * (600 << 10)  # under gRPC's limit, over the header limit
+    forged = _update(4)[0]
+    forged.ClearField("data")
+    forged.header.token = "9" * 12 + "." + "0" * 64
+    odd = _update(4)[0]
+    odd.ClearField("data")
+    odd.header.token = "\u00e9" * 10  # non-ASCII: UNAUTHENTICATED, never INTERNAL
+    up = ch.stream_unary(UPLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    batch = ch.stream_unary("/fedray.v1.Aggregation/UploadBatch", request_serializer=lambda b: b,
+                            response_deserializer=lambda b: b)
+    payloads = [(up, big.SerializeToString()), (batch, forged.SerializeToString()), (batch, odd.SerializeToString())]
+    for f, p in payloads:  # warm: threads, arenas
+        try:
+            f(iter([p]), timeout=5)
+        except grpc.RpcError:
+            pass
+    entries, rss0 = len(serde._ENTRY_CACHE), _rss_mb()
+    codes = {}
+    for i in range(300):
+        for f, p in payloads:
+            try:
+                ack = f(iter([p]), timeout=5)
+                key = ("result", serde.pb.UploadBatchAck.FromString(ack).results[0].code)
+            except grpc.RpcError as e:
+                key = e.code()
+            codes[key] = codes.get(key, 0) + 1
+    assert codes == {grpc.StatusCode.INVALID_ARGUMENT: 300,
+                     ("result", grpc.StatusCode.UNAUTHENTICATED.value[0]): 600}, codes
+    assert len(serde._ENTRY_CACHE) == entries and core._codecs == {} and core._folders == {}
+    assert _rss_mb() - rss0 < 50
+    ch.close()
+
+
+def test_tokens_are_scoped_expire_and_never_raise():
+    now = time.time()
+    t = client_token(SECRET, JOB, 3, expires=int(now) + 60)
+    assert verify_token(SECRET, JOB, 3, t)
+    assert not verify_token(SECRET, JOB, 4, t) and not verify_token(SECRET, "other", 3, t)
+    assert not verify_token(SECRET, JOB, 3, t, now=now + 61)  # expired
+    assert not verify_token(SECRET, JOB, 3, t.split(".")[1])  # no expiry
+    exp, mac = t.split(".")
+    assert not verify_token(SECRET, JOB, 3, f"{int(exp) + 10**6}.{mac}")  # a later expiry is not signed
+    for bad in ("", "\u00e9" * 70, "x" * 10_000, "1.\u00e9", ".", "1e9." + mac, None):
+        assert not verify_token(SECRET, JOB, 3, bad)
+
+
+def test_declared_weight_is_capped():
+    """A client that declares 1e11 examples counts as max_weight (StrategySpec.max_weight_share)."""
+    from fedray.orchestrator.strategy import StrategySpec
+
+    cap = StrategySpec(max_weight_share=0.25).weight_cap(clients_per_round=4, mean_examples=2.0)
+    assert cap == 2.0 and StrategySpec().weight_cap(clients_per_round=4, mean_examples=2.0) is None
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes={"w": (4,)}, max_weight=cap)
+    server, port = create_server(core, "127.0.0.1:0")
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+    try:
+        core.open_round(1)
+        c = get_codec("identity")
+        for cid, x, w in ((1, 1.0, 1e11), (2, 4.0, 1.0)):
+            msgs = serde.upload_messages(job_id=JOB, round=1, client_id=cid, weight=w,
+                                         tensors=[("w", c.encode(torch.full((4,), x)))])
+            serde.call_upload(ch, msgs, token=client_token(SECRET, JOB, cid))
+        part = core.close_round(1)
+        assert part["total_weight"] == 3.0
+        assert torch.equal(part["sums"]["w"], torch.full((4,), 2.0 * 1.0 + 1.0 * 4.0, dtype=part["sums"]["w"].dtype))
+    finally:
+        ch.close()
+        server.stop(None)
