@@ -88,9 +88,11 @@ def _demo_parser(sub) -> None:
 
 def _tracking_flags(p) -> None:
     p.add_argument("--tensorboard", metavar="DIR", default=None,
-                   help="write every round's metrics as TensorBoard event files under DIR/<job id> (tracking.tensorboard_dir)")
+                   help="write every round's metrics as TensorBoard event files under DIR/<job id> "
+                        "(tracking.tensorboard_dir)")
     p.add_argument("--mlflow", metavar="URI", default=None,
-                   help="log every round's metrics to MLflow: file:PATH (no server) or http://host:port (tracking.mlflow_uri)")
+                   help="log every round's metrics to MLflow: file:PATH (no server) or http://host:port "
+                        "(tracking.mlflow_uri)")
 
 
 def _with_tracking(spec: JobSpec, a: argparse.Namespace) -> JobSpec:
@@ -98,7 +100,8 @@ def _with_tracking(spec: JobSpec, a: argparse.Namespace) -> JobSpec:
     if a.tensorboard is None and a.mlflow is None:
         return spec
     base = spec.tracking or TrackingSpec(tensorboard_dir=a.tensorboard, mlflow_uri=a.mlflow)
-    tracking = base.replace(tensorboard_dir=a.tensorboard or base.tensorboard_dir, mlflow_uri=a.mlflow or base.mlflow_uri)
+    tracking = base.replace(tensorboard_dir=a.tensorboard or base.tensorboard_dir,
+                            mlflow_uri=a.mlflow or base.mlflow_uri)
     return spec.replace(tracking=tracking)
 
 
