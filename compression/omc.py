@@ -183,6 +183,12 @@ class QuantizedParam:
                     transform: tuple[float, float] | None = None) -> "QuantizedParam":
         w = w.detach().to(torch.float32)
         alpha, beta = transform or fit_transform(float(w.min()), float(w.max()), bits=cfg.bits, fmt=cfg.fmt, exp_bits=cfg.exp_bits)
+        if generator is None and cfg.fmt == "int" and cfg.bits <= 8:  # round to nearest, 1M values at a time
+            flat, n = w.reshape(-1), w.numel()
+            codes, rnd, piece = np.empty(n, np.uint8), Rounder(None), 1 << 20
+            for s in range(0, n, piece):
+                rnd.quantize_into(flat[s : s + piece].clone(), beta, alpha, (1 << cfg.bits) - 1, codes[s : s + piece])
+            return cls(tuple(w.shape), cfg, codes if cfg.bits == 8 else _pack(codes, cfg.bits), alpha, beta)
         codes = quantize(w, alpha, beta, bits=cfg.bits, fmt=cfg.fmt, exp_bits=cfg.exp_bits, generator=generator)
         return cls(tuple(w.shape), cfg, _pack(codes.numpy(), cfg.bits), alpha, beta)
 

@@ -27,8 +27,11 @@ _R16 = 2.0 ** -16
 
 
 def dequantize_into(codes: torch.Tensor, alpha: float, beta: float, out: torch.Tensor) -> torch.Tensor:
-    """`out` (float32, codes.numel() values) = codes * alpha + beta; returns `out`."""
-    torch.mul(codes, alpha, out=out)
+    """`out` (float32, codes.numel() values) = codes * alpha + beta; returns `out`. The
+    integer -> float copy first: torch.mul(codes, alpha, out=) would cast into a fresh
+    temporary and multiply in a second pass."""
+    out.copy_(codes.reshape(out.shape))
+    out.mul_(alpha)
     if beta:
         out.add_(beta)
     return out

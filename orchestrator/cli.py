@@ -21,12 +21,13 @@ import sys
 from typing import Sequence
 
 from . import cluster, realclient_cli
+from .state import JobError
 from .spec import (
     CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
     ResourceSpec, SpecError, StrategySpec, TrackingSpec, TrainingSpec,
 )
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -184,7 +185,8 @@ def _run(
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `fedray` command line (the Helm chart's RayJob entrypoint is checked against it)."""
     parser = argparse.ArgumentParser(prog="fedray", description="Ray-based federated learning")
     parser.add_argument("--version", action="version", version=f"fedray {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -208,7 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
     cluster.add_parser(sub)
-    a = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.cmd == "schema":  # no torch, no Ray
         return _schema(a.out)
 
@@ -250,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, DatasetMissingError, TrackingError) as e:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
+    except JobError as e:  # the job started and failed: the message names the round and the cause
+        print(f"fedray: error: {e}", file=sys.stderr)
+        return 1
     return 1
 
 

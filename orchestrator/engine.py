@@ -36,19 +36,16 @@ from fedray.proto import serde
 from fedray.proto.serde import TLSConfig
 
 from .checkpoint import open_store
+from .cluster_env import apply_cluster_env
 from .metrics import JobMetrics
 from .population import Population, SeededPartition
 from .privacy import add_gaussian_noise, noise_generator, noise_secret
 from .strategy import aggregate_metrics
 from .shard import AggregationShard
 from .spec import JobSpec
-from .state import JobState, JobStateMachine
+from .state import JobError, JobState, JobStateMachine
 
 __all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "ensure_ray", "format_summary", "run_job", "sample_clients"]
-
-
-class JobError(RuntimeError):
-    """The job could not go on; the message says which round and why."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +70,7 @@ class RoundRecord:
     sparsity: float = 0.0  # pruning: the fraction of weight-matrix entries pruned this round
     client_eval_accuracy: float | None = None  # client-side evaluation, weighted by examples
     client_eval_loss: float | None = None
+    missing_real_clients: int = 0  # real clients (service.real_clients) whose update did not arrive
 
 
 @dataclass
@@ -104,6 +102,8 @@ class JobResult:
             "bytes_down_fp32": t["bytes_down_fp32"],
             "codec": self.spec.compression.codec,
             "broadcast": self.spec.compression.broadcast,
+            "failed_clients_total": sum(r.failed for r in self.rounds),
+            "missing_real_clients_total": sum(r.missing_real_clients for r in self.rounds),
             "rounds": [asdict(r) for r in self.rounds],
             "spec": self.spec.to_dict(),
         }
@@ -153,11 +153,18 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
 
 
 class _Shards:
-    """The job's aggregation shards: start, restart after a failure, open and close rounds."""
+    """The job's aggregation shards: start and restart them (bounded by
+    `resources.shard_start_timeout_s`, with an error naming what no node offers), open and close rounds.
+
+    Each shard binds `service.host` (unset: all interfaces) and advertises its Ray node's IP to
+    the workers; real clients get `service.public_address` from GetJob when it is set. With a
+    fixed `service.port` and a `shard_resource`, a shard takes a whole unit of the resource: one
+    shard per aggregation node, every one on the same port (the port a Kubernetes Service targets).
+    """
 
     def __init__(self, spec: JobSpec, job_id: str, secret: str, shapes: dict, layout,
-                 max_weight: float | None = None) -> None:
-        self._spec, self._job_id = spec, job_id
+                 max_weight: float | None = None, log: Callable[[str], None] = print) -> None:
+        self._spec, self._job_id, self._log = spec, job_id, log
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
             limits=spec.service,  # a ServiceSpec is the shards' ServiceLimits
@@ -167,28 +174,91 @@ class _Shards:
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
             layout=layout, seed=spec.seed, max_weight=max_weight,
         )
-        self.actors = [self._start(i) for i in range(spec.resources.shards)]
-        self.addresses = ray.get([a.address.remote() for a in self.actors])
-        ray.get([a.set_addresses.remote(self.addresses) for a in self.actors])
+        n = spec.resources.shards
+        self.actors: list = [None] * n
+        self.addresses: list[str] = [""] * n
         self.restarts = 0
+        deadline = time.monotonic() + spec.resources.shard_start_timeout_s
+        for i in range(n):
+            self.actors[i], self.addresses[i] = self._bring_up(i, deadline)
+        self._publish()
+
+    def _resource_amount(self) -> float:
+        return 1.0 if self._spec.service.port else 0.001
+
+    def _port(self, i: int) -> int:
+        """A fixed port is every shard's with a shard resource (each holds a node of its own),
+        else shard i's is port + i (they share one node)."""
+        port = self._spec.service.port
+        return port if not port or self._spec.resources.shard_resource else port + i
 
     def _start(self, i: int):
         res = self._spec.resources
         opts: dict = {"name": f"{self._job_id}:aggregator-{i}-{uuid.uuid4().hex[:4]}"}
         if res.shard_resource:
-            opts["resources"] = {res.shard_resource: 0.001}
-        port = self._spec.service.port + i if self._spec.service.port else 0
-        return AggregationShard.options(**opts).remote(port=port, shard=(i, self._spec.resources.shards), **self._kw)
+            opts["resources"] = {res.shard_resource: self._resource_amount()}
+        return AggregationShard.options(**opts).remote(port=self._port(i), shard=(i, res.shards), **self._kw)
+
+    def _bring_up(self, i: int, deadline: float) -> tuple[object, str]:
+        """Start shard i and wait until it serves; retry a start that died (its node was dying)
+        until `deadline`. Raises JobError on a timeout or a shard whose own start fails twice."""
+        creation_errors, last = 0, None
+        while True:
+            actor = self._start(i)
+            ref = actor.address.remote()
+            ready, _ = ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                _kill(actor)
+                timeout = self._spec.resources.shard_start_timeout_s
+                raise JobError(f"aggregation shard {i} did not start within resources.shard_start_timeout_s="
+                               f"{timeout:g}s: {self._why_not_placed()}" + (f" (last error: {last})" if last else ""))
+            try:
+                return actor, ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                last = _first_line(e)
+                _kill(actor)
+                # An error raised in the shard's own __init__ (bind, TLS files) repeats; a start
+                # cancelled with its dying node is placed elsewhere on the next try.
+                creation_errors += "creation task" in str(e)
+                if creation_errors >= 2:
+                    raise JobError(f"aggregation shard {i} failed to start: {last}") from None
+                self._log(f"aggregation shard {i} did not start ({last}); starting it again")
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _why_not_placed(self) -> str:
+        res = self._spec.resources.shard_resource
+        if not res:
+            return "Ray could not place it (check `ray status` for pending demands)"
+        need = self._resource_amount()
+        offering = [n["NodeManagerAddress"] for n in ray.nodes()
+                    if n.get("Alive") and n.get("Resources", {}).get(res, 0) >= need]
+        if not offering:
+            return (f"no live node offers the Ray resource {res!r} (resources.shard_resource or "
+                    f"FEDRAY_AGGREGATOR_RESOURCE; the Helm chart's aggregation group gives it: is that group up?)")
+        return (f"the nodes offering {res!r} ({', '.join(offering)}) have no {need:g} of it free "
+                "(one shard per node when service.port is fixed)")
+
+    def public_addresses(self) -> tuple[str, ...]:
+        """What GetJob tells real clients: the public address if set; nothing with one shard (a
+        client stays on the address it dialled); else every shard's advertised address."""
+        sv = self._spec.service
+        if sv.public_address:
+            return (sv.public_address,)
+        return () if len(self.actors) == 1 else tuple(self.addresses)
+
+    def _publish(self) -> None:
+        pub = self.public_addresses()
+        for a in self.actors:
+            _succeeded(a.set_addresses.remote(pub))
 
     def restart(self, i: int) -> None:
-        try:
-            ray.kill(self.actors[i])
-        except Exception:  # already gone
-            pass
-        self.actors[i] = self._start(i)
-        self.addresses[i] = ray.get(self.actors[i].address.remote())
-        ray.get([a.set_addresses.remote(self.addresses) for a in self.actors])
+        """Replace shard i (on any node that offers the resource). Raises JobError when it cannot."""
+        _kill(self.actors[i])
+        deadline = time.monotonic() + self._spec.resources.shard_start_timeout_s
+        self.actors[i], self.addresses[i] = self._bring_up(i, deadline)
+        self._publish()
         self.restarts += 1
+        self._log(f"aggregation shard {i} restarted at {self.addresses[i]}")
 
     def committed(self, r: int) -> int:
         return sum(ray.get([a.committed.remote(r) for a in self.actors]))
@@ -200,7 +270,20 @@ class _Shards:
                 ray.get(a.stop.remote(), timeout=10)
             except Exception:  # a dead shard needs no stopping
                 pass
-            ray.kill(a)
+            _kill(a)
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor)
+    except Exception:  # already gone
+        pass
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    tail = [ln for ln in lines if "Error:" in ln and not ln.startswith("ray.exceptions")]
+    return (tail[-1] if tail else lines[0] if lines else type(e).__name__)[:400]
 
 
 def run_job(
@@ -236,7 +319,10 @@ class JobRuntime:
     """One job's driver state: data, model, shards, worker pool, strategy, state machine."""
 
     def __init__(self, spec: JobSpec, *, progress: bool, log: Callable[[str], None]) -> None:
+        spec, filled = apply_cluster_env(spec)  # the Helm chart's variables fill what the spec leaves unset
         self.spec, self.progress, self.log = spec, progress, log
+        if filled:
+            log("from the environment: " + ", ".join(f"{k}={v}" for k, v in filled))
         self.state = JobStateMachine()
         self.job_id = spec.service.job_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
         self.secret = _job_secret(spec)
@@ -279,12 +365,13 @@ class JobRuntime:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
         cap = spec.strategy.weight_cap(clients_per_round=tr.clients_per_round + spec.service.real_clients,
                                        mean_examples=float(np.mean(self.parts.sizes())))
-        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap)
+        self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap, log=self.log)
         setup = TrainerSetup(
             job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
             hidden=spec.model.hidden, train=tr,
             codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
-            broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
+            broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_ca or spec.service.tls_cert,
+            tls_server_name=spec.service.tls_server_name,
             dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
             pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
         )
@@ -312,7 +399,8 @@ class JobRuntime:
             self._start()
             self.log(f"fedray job {self.job_id}: {spec.data.num_clients} clients on {spec.data.dataset}, "
                      f"{tr.clients_per_round} per round, {tr.rounds} rounds, codec {spec.compression.codec}, "
-                     f"aggregation service at {', '.join(self.shards.addresses)}")
+                     f"aggregation service at {', '.join(self.shards.addresses)}"
+                     f"{' (TLS)' if spec.service.tls_cert else ''}")
             for r in range(first, tr.rounds + 1):
                 rec = self._round(r)
                 result.rounds.append(rec)
@@ -390,11 +478,8 @@ class JobRuntime:
             bar.close()
         ok = [x for x in results.values() if x.error is None]
         failed = [x for x in results.values() if x.error is not None]
-        for x in failed[:3]:
-            self.log(f"round {r}: {x.error}")
-        if count < tr.min_clients:
-            raise JobError(f"round {r}: {count} updates arrived, fewer than training.min_clients={tr.min_clients}"
-                           f" ({len(failed)} clients failed; first error: {failed[0].error if failed else 'none'})")
+        real = max(count - len(ok), 0)
+        missing = self._check_outcome(r, len(ids), failed, real, count)
         delta = agg.mean_delta() if isinstance(agg, CountedSum) else self.strategy.reduce(agg)
         epsilon = None
         if spec.privacy is not None:
@@ -409,9 +494,8 @@ class JobRuntime:
         set_params(self.model, self.params)
         acc, loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
         wall = time.perf_counter() - t0
-        real = max(count - len(ok), 0)
         rec = RoundRecord(
-            round=r, clients=count, failed=len(failed), accuracy=acc, loss=loss,
+            round=r, clients=count, failed=len(failed), missing_real_clients=missing, accuracy=acc, loss=loss,
             bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * (len(ids) + real),
             bytes_up_fp32=self.fp32_bytes * len(ok), bytes_down_fp32=self.fp32_bytes * (len(ids) + real), wall_s=wall,
             train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"), epsilon=epsilon,
@@ -457,23 +541,29 @@ class JobRuntime:
     def _settle_open(self, r: int, bref, opening: list, ids, results: dict) -> None:
         """Check that every shard opened round r; one that was down is restarted, opened, and its
         clients (whose uploads it could not take) are trained again."""
-        n = len(self.shards.actors)
         for i, ref in enumerate(opening):
-            if _succeeded(ref):
-                continue
-            for _ in range(self.spec.resources.max_attempts):
-                self.log(f"round {r}: aggregation shard {i} is down; restarting it")
+            if not _succeeded(ref):
+                self._recover_shard(r, bref, ids, results, i, "is down")
+
+    def _recover_shard(self, r: int, bref, ids, results: dict, i: int, why: str) -> None:
+        """Restart shard i (on any node offering the resource), open round r there and train its
+        clients again: nothing of theirs was committed anywhere else. Raises JobError."""
+        n = len(self.shards.actors)
+        for attempt in range(self.spec.resources.max_attempts):
+            self.log(f"round {r}: aggregation shard {i} {why}; restarting it and retraining its clients")
+            try:
                 self.shards.restart(i)
-                try:
-                    ray.get(self.shards.actors[i].open_round.remote(r, bref))
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    continue
-            else:
-                raise JobError(f"round {r}: aggregation shard {i} could not be started")
+            except JobError as e:
+                raise JobError(f"round {r}: {e}") from None
+            if not _succeeded(self.shards.actors[i].open_round.remote(r, bref)):
+                why = "died again"
+                continue
             mine = [c for c in ids if serde.shard_index(int(c), n) == i]
             for x in self.pool.run_round(r, bref, mine, self.shards.addresses):
                 results[x.client_id] = x
+            return
+        raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times "
+                       "(resources.max_attempts)")
 
     def _wait_real_clients(self, r: int, simulated_ok: int) -> None:
         want = self.spec.service.real_clients
@@ -487,19 +577,13 @@ class JobRuntime:
         """Close the round on every shard and merge their partial sums; a shard that died is
         restarted and its clients trained again (nothing was committed anywhere else)."""
         agg, decode_s, count = None, 0.0, 0
-        n = len(self.shards.actors)
-        for i in range(n):
-            for attempt in range(self.spec.resources.max_attempts):
+        for i in range(len(self.shards.actors)):
+            for _ in range(self.spec.resources.max_attempts):
                 try:
                     part = ray.get(self.shards.actors[i].close_round.remote(r))
                     break
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    self.log(f"round {r}: aggregation shard {i} died; restarting it and retrying its clients")
-                    self.shards.restart(i)
-                    ray.get(self.shards.actors[i].open_round.remote(r, bref))
-                    mine = [c for c in ids if serde.shard_index(int(c), n) == i]
-                    for x in self.pool.run_round(r, bref, mine, self.shards.addresses):
-                        results[x.client_id] = x
+                    self._recover_shard(r, bref, ids, results, i, "died")
             else:
                 raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times")
             if agg is None:
@@ -509,6 +593,39 @@ class JobRuntime:
             decode_s += part["decode_s"]
             count += part["count"]
         return agg, decode_s, count
+
+    def _check_outcome(self, r: int, sampled: int, failed: list, real: int, count: int) -> int:
+        """Log the round's failed clients and missing real clients; raise JobError when the round
+        is past `training.min_clients` or `training.max_failed_fraction`. Returns the missing count."""
+        tr, sv = self.spec.training, self.spec.service
+        missing = max(sv.real_clients - real, 0)
+        if failed:
+            self.log(f"round {r}: {len(failed)} of {sampled} simulated clients failed")
+            for x in failed[:3]:
+                self.log(f"round {r}: {x.error}")
+        if missing:
+            self.log(f"round {r}: {missing} of {sv.real_clients} real clients missing after "
+                     f"service.real_client_wait_s={sv.real_client_wait_s:g}s")
+        expected, bad = sampled + sv.real_clients, len(failed) + missing
+        first = failed[0].error if failed else "none"
+        cause = self._unreachable_hint(failed)
+        if count < tr.min_clients:
+            raise JobError(f"round {r}: {count} updates arrived, fewer than training.min_clients={tr.min_clients}"
+                           f" ({len(failed)} clients failed, {missing} real clients missing; first error: {first}){cause}")
+        if bad and bad >= tr.max_failed_fraction * expected:
+            raise JobError(f"round {r}: {bad} of {expected} clients failed or were missing, at least "
+                           f"training.max_failed_fraction={tr.max_failed_fraction:g} of them "
+                           f"({len(failed)} failed, {missing} real clients missing; first error: {first}){cause}")
+        return missing
+
+    def _unreachable_hint(self, failed: list) -> str:
+        errs = " ".join(str(x.error) for x in failed[:20])
+        if not any(k in errs for k in ("UNAVAILABLE", "failed to connect", "Connection refused", "unreachable")):
+            return ""
+        sv = self.spec.service
+        return (f". Workers could not reach the aggregation service at {', '.join(self.shards.addresses)}: "
+                f"check service.host={sv.host!r} (unset: shards bind all interfaces and advertise their Ray node's "
+                f"IP) and service.port={sv.port}, and that worker nodes can reach the aggregation nodes")
 
 
 def _succeeded(ref) -> bool:
@@ -545,8 +662,15 @@ def format_summary(result: JobResult) -> str:
         f"codec {result.spec.compression.codec})",
         f"  bytes down       {_mb(t['bytes_down'])} ({down_ratio:.1%} of fp32's {_mb(t['bytes_down_fp32'])}, "
         f"codec {result.spec.compression.broadcast})",
-        "  round  clients  accuracy  up        down      wall",
+        "  round  clients  failed  accuracy  up        down      wall",
     ]
     for r in result.rounds:
-        lines.append(f"  {r.round:5d}  {r.clients:7d}  {r.accuracy:8.4f}  {_mb(r.bytes_up):>8}  {_mb(r.bytes_down):>8}  {r.wall_s:5.2f}s")
+        lost = f"{r.failed}" + (f"+{r.missing_real_clients}" if r.missing_real_clients else "")
+        lines.append(f"  {r.round:5d}  {r.clients:7d}  {lost:>6}  {r.accuracy:8.4f}  {_mb(r.bytes_up):>8}  "
+                     f"{_mb(r.bytes_down):>8}  {r.wall_s:5.2f}s")
+    failed = sum(r.failed for r in result.rounds)
+    missing = sum(r.missing_real_clients for r in result.rounds)
+    if failed or missing:
+        lines.append(f"  {failed} client updates failed and {missing} real-client updates were missing "
+                     f"over {sum(1 for r in result.rounds if r.failed or r.missing_real_clients)} rounds")
     return "\n".join(lines)

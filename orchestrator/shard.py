@@ -13,15 +13,35 @@ from .privacy import DPSpec
 from .service import AggregationCore, ServiceLimits, create_server
 from .strategy import StrategySpec
 
-__all__ = ["AggregationShard"]
+__all__ = ["AggregationShard", "advertised_address", "bind_host"]
+
+_WILDCARDS = ("0.0.0.0", "::", "[::]")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def bind_host(host: str | None, node_ip: str) -> str:
+    """The address a shard binds: `host` if given, else all interfaces (loopback when the Ray node
+    itself is on loopback, a local Ray: nothing else could dial it)."""
+    if host:
+        return host
+    return "127.0.0.1" if node_ip.startswith("127.") else "0.0.0.0"
+
+
+def advertised_address(bound: str, node_ip: str, port: int) -> str:
+    """What workers on other nodes dial: the Ray node's IP for a wildcard bind, else the bound address."""
+    return _join(node_ip if bound in _WILDCARDS else bound, port)
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)
 class AggregationShard:
-    """Owns one `AggregationCore` and its gRPC server, bound at start on `host` (port 0: any)."""
+    """Owns one `AggregationCore` and its gRPC server, bound at start on `host` (None: see
+    `bind_host`; port 0: any) and advertised at the Ray node's IP (`advertised_address`)."""
 
     def __init__(
-        self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]], host: str = "127.0.0.1",
+        self, *, job_id: str, secret: str, shapes: Mapping[str, tuple[int, ...]], host: str | None = None,
         port: int = 0, limits: ServiceLimits = ServiceLimits(), max_workers: int | None = None,
         tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
         strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None, max_clients: int = 1 << 16,
@@ -35,12 +55,21 @@ class AggregationShard:
             shard=shard, strategy=strategy, privacy=privacy, max_clients=max_clients, codecs=codecs, dropout=dropout,
             layout=layout, seed=seed, max_weight=max_weight,
         )
-        self._server, self._port = create_server(self._core, f"{host}:{port}", max_workers=max_workers, tls=tls)
-        self._host = host
+        node_ip = ray.util.get_node_ip_address()
+        bound = bind_host(host, node_ip)
+        try:
+            self._server, self._port = create_server(self._core, _join(bound, port), max_workers=max_workers, tls=tls)
+        except (RuntimeError, OSError) as e:  # grpcio: "Failed to bind to address ..."; TLS files missing
+            raise RuntimeError(
+                f"aggregation shard {shard[0]} on node {node_ip} could not serve on {_join(bound, port)}: {e}. "
+                "service.host must be an address of every node that may hold a shard (unset: all interfaces); "
+                "service.port must be free there; TLS files must exist on that node"
+            ) from None
+        self._address = advertised_address(bound, node_ip, self._port)
         freeze_heap()  # as the worker actors do
 
     def address(self) -> str:
-        return f"{self._host}:{self._port}"
+        return self._address
 
     def open_round(self, round: int, broadcast) -> None:
         self._core.open_round(round, broadcast)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["IllegalTransitionError", "JobState", "JobStateMachine"]
+__all__ = ["IllegalTransitionError", "JobError", "JobState", "JobStateMachine"]
+
+
+class JobError(RuntimeError):
+    """The job could not go on; the message says which round and why."""
 
 
 class IllegalTransitionError(RuntimeError):

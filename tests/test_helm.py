@@ -237,7 +237,8 @@ def test_aggregation_group_carries_the_ray_resource_and_the_service_selects_only
     raw = groups["aggregation"]["rayStartParams"]["resources"]
     # KubeRay passes the value verbatim to `ray start --resources=`: a JSON object in quotes.
     assert raw.startswith('"') and raw.endswith('"')
-    assert json.loads(json.loads(raw)) == {"fedray_aggregator": 4}
+    assert json.loads(json.loads(raw)) == {"fedray_aggregator": 1}  # one shard per aggregation pod
+    assert groups["aggregation"]["rayStartParams"]["num-cpus"] == "0"  # no simulated worker lands there
     service = _one(docs, "Service")
     assert service["spec"]["ports"][0]["port"] == 50051
     assert service["spec"]["ports"][0]["targetPort"] == "grpc"
@@ -249,7 +250,7 @@ def test_aggregation_group_carries_the_ray_resource_and_the_service_selects_only
     assert grpc == [{"name": "grpc", "containerPort": 50051}]
 
 
-def test_tls_secret_is_mounted_on_aggregation_pods_only(render):
+def test_tls_key_on_aggregation_pods_and_the_ca_everywhere(render):
     docs = render("-f", str(CHART / "ci" / "tls-values.yaml"))
     groups = _groups(docs)
     agg = groups["aggregation"]["template"]
@@ -257,15 +258,22 @@ def test_tls_secret_is_mounted_on_aggregation_pods_only(render):
     assert _container(agg)["volumeMounts"] == [
         {"name": "fedray-tls", "mountPath": "/etc/fedray/tls", "readOnly": True}
     ]
-    env = _env(agg)
-    assert env["FEDRAY_TLS_CERT"] == "/etc/fedray/tls/tls.crt"
-    assert env["FEDRAY_TLS_KEY"] == "/etc/fedray/tls/tls.key"
-    assert env["FEDRAY_GRPC_PORT"] == "443"
-    assert "FEDRAY_TLS_CERT" not in _env(groups["cpu"]["template"])
+    cluster = _one(docs, "RayCluster")
+    for template in _pod_templates(cluster):
+        env = _env(template)
+        assert env["FEDRAY_TLS_CERT"] == "/etc/fedray/tls/tls.crt"
+        assert env["FEDRAY_TLS_KEY"] == "/etc/fedray/tls/tls.key"
+        assert env["FEDRAY_TLS_CA"] == "/etc/fedray/tls/tls.crt"
+        assert env["FEDRAY_TLS_SERVER_NAME"] == "fedray-aggregator.fl.svc"
+        assert env["FEDRAY_GRPC_PORT"] == "443"
+    for template in (cluster["spec"]["headGroupSpec"]["template"], groups["cpu"]["template"]):
+        # workers trust the certificate; the key never leaves the aggregation pods
+        (vol,) = template["spec"]["volumes"]
+        assert vol["secret"] == {"secretName": "fedray-aggregator-tls", "items": [{"key": "tls.crt", "path": "tls.crt"}]}
     service = _one(docs, "Service")["spec"]
     assert service["type"] == "LoadBalancer"
     assert service["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
-    assert _one(docs, "RayCluster")["spec"]["authOptions"] == {"mode": "token", "secretName": "fedray-ray-token"}
+    assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": "fedray-ray-token"}
 
 
 def test_rayjob_runs_the_job_spec_from_values(render):
@@ -275,6 +283,10 @@ def test_rayjob_runs_the_job_spec_from_values(render):
     cluster = _one(docs, "RayCluster")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     assert job["spec"]["entrypoint"] == "fedray run /etc/fedray/job.yaml --json /tmp/fedray-result.json"
+    from fedray.orchestrator.cli import build_parser
+
+    args = build_parser().parse_args(job["spec"]["entrypoint"].split()[1:])  # every argument is fedray's
+    assert (args.cmd, args.spec, args.json_path) == ("run", "/etc/fedray/job.yaml", "/tmp/fedray-result.json")
     assert job["spec"]["activeDeadlineSeconds"] == 7200
     (config,) = [c for c in _by_kind(docs, "ConfigMap") if "job.yaml" in c["data"]]
     expected = yaml.safe_load(value_file.read_text())["rayJob"]["jobSpec"]
@@ -310,6 +322,70 @@ def test_job_specs_in_the_chart_are_valid_for_fedray(value_file):
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft202012Validator({**schema["$defs"]["jobSpec"], "$defs": schema["$defs"]}).validate(job)
     JobSpec.from_dict(job).check_plugins()
+
+
+# --- the contract between the chart and the code ------------------------------------------
+
+
+def test_every_fedray_variable_the_chart_sets_is_read_by_the_code(render):
+    from fedray.orchestrator import cluster_env
+    from fedray.orchestrator.spec import JobSpec
+
+    seen: set[str] = set()
+    for value_file in VALUE_SETS:
+        cluster = _one(render(*_values_args(value_file)), "RayCluster")
+        for template in _pod_templates(cluster):
+            env = {k: v for k, v in _env(template).items() if k.startswith("FEDRAY_")}
+            unread = set(env) - set(cluster_env.SPEC_FIELDS)
+            assert not unread, f"{_ids(value_file)} sets {sorted(unread)}, which no code reads (orchestrator/cluster_env.py)"
+            seen |= set(env)
+            spec, filled = cluster_env.apply_cluster_env(JobSpec(), env)
+            assert {k for k, _ in filled} == {".".join(cluster_env.SPEC_FIELDS[n]) for n in env}
+    assert seen == set(cluster_env.SPEC_FIELDS), "a variable the code reads is set by no rendering"
+    head = _env(_one(render(), "RayCluster")["spec"]["headGroupSpec"]["template"])
+    spec, _ = cluster_env.apply_cluster_env(JobSpec(), head)
+    assert (spec.resources.shard_resource, spec.service.port) == ("fedray_aggregator", 50051)
+    assert spec.service.public_address is None  # clients stay on the address they dialled
+    tls = _one(render("-f", str(CHART / "ci" / "tls-values.yaml")), "RayCluster")["spec"]["headGroupSpec"]["template"]
+    assert cluster_env.apply_cluster_env(JobSpec(), _env(tls))[0].service.public_address == "fedray.example.com:443"
+    two = JobSpec.from_dict({"resources": {"shards": 2}})  # a public address reaches one shard: not filled
+    assert cluster_env.apply_cluster_env(two, _env(tls))[0].service.public_address is None
+    written = JobSpec.from_dict({"service": {"port": 7000}, "resources": {"shard_resource": "mine"}})
+    spec, _ = cluster_env.apply_cluster_env(written, head)  # the job spec's own values win
+    assert (spec.resources.shard_resource, spec.service.port) == ("mine", 7000)
+
+
+def _job_specs_in_docs() -> list[tuple[str, dict[str, Any]]]:
+    """Every YAML block in docs/*.md that is a job spec (has a `training` or `data` section)."""
+    out = []
+    for md in sorted((ROOT / "docs").glob("*.md")):
+        for k, block in enumerate(re.findall(r"```yaml\n(.*?)```", md.read_text(), re.S)):
+            try:
+                d = yaml.safe_load(block)
+            except yaml.YAMLError:
+                continue
+            if isinstance(d, dict) and "jobSpec" in str(d.get("rayJob", "")):
+                d = d["rayJob"]["jobSpec"]
+            if isinstance(d, dict) and ({"training", "data"} & set(d)):
+                out.append((f"{md.name}#{k}", d))
+    return out
+
+
+def test_every_job_spec_in_values_files_and_docs_passes_fedray_validate(tmp_path):
+    from fedray.orchestrator.cli import main
+
+    specs = []
+    for f in [CHART / "values.yaml", *CI_FILES]:
+        job = (yaml.safe_load(f.read_text()).get("rayJob") or {}).get("jobSpec")
+        if job:
+            specs.append((f"{f.name}:rayJob.jobSpec", job))
+    specs += [(f.name, yaml.safe_load(f.read_text())) for f in sorted((ROOT / "examples").glob("*.yaml"))]
+    specs += _job_specs_in_docs()
+    assert any(n.startswith("rayjob-values") for n, _ in specs) and any(".md#" in n for n, _ in specs)
+    for name, d in specs:
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(d))
+        assert main(["validate", str(path)]) == 0, f"{name} is not a valid job spec"
 
 
 def test_grafana_configmap_holds_the_dashboard_file(render):

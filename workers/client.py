@@ -62,6 +62,7 @@ class TrainerSetup:
     broadcast_params: Mapping[str, Any] = field(default_factory=dict)
     torch_threads: int = 1
     tls_ca_file: str | None = None  # set when the service serves TLS
+    tls_server_name: str | None = None  # the certificate's name, when it does not hold the shard's node IP
     dropout: Any = None  # orchestrator DropoutSpec-like: keep_rates, mode, probs, policy
     omc: Any = None  # OMCConfig
     prox_mu: float = 0.0  # FedProx
@@ -116,7 +117,8 @@ class ClientTrainer:
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = serde.open_channel(address, ca_file=self.setup.tls_ca_file)
+            ch = self._channels[address] = serde.open_channel(
+                address, ca_file=self.setup.tls_ca_file, server_name=self.setup.tls_server_name)
         return ch
 
     def _global(self, round: int, broadcast: Broadcast) -> dict[str, torch.Tensor]:

@@ -64,6 +64,9 @@ class JobSpec(Section):
         if self.training.min_clients > self.training.clients_per_round + self.service.real_clients:
             raise FieldError("training.min_clients", f"{self.training.min_clients} is more than the "
                              f"{self.training.clients_per_round} clients per round (plus real clients)")
+        if self.service.public_address and self.resources.shards > 1:
+            raise FieldError("service.public_address", "one public address reaches one shard; use resources.shards: 1 "
+                             "for real clients behind a Service (or leave public_address unset)")
         if self.task is not None and self.task.target is not None:
             d = DataSpec()
             data_changed = (self.data.dataset, self.data.data_dir) != (d.dataset, d.data_dir)

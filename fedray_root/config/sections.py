@@ -92,6 +92,7 @@ class TrainingSpec(TrainConfig):
     rounds: PosInt = 5
     clients_per_round: PosInt = 100
     min_clients: PosInt = 1  # a round with fewer successful updates fails
+    max_failed_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5  # a round in which at least this share of its clients failed fails the job
     client_eval: bool = False  # clients also evaluate the received model on their own data
 
 
@@ -273,6 +274,7 @@ class ResourceSpec(Section):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3  # per client and round, over worker failures
     batched: bool = True  # train same-shape clients of one call together (vmap / batched matmuls)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA in workers Ray gives a GPU
+    shard_start_timeout_s: PosFloat = 120.0  # a shard not serving by then (start or restart) fails the job
 
     @model_validator(mode="after")
     def _cuda_needs_gpus(self) -> "ResourceSpec":
@@ -328,17 +330,30 @@ class ServiceLimits(Section):
 
 
 class ServiceSpec(ServiceLimits):
-    """The aggregation service as real clients see it (and its limits, `ServiceLimits`)."""
+    """The aggregation service: where shards listen, what workers and real clients dial (and its
+    limits, `ServiceLimits`)."""
 
-    host: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=0, le=65535)] = 0  # first shard's port (shard i: port + i); 0 picks free ports
+    host: NonEmptyStr | None = None  # bind address; None: all interfaces (loopback on a local Ray); shards advertise their node's IP
+    port: Annotated[int, Field(ge=0, le=65535)] = 0  # 0: free ports; with resources.shard_resource every shard (one per node) listens here, else shard i on port + i
+    public_address: str | None = None  # host:port real clients are sent to (a Service, NodePort or load balancer)
     tls_cert: str | None = None
     tls_key: str | None = None
+    tls_ca: str | None = None  # CA file the workers trust; default tls_cert
+    tls_server_name: str | None = None  # name in the certificate workers check; default the address they dial
     tls_client_ca: str | None = None  # set: mutual TLS, clients need a certificate from this CA
     real_clients: NonNegInt = 0  # updates from real clients (outside Ray) each round waits for
     real_client_wait_s: NonNegFloat = 60.0
     job_id: str | None = None  # fixed job id (real clients need it); default: name + random suffix
     secret_env: str = "FEDRAY_JOB_SECRET"  # environment variable holding the job secret, if set
+
+    @field_validator("public_address")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise FieldError("", "must be host:port (the address real clients dial)", v)
+        return v
 
     @model_validator(mode="after")
     def _tls(self) -> "ServiceSpec":

@@ -41,6 +41,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "fedray.aggregatorHost" -}}
+{{- printf "%s-aggregator.%s.svc" (include "fedray.fullname" .) .Release.Namespace }}
+{{- end }}
+
 {{- define "fedray.jobConfigMapName" -}}
 {{- printf "%s-job" (include "fedray.fullname" .) }}
 {{- end }}
@@ -111,7 +115,8 @@ Arguments: dict "root" $ "role" (head|worker|aggregator) "name" groupName "group
 {{- $g := .group }}
 {{- $agg := eq .role "aggregator" }}
 {{- $jobMount := and (eq .role "head") $v.rayJob.enabled }}
-{{- $tls := and $agg $v.aggregation.tls.enabled }}
+{{- $tls := $v.aggregation.tls.enabled }}
+{{- $t := $v.aggregation.tls }}
 metadata:
   labels:
     {{- include "fedray.labels" $root | nindent 4 }}
@@ -142,15 +147,26 @@ spec:
       env:
         - name: RAY_AUTH_MODE
           value: {{ $v.rayAuth.mode }}
+        {{- /* read by the job driver: orchestrator/cluster_env.py */}}
+        {{- if $v.aggregation.enabled }}
         - name: FEDRAY_AGGREGATOR_RESOURCE
           value: {{ $v.aggregation.rayResource.name | quote }}
         - name: FEDRAY_GRPC_PORT
           value: {{ $v.aggregation.grpcPort | quote }}
+        {{- with $v.aggregation.publicAddress }}
+        - name: FEDRAY_PUBLIC_ADDRESS
+          value: {{ . | quote }}
+        {{- end }}
+        {{- end }}
         {{- if $tls }}
         - name: FEDRAY_TLS_CERT
-          value: {{ printf "%s/tls.crt" $v.aggregation.tls.mountPath }}
+          value: {{ printf "%s/tls.crt" $t.mountPath }}
         - name: FEDRAY_TLS_KEY
-          value: {{ printf "%s/tls.key" $v.aggregation.tls.mountPath }}
+          value: {{ printf "%s/tls.key" $t.mountPath }}
+        - name: FEDRAY_TLS_CA
+          value: {{ printf "%s/%s" $t.mountPath $t.caKey }}
+        - name: FEDRAY_TLS_SERVER_NAME
+          value: {{ default (include "fedray.aggregatorHost" $root) $t.serverName | quote }}
         {{- end }}
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
@@ -180,7 +196,7 @@ spec:
         - {name: fedray-job, mountPath: /etc/fedray/job.yaml, subPath: job.yaml, readOnly: true}
         {{- end }}
         {{- if $tls }}
-        - {name: fedray-tls, mountPath: {{ $v.aggregation.tls.mountPath }}, readOnly: true}
+        - {name: fedray-tls, mountPath: {{ $t.mountPath }}, readOnly: true}
         {{- end }}
       {{- end }}
   {{- if or $jobMount $tls }}
@@ -193,7 +209,12 @@ spec:
     {{- if $tls }}
     - name: fedray-tls
       secret:
-        secretName: {{ $v.aggregation.tls.secretName }}
+        secretName: {{ $t.secretName }}
+        {{- if not $agg }}
+        {{- /* the key stays on the aggregation pods; other pods get only what workers trust */}}
+        items:
+          - {key: {{ $t.caKey }}, path: {{ $t.caKey }}}
+        {{- end }}
     {{- end }}
   {{- end }}
   {{- with $g.nodeSelector }}
@@ -232,6 +253,12 @@ Arguments: dict "root" $ "role" (worker|aggregator) "name" groupName "group" val
 {{- fail "aggregation.rayStartParams.resources would replace the aggregator resource: set aggregation.rayResource instead" }}
 {{- end }}
 {{- $_ := set $params "resources" (include "fedray.aggregatorResources" .root) }}
+{{- if not $v.aggregation.allowWorkers }}
+{{- if hasKey $g.rayStartParams "num-cpus" }}
+{{- fail "aggregation.rayStartParams.num-cpus keeps simulated workers off aggregation pods only when unset: drop it or set aggregation.allowWorkers" }}
+{{- end }}
+{{- $_ := set $params "num-cpus" "0" }}
+{{- end }}
 {{- end }}
 - groupName: {{ .name }}
   replicas: {{ $g.replicas }}
