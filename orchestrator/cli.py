@@ -7,6 +7,8 @@
     fedray codecs
     fedray submit JOB.yaml [--address URL] [--follow]     (prints the job id)
     fedray status|logs|stop|wait|result JOB_ID [--address URL]
+    fedray cluster up|down                                (a local Ray head from this environment)
+    fedray --version
 
 `--address` defaults to $FEDRAY_ADDRESS, else http://127.0.0.1:8265 (a Ray dashboard URL).
 """
@@ -20,11 +22,11 @@ from typing import Sequence
 
 from fedray.builtin_tasks import DATASETS, MODELS, PARTITIONS
 
-from . import realclient_cli
+from . import cluster, realclient_cli
 from .state import JobError
 from .spec import (
     CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
-    ResourceSpec, SpecError, StrategySpec, TrainingSpec,
+    ResourceSpec, SpecError, StrategySpec, TrackingSpec, TrainingSpec,
 )
 
 __all__ = ["build_parser", "main"]
@@ -84,6 +86,26 @@ def _demo_parser(sub) -> None:
                    help="stragglers: over-select this factor of clients, keep the first finishers (virtual time)")
     p.add_argument("--deadline", type=float, default=None, help="stragglers: round deadline in virtual seconds")
     p.add_argument("--client-eval", action="store_true", help="clients also evaluate each received model on their data")
+    _tracking_flags(p)
+
+
+def _tracking_flags(p) -> None:
+    p.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="write every round's metrics as TensorBoard event files under DIR/<job id> "
+                        "(tracking.tensorboard_dir)")
+    p.add_argument("--mlflow", metavar="URI", default=None,
+                   help="log every round's metrics to MLflow: file:PATH (no server) or http://host:port "
+                        "(tracking.mlflow_uri)")
+
+
+def _with_tracking(spec: JobSpec, a: argparse.Namespace) -> JobSpec:
+    """The spec with --tensorboard / --mlflow laid over its `tracking:` section."""
+    if a.tensorboard is None and a.mlflow is None:
+        return spec
+    base = spec.tracking or TrackingSpec(tensorboard_dir=a.tensorboard, mlflow_uri=a.mlflow)
+    tracking = base.replace(tensorboard_dir=a.tensorboard or base.tensorboard_dir,
+                            mlflow_uri=a.mlflow or base.mlflow_uri)
+    return spec.replace(tracking=tracking)
 
 
 def _json_map(text: str) -> dict:
@@ -168,6 +190,7 @@ def _run(
 def build_parser() -> argparse.ArgumentParser:
     """The `fedray` command line (the Helm chart's RayJob entrypoint is checked against it)."""
     parser = argparse.ArgumentParser(prog="fedray", description="Ray-based federated learning")
+    parser.add_argument("--version", action="version", version=f"fedray {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _demo_parser(sub)
     r = sub.add_parser("run", help="run a job spec (YAML) on an embedded Ray, or on RAY_ADDRESS's cluster")
@@ -180,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in the spec's checkpoint_dir (after a crash or kill)")
     r.add_argument("--checkpoint-dir", default=None, help="checkpoint after every round here (overrides the spec)")
+    _tracking_flags(r)
     v = sub.add_parser("validate", help="check a job spec and print it with defaults filled in")
     v.add_argument("spec")
     sc = sub.add_parser("schema", help="print the JSON Schema of a job spec (or write it with --out)")
@@ -187,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("codecs", help="list the registered codecs")
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
+    cluster.add_parser(sub)
     return parser
 
 
@@ -197,17 +222,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fedray.workers.data import DatasetMissingError
 
+    from .tracking import TrackingError
+
     try:
         if a.cmd == "demo":
-            return _run(spec_from_demo_args(a), json_path=a.json_path, quiet=a.quiet, dashboard=a.dashboard, out=a.out)
+            return _run(_with_tracking(spec_from_demo_args(a), a), json_path=a.json_path, quiet=a.quiet,
+                        dashboard=a.dashboard, out=a.out)
         if a.cmd == "run":
             spec = JobSpec.from_yaml(a.spec)
             if a.checkpoint_dir:
                 spec = spec.replace(checkpoint_dir=a.checkpoint_dir)
+            spec = _with_tracking(spec, a)
             if a.resume and not spec.checkpoint_dir:
                 raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
             return _run(spec, json_path=a.json_path, quiet=a.quiet, out=a.out, emit_result=a.emit_result,
                         resume=a.resume, base_dir=_spec_dir(a.spec))
+        if a.cmd == "cluster":
+            return cluster.main(a)
         if a.cmd == "client":
             return realclient_cli.run_client(a)
         if a.cmd == "token":
@@ -228,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print("\n".join(available_codecs()))
             return 0
-    except (SpecError, DatasetMissingError) as e:
+    except (SpecError, DatasetMissingError, TrackingError) as e:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
     except JobError as e:  # the job started and failed: the message names the round and the cause
@@ -239,6 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _spec_dir(path: str) -> str:
     return os.path.dirname(os.path.abspath(path))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedray")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
 
 
 def _schema(out: str | None) -> int:

@@ -307,6 +307,7 @@ def run_job(
         SpecError: a codec name or its parameters are unknown (`JobSpec.check_plugins`).
         DatasetMissingError: the data set is not on this machine.
         JobError: a round ended with fewer than `training.min_clients` updates.
+        TrackingError: a `tracking:` backend cannot be opened (before the first round).
     """
     spec.check_plugins()
     if not ray.is_initialized():
@@ -314,7 +315,12 @@ def run_job(
     rt = JobRuntime(spec, progress=progress, log=log, task=task, base_dir=base_dir)
     if on_start:
         on_start(rt)
-    return rt.run(on_round=on_round, resume=resume)
+    if spec.tracking is None:
+        return rt.run(on_round=on_round, resume=resume)
+    from .tracking import Tracker
+
+    with Tracker(spec, job_id=rt.job_id, log=log) as tracker:
+        return rt.run(on_round=tracker.chain(on_round), resume=resume)
 
 
 class JobRuntime:
@@ -425,7 +431,7 @@ class JobRuntime:
         }
 
     def _restore(self, ck: dict, result: JobResult) -> None:
-        if ck["spec"] != self.spec.to_dict():
+        if {**ck["spec"], "tracking": None} != {**self.spec.to_dict(), "tracking": None}:  # tracking may change
             raise JobError(f"checkpoint in {self.spec.checkpoint_dir} is of another job spec; use a new checkpoint_dir")
         self.params = {k: v.clone() for k, v in ck["params"].items()}
         set_params(self.model, self.params)

@@ -37,9 +37,13 @@ __all__ = [
     "rdp_to_epsilon",
 ]
 
-# Integer orders 2..64 (exact binomial expansion) plus fractional ones near 1, where the best
-# order lies for large epsilon, and two large ones for very small q.
-DEFAULT_ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, 2.5, 3.5, 4.5) + tuple(float(a) for a in range(2, 65)) + (128.0, 256.0)
+# The order grid of Google's dp_accounting (DEFAULT_RDP_ORDERS): fractional orders 1.1..10.9,
+# where the best order lies for large epsilon, integers 11..63, and four large ones for very small
+# q. With the same grid our epsilon is never above dp_accounting's (tests/test_privacy_audit.py).
+DEFAULT_ORDERS: tuple[float, ...] = (
+    tuple(1 + x / 10 for x in range(1, 100)) + tuple(float(a) for a in range(11, 64)) + (128.0, 256.0, 512.0, 1024.0)
+)
+
 
 def noise_secret(spec: DPSpec, environ: Mapping[str, str] = os.environ) -> bytes:
     """The job's noise secret: from the driver's `spec.noise_secret_env` (hex) if set, else 32

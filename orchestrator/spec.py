@@ -12,8 +12,8 @@ validates again; `model_copy(update=...)` does not).
 
 from fedray.config import (
     DATASETS, MODELS, PARTITIONS, CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec,
-    PopulationSpec, PruningSpec, ResourceSpec, ServiceSpec, SpecError, StrategySpec, TaskSpec, TrainingSpec,
-    job_schema,
+    PopulationSpec, PruningSpec, ResourceSpec, ServiceSpec, SpecError, StrategySpec, TaskSpec, TrackingSpec,
+    TrainingSpec, job_schema,
 )
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "SpecError",
     "StrategySpec",
     "TaskSpec",
+    "TrackingSpec",
     "TrainingSpec",
     "job_schema",
 ]

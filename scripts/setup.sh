@@ -10,6 +10,17 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
 if [ "${1:-}" = "test" ]; then
   .venv/bin/pip install -q -e '.[test]'
+  # The privacy audit's reference (tests/test_privacy_audit.py); --no-deps: see pyproject.toml.
+  .venv/bin/python -c "import dp_accounting" 2>/dev/null \
+    || .venv/bin/pip install -q --no-deps dp-accounting==0.6.0 >/dev/null 2>&1 \
+    || echo "warning: could not install dp-accounting; tests/test_privacy_audit.py will skip" >&2
+  # Prometheus for the dashboard test (tests/test_prometheus.py); the test skips without it.
+  if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null; then
+    echo "installing Debian's prometheus for the monitoring test (apt-get)..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus; } \
+      >/dev/null 2>&1 || echo "warning: could not install prometheus with apt-get; tests/test_prometheus.py will skip" >&2
+  fi
 else
   .venv/bin/pip install -q -e .
 fi

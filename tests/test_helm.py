@@ -403,10 +403,10 @@ def test_dashboard_has_a_panel_for_each_fedray_metric():
         "ray_fedray_round",
         "ray_fedray_bytes_total",
         "ray_fedray_accuracy",
-        "ray_fedray_round_seconds_bucket",
+        "ray_fedray_round_seconds",
         "ray_fedray_clients_total",
         "ray_fedray_compression_ratio",
-        "ray_fedray_decode_seconds_bucket",
+        "ray_fedray_decode_seconds",
     ):
         assert re.search(rf"\b{metric}\b", exprs), metric
     assert (ROOT / "docs" / "grafana" / "fedray-dashboard.json").resolve() == (

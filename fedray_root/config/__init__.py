@@ -10,7 +10,7 @@ from .job import JobSpec, job_schema
 from .sections import (
     DATASETS, MODELS, PARTITIONS, CompressionSpec, DataSpec, DeviceProfileSpec, DropoutSpec, KeepRateConfig,
     ModelSpec, OMCConfig, OMCSpec, PopulationSpec, PruningSpec, ResourceSpec, ServiceLimits, ServiceSpec, TaskSpec,
-    TrainConfig, TrainingSpec,
+    TrackingSpec, TrainConfig, TrainingSpec,
 )
 from .strategy import BUFFERED_STRATEGIES, DP_STRATEGIES, STRATEGY_PARAMS, DPSpec, StrategySpec
 
@@ -18,6 +18,7 @@ __all__ = [
     "BUFFERED_STRATEGIES", "DATASETS", "DP_STRATEGIES", "MODELS", "PARTITIONS", "STRATEGY_PARAMS",
     "CompressionSpec", "DataSpec", "DeviceProfileSpec", "DPSpec", "DropoutSpec", "JobSpec", "KeepRateConfig",
     "ModelSpec", "OMCConfig", "OMCSpec", "PopulationSpec", "PruningSpec", "ResourceSpec", "Section",
-    "ServiceLimits", "ServiceSpec", "SpecError", "StrategySpec", "TaskSpec", "TrainConfig", "TrainingSpec",
+    "ServiceLimits", "ServiceSpec", "SpecError", "StrategySpec", "TaskSpec", "TrackingSpec", "TrainConfig",
+    "TrainingSpec",
     "job_schema",
 ]

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from ._base import FieldError, Section, SpecError
 from .sections import (
     CompressionSpec, DataSpec, DropoutSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec, ResourceSpec,
-    ServiceSpec, TaskSpec, TrainingSpec,
+    ServiceSpec, TaskSpec, TrackingSpec, TrainingSpec,
 )
 from .strategy import DPSpec, StrategySpec
 
@@ -42,6 +42,7 @@ class JobSpec(Section):
     population: PopulationSpec | None = None  # device profiles, over-selection, deadline (virtual time)
     pruning: PruningSpec | None = None  # server-side gradual magnitude pruning
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
+    tracking: TrackingSpec | None = None  # TensorBoard / MLflow logging of every round's metrics
 
     @model_validator(mode="after")
     def _combinations(self) -> "JobSpec":

@@ -20,7 +20,7 @@ from ._base import (
 __all__ = [
     "DATASETS", "MODELS", "PARTITIONS", "CompressionSpec", "DataSpec", "DeviceProfileSpec", "DropoutSpec",
     "KeepRateConfig", "ModelSpec", "OMCConfig", "OMCSpec", "PopulationSpec", "PruningSpec", "ResourceSpec",
-    "ServiceLimits", "ServiceSpec", "TaskSpec", "TrainConfig", "TrainingSpec",
+    "ServiceLimits", "ServiceSpec", "TaskSpec", "TrackingSpec", "TrainConfig", "TrainingSpec",
 ]
 
 DATASETS = ("fashion-mnist", "digits", "japanese-vowels")
@@ -364,4 +364,20 @@ class ServiceSpec(ServiceLimits):
             raise FieldError("tls_cert", "set both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise FieldError("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+        return self
+
+
+class TrackingSpec(Section):
+    """Experiment tracking of every round's metrics (fedray.orchestrator.tracking)."""
+
+    _section = "tracking"
+    tensorboard_dir: NonEmptyStr | None = None  # TensorBoard event files go to <tensorboard_dir>/<job id>/
+    mlflow_uri: NonEmptyStr | None = None  # file:PATH (a local store, no server), http://host:port, sqlite:///...
+    mlflow_experiment: NonEmptyStr | None = None  # default: the job's name
+
+    @model_validator(mode="after")
+    def _something(self) -> "TrackingSpec":
+        if self.tensorboard_dir is None and self.mlflow_uri is None:
+            raise FieldError("", "set tracking.tensorboard_dir, tracking.mlflow_uri or both "
+                             "(or drop the section)")
         return self
