@@ -248,6 +248,11 @@ def test_aggregation_group_carries_the_ray_resource_and_the_service_selects_only
         assert (selector <= labels) == (name == "aggregation"), name
     grpc = [p for p in _container(groups["aggregation"]["template"])["ports"] if p["name"] == "grpc"]
     assert grpc == [{"name": "grpc", "containerPort": 50051}]
+    # The kubelet asks the shard's standard gRPC health service (grpc.health.v1) on that port;
+    # only the aggregation pods have one.
+    assert _container(groups["aggregation"]["template"])["readinessProbe"]["grpc"] == {"port": 50051}
+    for name, group in groups.items():
+        assert ("readinessProbe" in _container(group["template"])) == (name == "aggregation"), name
 
 
 def test_tls_key_on_aggregation_pods_and_the_ca_everywhere(render):
@@ -255,6 +260,7 @@ def test_tls_key_on_aggregation_pods_and_the_ca_everywhere(render):
     groups = _groups(docs)
     agg = groups["aggregation"]["template"]
     assert agg["spec"]["volumes"] == [{"name": "fedray-tls", "secret": {"secretName": "fedray-aggregator-tls"}}]
+    assert "readinessProbe" not in _container(agg)  # the kubelet's gRPC probe cannot speak TLS
     assert _container(agg)["volumeMounts"] == [
         {"name": "fedray-tls", "mountPath": "/etc/fedray/tls", "readOnly": True}
     ]

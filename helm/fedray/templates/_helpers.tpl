@@ -184,6 +184,14 @@ spec:
         {{- if $agg }}
         - {name: grpc, containerPort: {{ $v.aggregation.grpcPort }}}
         {{- end }}
+      {{- if and $agg (not $tls) }}
+      {{- /* grpc.health.v1 on the shard's port: Ready while a shard serves there (the Service then
+      routes to it). The kubelet's gRPC probe speaks plaintext only, so none with TLS. */}}
+      readinessProbe:
+        grpc: {port: {{ $v.aggregation.grpcPort }}}
+        periodSeconds: 5
+        failureThreshold: 2
+      {{- end }}
       resources:
         {{- $res := deepCopy ($g.resources | default dict) }}
         {{- if gt (int ($g.gpus | default 0)) 0 }}
