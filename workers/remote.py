@@ -21,7 +21,7 @@ from .client import client_seed, decode_model, upload_with_retry
 from .models import build_model, get_params, set_params
 from .train import TrainConfig, train_local
 
-__all__ = ["LocalData", "RemoteClient"]
+__all__ = ["LocalData", "RemoteClient", "ServiceUnreachableError"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,17 @@ class LocalData:
     num_classes: int
     scale: float = 1.0
     shift: float = 0.0
+
+
+class ServiceUnreachableError(ConnectionError):
+    """No aggregation service answered at `address` within `waited_s` seconds."""
+
+    def __init__(self, address: str, job_id: str, waited_s: float) -> None:
+        super().__init__(
+            f"no aggregation service answered at {address} within {waited_s:g} s (job {job_id}): "
+            "check --server and that the job is running, or raise --connect-timeout-s"
+        )
+        self.address, self.job_id, self.waited_s = address, job_id, waited_s
 
 
 class RemoteClient:
@@ -53,6 +64,7 @@ class RemoteClient:
         self.server = server
         self.channel = serde.open_channel(server, **self._tls)
         self.rounds_done: list[int] = []
+        self.last_round = 0  # the latest round the service reported (open or closed)
 
     def _follow_shard(self, info: serde.JobInfo) -> None:
         """Move to this client's own shard (the one that accepts its uploads)."""
@@ -62,6 +74,22 @@ class RemoteClient:
         if mine != self.server:
             self.channel.close()
             self.server, self.channel = mine, serde.open_channel(mine, **self._tls)
+
+    def wait_until_reachable(self, timeout_s: float) -> None:
+        """Block until the service's channel connects (gRPC's own reconnect back-off, no polling).
+
+        Raises:
+            ServiceUnreachableError: nothing answered at the address within `timeout_s`.
+        """
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ServiceUnreachableError(self.server, self.job_id, timeout_s) from None
+
+    def missed_rounds(self) -> list[int]:
+        """Rounds of the job up to the latest one seen that this client did not train in."""
+        done = set(self.rounds_done)
+        return [r for r in range(1, self.last_round + 1) if r not in done]
 
     def _job(self) -> serde.JobInfo:
         return serde.call_get_job(self.channel, job_id=self.job_id, client_id=self.client_id, token=self.token)
@@ -78,6 +106,7 @@ class RemoteClient:
             try:
                 info = self._job()
                 seen, unreachable_since = True, None
+                self.last_round = max(self.last_round, info.round)
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
