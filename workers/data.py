@@ -19,12 +19,16 @@ __all__ = [
     "DatasetMissingError",
     "Dataset",
     "Partition",
+    "check_dataset_files",
     "load_dataset",
     "load_japanese_vowels",
     "partition",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -78,9 +82,7 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     root = Path(data_dir) if data_dir else DEBIAN_FASHION_MNIST
-    parts = [_read_idx(_find_idx(root, f)) for f in (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-    )]
+    parts = [_read_idx(_find_idx(root, f)) for f in _FASHION_MNIST_FILES]
     xtr, ytr, xte, yte = parts
     # Fashion-MNIST pixel mean 72.94 and std 90.02 (of 0-255): standardize, SGD converges faster.
     return Dataset("fashion-mnist", xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), 10, 1 / 90.02, -72.94 / 90.02)
@@ -172,6 +174,20 @@ def load_japanese_vowels(data_dir: str | os.PathLike | None = None) -> Dataset:
     ytr = np.array([index[v] for v in ltr], dtype=np.int64)
     yte = np.array([index[v] for v in lte], dtype=np.int64)
     return Dataset("japanese-vowels", xtr, ytr, xte, yte, len(classes), 1.0, 0.0)
+
+
+def check_dataset_files(name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Check that the data set's files are where `load_dataset` looks, without reading them.
+
+    Raises:
+        DatasetMissingError: a file is missing (the message says how to get it).
+    """
+    if name == "fashion-mnist":
+        root = Path(data_dir) if data_dir else DEBIAN_FASHION_MNIST
+        for f in _FASHION_MNIST_FILES:
+            _find_idx(root, f)
+    elif name == "japanese-vowels":
+        _find_ts(data_dir)
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
