@@ -86,7 +86,7 @@ def npz_data(path: str, num_classes: int):
 def run_client(a: argparse.Namespace) -> int:
     import grpc
 
-    from fedray.workers.remote import RemoteClient
+    from fedray.workers.remote import LocalDataError, RemoteClient
 
     if not a.token:
         print("fedray client: error: no token; pass --token or set FEDRAY_CLIENT_TOKEN", file=sys.stderr)
@@ -103,6 +103,9 @@ def run_client(a: argparse.Namespace) -> int:
     except grpc.RpcError as e:
         print(f"fedray client: error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
+    except LocalDataError as e:
+        print(f"fedray client: error: {e}", file=sys.stderr)
+        return 2
     finally:
         client.close()
     print(_outcome(a.client_id, done, client.missed_rounds()))

@@ -46,3 +46,33 @@ def test_connect_timeout_must_be_positive(capsys):
     rc = main(["client", "--server", "127.0.0.1:1", "--job-id", "j", "--client-id", "1", "--token", "t",
                "--connect-timeout-s", "0"])
     assert rc == 2 and "--connect-timeout-s must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_local_data_that_does_not_fit_the_jobs_model_is_a_one_line_error(tmp_path, capsys):
+    """A live shard of a digits job (8x8 inputs): a client whose .npz has 5 features per example
+    gets one line saying what does not fit, not a torch traceback."""
+    import json
+
+    from fedray.orchestrator.service import AggregationCore, create_server
+    from fedray.orchestrator.spec import DataSpec, JobSpec, ModelSpec
+    from fedray.proto.auth import client_token
+    from fedray.workers.broadcast import make_broadcast
+    from fedray.workers.models import build_model, get_params
+
+    spec = JobSpec(data=DataSpec(dataset="digits"), model=ModelSpec(kind="mlp", hidden=(16,)))
+    params = get_params(build_model("mlp", (8, 8), 10, (16,)))
+    core = AggregationCore(job_id="job-f", secret="s", shapes={k: tuple(v.shape) for k, v in params.items()},
+                           spec_json=json.dumps(spec.to_dict()), num_rounds=1)
+    server, port = create_server(core, "127.0.0.1:0")
+    core.open_round(1, make_broadcast(params, codec="identity", codec_params={}, round=1))
+    npz = tmp_path / "five.npz"
+    np.savez(npz, x=np.zeros((8, 5), np.float32), y=np.zeros(8, np.int64))
+    try:
+        rc = main(["client", "--server", f"127.0.0.1:{port}", "--job-id", "job-f", "--client-id", "2",
+                   "--token", client_token("s", "job-f", 2), "--data-npz", str(npz), "--timeout", "30"])
+    finally:
+        server.stop(None)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert last.startswith("fedray client: error: local data of shape (5,) per example with 10 classes does not "
+                           "fit the job's model"), last

@@ -21,7 +21,7 @@ from .client import client_seed, decode_model, upload_with_retry
 from .models import build_model, get_params, set_params
 from .train import TrainConfig, train_local
 
-__all__ = ["LocalData", "RemoteClient", "ServiceUnreachableError"]
+__all__ = ["LocalData", "LocalDataError", "RemoteClient", "ServiceUnreachableError"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,22 @@ class ServiceUnreachableError(ConnectionError):
             "check --server and that the job is running, or raise --connect-timeout-s"
         )
         self.address, self.job_id, self.waited_s = address, job_id, waited_s
+
+
+class LocalDataError(ValueError):
+    """The client's local data does not fit the job's model (feature shape or number of classes)."""
+
+
+def _check_fits(model, start: dict, data: LocalData) -> None:
+    """The model built for the local data must have the job's parameter shapes."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, v in start.items():
+        if own.get(k) != tuple(v.shape):
+            raise LocalDataError(
+                f"local data of shape {tuple(data.x.shape[1:])} per example with {data.num_classes} classes does not "
+                f"fit the job's model ({k} is {tuple(v.shape)} in the job, {own.get(k)} here): give examples "
+                "shaped like the job's data set and its number of classes"
+            )
 
 
 class RemoteClient:
@@ -137,6 +153,7 @@ class RemoteClient:
                                      token=self.token)
         start = decode_model(stages[-1].tensors, comp["broadcast"], comp["broadcast_params"])
         model = build_model(m["kind"], self.data.x.shape[1:], self.data.num_classes, m["hidden"])
+        _check_fits(model, start, self.data)
         set_params(model, start)
         seed = client_seed(spec.get("seed", 0), info.round, self.client_id)
         cfg = TrainConfig(**{k: tr[k] for k in TrainConfig.model_fields})
