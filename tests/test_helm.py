@@ -294,6 +294,10 @@ def test_rayjob_runs_the_job_spec_from_values(render):
     args = build_parser().parse_args(job["spec"]["entrypoint"].split()[1:])  # every argument is fedray's
     assert (args.cmd, args.spec, args.json_path) == ("run", "/etc/fedray/job.yaml", "/tmp/fedray-result.json")
     assert job["spec"]["activeDeadlineSeconds"] == 7200
+    assert "aggregation" in _groups(docs)
+    for group in _groups(docs).values():
+        # KubeRay submits the RayJob only once every pod is Ready; a shard serves only once it runs.
+        assert "readinessProbe" not in _container(group["template"])
     (config,) = [c for c in _by_kind(docs, "ConfigMap") if "job.yaml" in c["data"]]
     expected = yaml.safe_load(value_file.read_text())["rayJob"]["jobSpec"]
     assert yaml.safe_load(config["data"]["job.yaml"]) == expected
