@@ -128,6 +128,23 @@ def load_builtin_dataset(name: str, data_dir: str | None = None, seed: int = 0):
     return loaders[name]()
 
 
+def check_builtin_dataset_files(name: str, data_dir: str | None = None) -> None:
+    """Check that a built-in data set's files are where its loader looks, without reading them
+    (`digits` ships inside scikit-learn).
+
+    Raises:
+        DatasetMissingError: a file is missing (the message says how to get it).
+    """
+    from fedray.workers import data as d
+
+    checks: dict[str, Callable[[], Any]] = {
+        "fashion-mnist": lambda: d.check_fashion_mnist_files(data_dir),
+        "japanese-vowels": lambda: d.check_japanese_vowels_files(data_dir),
+    }
+    if name in checks:
+        checks[name]()
+
+
 def _model_kinds():
     from fedray.workers import models as m
 

@@ -42,23 +42,27 @@ def _hidden(text: str) -> tuple[int, ...]:
 def _demo_parser(sub) -> None:
     d = JobSpec()
     p = sub.add_parser("demo", help="run the main job: federated training on an embedded local Ray")
-    p.add_argument("--dataset", choices=DATASETS, default=d.data.dataset)
+    p.add_argument("--dataset", choices=DATASETS, default=d.data.dataset,
+                   help="the bundled data set the clients' slices come from")
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--clients", type=int, default=d.data.num_clients, help="population size")
-    p.add_argument("--clients-per-round", type=int, default=d.training.clients_per_round)
-    p.add_argument("--rounds", type=int, default=d.training.rounds)
-    p.add_argument("--local-epochs", type=int, default=d.training.local_epochs)
-    p.add_argument("--batch-size", type=int, default=d.training.batch_size)
-    p.add_argument("--lr", type=float, default=d.training.lr)
-    p.add_argument("--momentum", type=float, default=d.training.momentum)
+    p.add_argument("--clients-per-round", type=int, default=d.training.clients_per_round,
+                   help="clients sampled each round")
+    p.add_argument("--rounds", type=int, default=d.training.rounds, help="training rounds")
+    p.add_argument("--local-epochs", type=int, default=d.training.local_epochs, help="epochs each client trains")
+    p.add_argument("--batch-size", type=int, default=d.training.batch_size, help="client minibatch size")
+    p.add_argument("--lr", type=float, default=d.training.lr, help="client SGD learning rate")
+    p.add_argument("--momentum", type=float, default=d.training.momentum, help="client SGD momentum")
     p.add_argument("--hidden", type=_hidden, default=d.model.hidden, help="MLP hidden widths, e.g. 200 or 256,128")
-    p.add_argument("--partition", choices=PARTITIONS, default=d.data.partition)
+    p.add_argument("--partition", choices=PARTITIONS, default=d.data.partition,
+                   help="how examples are split among clients")
     p.add_argument("--alpha", type=float, default=d.data.alpha, help="Dirichlet concentration")
     p.add_argument("--codec", default=d.compression.codec, help="upload codec (see `fedray codecs`)")
     p.add_argument("--broadcast", default=d.compression.broadcast, help="download codec")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice of the job")
     p.add_argument("--workers", type=int, default=0, help="worker actors (0: one per CPU)")
-    p.add_argument("--clients-per-call", type=int, default=d.resources.clients_per_call)
+    p.add_argument("--clients-per-call", type=int, default=d.resources.clients_per_call,
+                   help="clients a worker actor trains per Ray call")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker actor (workers then train on CUDA)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
@@ -67,15 +71,17 @@ def _demo_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--model", choices=MODELS, default=d.model.kind,
                    help="cnn: --hidden C1,C2,FC; conv1d, gru: for japanese-vowels")
-    p.add_argument("--codec-params", type=_json_map, default={}, help='upload codec params as JSON, e.g. \'{"bits": 4}\'')
+    p.add_argument("--codec-params", type=_json_map, default={}, help='upload codec params as JSON, e.g. \'{"granularity": "channel"}\' for the default int8 '
+                        '(with --codec qsgd: \'{"levels": 16}\'; see `fedray codecs`)')
     p.add_argument("--broadcast-params", type=_json_map, default={},
                    help='download codec params as JSON; P2U: \'{"stage_bits": [4, 4], "start_after": 0}\'')
     p.add_argument("--strategy", default="fedavg", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, ...")
-    p.add_argument("--server-lr", type=float, default=None)
+    p.add_argument("--server-lr", type=float, default=None, help="server learning rate (FedAvgM, FedAdam, ...)")
     p.add_argument("--shards", type=int, default=1, help="aggregation shards (gRPC servers)")
     p.add_argument("--keep-rate", type=_rates, default=None,
                    help="Federated Dropout keep rate(s), e.g. 0.75 or 0.5,0.75,1 (drawn per client)")
-    p.add_argument("--dropout-policy", choices=["random", "prefix", "rolling"], default="random")
+    p.add_argument("--dropout-policy", choices=["random", "prefix", "rolling"], default="random",
+                   help="Federated Dropout: which units each client keeps")
     p.add_argument("--omc-bits", type=int, default=None, help="OMC: train with parameters stored at this many bits")
     p.add_argument("--dp-noise", type=float, default=None, help="differential privacy: noise multiplier")
     p.add_argument("--dp-clip", type=float, default=1.0, help="differential privacy: update clip norm")
@@ -153,6 +159,75 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
     )
 
 
+# The YAML field each `fedray demo` flag sets: errors about the field name the flag instead.
+_DEMO_FLAGS = {
+    "data.dataset": "--dataset", "data.data_dir": "--data-dir", "data.num_clients": "--clients",
+    "data.partition": "--partition", "data.alpha": "--alpha", "model.kind": "--model", "model.hidden": "--hidden",
+    "training.rounds": "--rounds", "training.clients_per_round": "--clients-per-round",
+    "training.local_epochs": "--local-epochs", "training.batch_size": "--batch-size", "training.lr": "--lr",
+    "training.momentum": "--momentum", "compression.codec_params": "--codec-params", "compression.codec": "--codec",
+    "compression.broadcast_params": "--broadcast-params", "compression.broadcast": "--broadcast", "seed": "--seed",
+    "resources.num_workers": "--workers", "resources.clients_per_call": "--clients-per-call",
+    "resources.num_cpus": "--num-cpus", "resources.shards": "--shards", "resources.gpus_per_worker": "--gpus-per-worker",
+    "strategy.name": "--strategy", "strategy.server_lr": "--server-lr", "dropout.keep_rates": "--keep-rate",
+    "dropout.policy": "--dropout-policy", "omc.bits": "--omc-bits", "privacy.noise_multiplier": "--dp-noise",
+    "privacy.clip_norm": "--dp-clip", "pruning.target": "--prune-target", "pruning.end_round": "--prune-end",
+    "population.over_select": "--over-select", "population.deadline_s": "--deadline",
+}
+
+
+def _as_flag_error(e: SpecError) -> SpecError:
+    """`training.rounds: must be ...` becomes `--rounds: must be ...` (longest matching field)."""
+    import re
+
+    path, sep, rest = str(e).partition(": ")
+    fields = sorted(_DEMO_FLAGS, key=len, reverse=True)
+    for field in fields:
+        if sep and (path == field or path.startswith(field + ".") or path.startswith(field + "[")):
+            for other in fields:  # "... more than data.num_clients=1000" -> "... more than --clients=1000"
+                rest = re.sub(rf"(?<![\w.]){re.escape(other)}(?![\w])", _DEMO_FLAGS[other], rest)
+            return SpecError(f"{_DEMO_FLAGS[field]}: {rest}")
+    return e
+
+
+def demo_spec(a: argparse.Namespace) -> JobSpec:
+    """The demo's job spec, codecs checked; errors name the flag to change.
+
+    Raises:
+        SpecError: e.g. `--rounds: must be an integer >= 1, got 0`.
+    """
+    try:
+        spec = spec_from_demo_args(a)
+        spec.check_plugins()
+    except SpecError as e:
+        raise _as_flag_error(e) from None
+    return spec
+
+
+def check_data_folder(spec: JobSpec) -> None:
+    """`data.data_dir`, when set, must be a folder here holding the data set's files (checked by
+    `fedray validate` before a job starts, not when its first client loads data).
+
+    Raises:
+        SpecError: naming data.data_dir and what to change.
+    """
+    from pathlib import Path
+
+    from fedray.builtin_tasks import check_builtin_dataset_files
+    from fedray.workers.data import DatasetMissingError
+
+    d = spec.data.data_dir
+    if d is None or (spec.task is not None and spec.task.target is not None):
+        return
+    if not Path(d).is_dir():
+        raise SpecError(f"data.data_dir: no folder {d!r} on this machine; fix the path, or leave data_dir unset "
+                        "to use the installed data set")
+    try:
+        check_builtin_dataset_files(spec.data.dataset, d)
+    except DatasetMissingError as e:
+        raise SpecError(f"data.data_dir: {e}") from None
+
+
 def _run(
     spec: JobSpec, *, json_path: str | None, quiet: bool, dashboard: bool = False, out: str | None = None,
     emit_result: bool = False, resume: bool = False, base_dir: str | None = None,
@@ -194,25 +269,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _demo_parser(sub)
     r = sub.add_parser("run", help="run a job spec (YAML) on an embedded Ray, or on RAY_ADDRESS's cluster")
-    r.add_argument("spec")
-    r.add_argument("--json", dest="json_path", default=None)
+    r.add_argument("spec", help="the job spec (YAML)")
+    r.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
     r.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
     r.add_argument("--emit-result", action="store_true",
                    help="end with a FEDRAY_RESULT line (summary JSON) for `fedray result` of submitted jobs")
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in the spec's checkpoint_dir (after a crash or kill)")
     r.add_argument("--checkpoint-dir", default=None, help="checkpoint after every round here (overrides the spec)")
     _tracking_flags(r)
     v = sub.add_parser("validate", help="check a job spec and print it with defaults filled in")
-    v.add_argument("spec")
+    v.add_argument("spec", help="the job spec (YAML)")
     sc = sub.add_parser("schema", help="print the JSON Schema of a job spec (or write it with --out)")
     sc.add_argument("--out", default=None, help="write the schema to this file instead of printing it")
     sub.add_parser("codecs", help="list the registered codecs")
     _remote_parsers(sub)
     realclient_cli.add_parsers(sub)
     cluster.add_parser(sub)
+    _show_defaults(parser)
     return parser
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or no_default or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """`--help` of fedray and of each command shows defaults."""
+    parser.formatter_class = _DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in action.choices.values():
+                p.formatter_class = _DefaultsFormatter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if a.cmd == "demo":
-            return _run(_with_tracking(spec_from_demo_args(a), a), json_path=a.json_path, quiet=a.quiet,
+            return _run(_with_tracking(demo_spec(a), a), json_path=a.json_path, quiet=a.quiet,
                         dashboard=a.dashboard, out=a.out)
         if a.cmd == "run":
             spec = JobSpec.from_yaml(a.spec)
@@ -250,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             spec = JobSpec.from_yaml(a.spec)
             spec.check_plugins()
+            check_data_folder(spec)
             task = prepare_task(spec, base_dir=_spec_dir(a.spec))  # imports task.target, checks it against the spec
             print(spec.to_yaml(), end="")
             print(f"# task: {task.describe()}, {task.num_clients()} clients", file=sys.stderr)
@@ -312,7 +409,8 @@ def _remote_parsers(sub) -> None:
     }
     for name in _REMOTE:
         p = sub.add_parser(name, help=helps[name])
-        p.add_argument("spec" if name == "submit" else "job_id", metavar="JOB.yaml" if name == "submit" else "JOB_ID")
+        p.add_argument("spec" if name == "submit" else "job_id", metavar="JOB.yaml" if name == "submit" else "JOB_ID",
+                       help="the job spec (YAML)" if name == "submit" else "the id `fedray submit` printed")
         p.add_argument("--address", default=addr, help="Ray dashboard URL (default: $FEDRAY_ADDRESS or %(default)s)")
         p.add_argument("--token", default=None, help="Ray auth token (default: $RAY_AUTH_TOKEN or ~/.ray/auth_token)")
         if name in ("submit", "logs"):
@@ -327,7 +425,7 @@ def _remote_parsers(sub) -> None:
             p.add_argument("--py-module", action="append", default=[],
                            help="a package folder or wheel to ship onto the cluster's import path (repeatable)")
         if name == "wait":
-            p.add_argument("--timeout", type=float, default=3600.0)
+            p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
         if name == "result":
             p.add_argument("--json", dest="json_path", default=None, help="write the summary JSON here")
 
@@ -349,13 +447,14 @@ def _remote(a: argparse.Namespace) -> int:
             job_id = client.submit(a.spec, code_dir=a.code_dir, py_modules=a.py_module)
             print(job_id, flush=True)
             if a.follow:
-                _print_chunks(client.logs(job_id, follow=True))
+                _print_chunks(_readable_result(client.logs(job_id, follow=True)))
                 return _exit_for(client.status(job_id))
             return 0
         if a.cmd == "status":
             print(client.status(a.job_id))
         elif a.cmd == "logs":
-            _print_chunks(client.logs(a.job_id, follow=a.follow))
+            logs = client.logs(a.job_id, follow=a.follow)
+            _print_chunks(_readable_result(logs) if a.follow else logs)
         elif a.cmd == "stop":
             print("stop requested" if client.stop(a.job_id) else "job was not running")
         elif a.cmd == "wait":
@@ -374,6 +473,38 @@ def _print_chunks(chunks) -> None:
     for chunk in chunks:
         sys.stdout.write(chunk)
         sys.stdout.flush()
+
+
+def _readable_result(chunks):
+    """Log chunks with the job's FEDRAY_RESULT line (one line of summary JSON, for `fedray result`)
+    replaced by the summary `fedray run` prints (`format_summary`)."""
+    from .client import RESULT_MARKER
+
+    pending = ""
+    for chunk in chunks:
+        pending += chunk
+        lines = pending.split("\n")
+        pending = lines.pop()  # the unfinished last line waits for the next chunk
+        if lines:
+            yield "".join(_summary_text(ln[len(RESULT_MARKER):]) if ln.startswith(RESULT_MARKER) else ln + "\n"
+                          for ln in lines)
+    if pending:
+        yield _summary_text(pending[len(RESULT_MARKER):]) if pending.startswith(RESULT_MARKER) else pending
+
+
+def _summary_text(payload: str) -> str:
+    import json
+
+    from .client import RESULT_MARKER
+    from .engine import JobResult, RoundRecord, format_summary
+
+    try:
+        s = json.loads(payload)
+        result = JobResult(s["job_id"], JobSpec.from_dict(s["spec"]), [RoundRecord(**r) for r in s["rounds"]],
+                           wall_s=s["wall_s"])
+    except (ValueError, KeyError, TypeError, SpecError):  # not a summary this fedray reads: show it as is
+        return RESULT_MARKER + payload + "\n"
+    return format_summary(result) + "\n"
 
 
 def _exit_for(status) -> int:

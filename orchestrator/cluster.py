@@ -210,7 +210,7 @@ def cluster_down(*, temp_dir: str = DEFAULT_TEMP_DIR) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("cluster", help="start or stop a local Ray head from fedray's own environment",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("action", choices=["up", "down"], help="up: start a local Ray head from this environment; down: stop the one up started")
     p.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR, help="Ray's temp dir; also where the head is recorded")
     p.add_argument("--port", type=int, default=6379, help="GCS port (up)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and Job Submission API port (up)")

@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -32,6 +32,7 @@ from fedray.compression.codec import Codec, UnknownCodecError
 from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import verify_token
+from fedray.proto.health import StandardHealth, add_standard_health
 
 from fedray.compression.fd import CountedSum, SubnetSpec, keep_rate_for
 from fedray.config import ServiceLimits
@@ -89,7 +90,8 @@ class DuplicateUpdateError(ServiceError):
 
 
 class OverloadedError(ServiceError):
-    """Too many uploads in flight; retry after a back-off (sent as the retry-after-ms trailer)."""
+    """Too many uploads in flight; retry after a back-off (sent as the grpc-retry-pushback-ms and
+    retry-after-ms trailers)."""
 
     def __init__(self, msg: str, retry_after_ms: int = 50) -> None:
         super().__init__(msg)
@@ -212,6 +214,7 @@ class AggregationCore:
         self._num_rounds = num_rounds
         self._last_round = 0
         self._finished = False
+        self._finish_listeners: list[Callable[[], None]] = []
         self._open_wait_s = 5.0  # the gap between a round's open and its first upload is milliseconds
         self._secret = secret
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
@@ -276,6 +279,18 @@ class AggregationCore:
             self._finished = True
             self._state = None
             self._cond.notify_all()
+            listeners, self._finish_listeners = self._finish_listeners, []
+        for fn in listeners:
+            fn()
+
+    def on_finish(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once when the job finishes (now, if it has): the standard health check's
+        NOT_SERVING follows the job's end as fedray's own Health does."""
+        with self._cond:
+            if not self._finished:
+                self._finish_listeners.append(fn)
+                return
+        fn()
 
     def close_round(self, round: int) -> dict:
         """Close the round; return its collector (`agg`: a partial sum, or the buffered updates of
@@ -653,21 +668,26 @@ def create_server(
         server, core, job_id=core.job_id, status_of=status_of, watchdog=watchdog,
         max_header_bytes=header, max_batch_updates=lim.max_batch_updates,
     )
+    standard = add_standard_health(server)  # grpc.health.v1, for Kubernetes probes and load balancers
     port = server.add_secure_port(address, tls.server_credentials()) if tls else server.add_insecure_port(address)
     if port == 0:
         watchdog.stop()
         raise RuntimeError(f"could not bind the aggregation service to {address}")
     server.start()
-    return _Server(server, watchdog), port
+    standard.serving()
+    core.on_finish(standard.not_serving)
+    return _Server(server, watchdog, standard), port
 
 
 class _Server:
-    """A started `grpc.Server` with its stream watchdog; `stop` stops both."""
+    """A started `grpc.Server` with its stream watchdog and standard health; `stop` stops both
+    and answers NOT_SERVING to the standard health check while the server drains."""
 
-    def __init__(self, server: grpc.Server, watchdog: StreamWatchdog) -> None:
-        self._server, self.watchdog = server, watchdog
+    def __init__(self, server: grpc.Server, watchdog: StreamWatchdog, standard: StandardHealth) -> None:
+        self._server, self.watchdog, self.standard_health = server, watchdog, standard
 
     def stop(self, grace: float | None = None):
+        self.standard_health.shutdown()
         self.watchdog.stop()
         return self._server.stop(grace)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ._generated import aggregation_pb2 as pb
 from ._generated import aggregation_pb2_grpc as pb_grpc
 
 __all__ = [
+    "CHANNEL_OPTIONS",
     "CHUNK_BYTES",
     "GRPC_OPTIONS",
     "TOKEN_METADATA_KEY",
@@ -55,12 +57,24 @@ __all__ = [
 # (research/environment.md).
 CHUNK_BYTES = 1 << 20
 TOKEN_METADATA_KEY = "x-fedray-token"
-RETRY_AFTER_KEY = "retry-after-ms"
+RETRY_AFTER_KEY = "retry-after-ms"  # fedray's own back-off hint, kept for older clients
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's standard one (read by gRPC's own retries)
 # Chunks are about 1 MB, so 8 MiB leaves room for headers with many tensors.
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
 )
+# Unary calls that are safe to replay (GetJob, Health) are retried by gRPC itself on UNAVAILABLE
+# (a shard restarting, a connection reset), honouring the server's push-back. Uploads are client
+# streams of ~1 MiB chunks that gRPC cannot replay once sent: `upload_with_retry` retries those.
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "fedray.v1.Aggregation", "method": m} for m in ("GetJob", "Health")],
+    "retryPolicy": {
+        "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    },
+}]})
+CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG))
 
 
 @dataclass(frozen=True)
@@ -137,10 +151,10 @@ def open_channel(
 ) -> grpc.Channel:
     """A channel to the service: plaintext, or TLS when `ca_file` is given (mutual with cert and key)."""
     if ca_file is None:
-        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     read = lambda f: open(f, "rb").read() if f else None  # noqa: E731
     creds = grpc.ssl_channel_credentials(read(ca_file), read(key_file), read(cert_file))
-    opts = GRPC_OPTIONS + ((("grpc.ssl_target_name_override", server_name),) if server_name else ())
+    opts = CHANNEL_OPTIONS + ((("grpc.ssl_target_name_override", server_name),) if server_name else ())
     return grpc.secure_channel(address, creds, options=opts)
 
 
@@ -153,9 +167,10 @@ def shard_index(client_id: int, num_shards: int) -> int:
 
 
 def retry_after_ms(err: grpc.RpcError) -> int | None:
-    """The server's back-off hint on RESOURCE_EXHAUSTED, if it sent one."""
+    """The server's back-off hint (gRPC's `grpc-retry-pushback-ms` or fedray's `retry-after-ms`
+    trailer), if it sent one."""
     for k, v in (err.trailing_metadata() or ()):
-        if k == RETRY_AFTER_KEY:
+        if k in (PUSHBACK_KEY, RETRY_AFTER_KEY):
             try:
                 return int(v)
             except ValueError:
@@ -868,7 +883,7 @@ class _Servicer(pb_grpc.AggregationServicer):
             raise e
         hint = getattr(e, "retry_after_ms", None)
         if hint is not None:
-            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(hint))),))
+            context.set_trailing_metadata(((PUSHBACK_KEY, str(int(hint))), (RETRY_AFTER_KEY, str(int(hint)))))
         context.abort(code, _message(str(e)))
 
     def Upload(self, request_iterator, context):

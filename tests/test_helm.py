@@ -248,6 +248,11 @@ def test_aggregation_group_carries_the_ray_resource_and_the_service_selects_only
         assert (selector <= labels) == (name == "aggregation"), name
     grpc = [p for p in _container(groups["aggregation"]["template"])["ports"] if p["name"] == "grpc"]
     assert grpc == [{"name": "grpc", "containerPort": 50051}]
+    # The kubelet asks the shard's standard gRPC health service (grpc.health.v1) on that port;
+    # only the aggregation pods have one.
+    assert _container(groups["aggregation"]["template"])["readinessProbe"]["grpc"] == {"port": 50051}
+    for name, group in groups.items():
+        assert ("readinessProbe" in _container(group["template"])) == (name == "aggregation"), name
 
 
 def test_tls_key_on_aggregation_pods_and_the_ca_everywhere(render):
@@ -255,6 +260,7 @@ def test_tls_key_on_aggregation_pods_and_the_ca_everywhere(render):
     groups = _groups(docs)
     agg = groups["aggregation"]["template"]
     assert agg["spec"]["volumes"] == [{"name": "fedray-tls", "secret": {"secretName": "fedray-aggregator-tls"}}]
+    assert "readinessProbe" not in _container(agg)  # the kubelet's gRPC probe cannot speak TLS
     assert _container(agg)["volumeMounts"] == [
         {"name": "fedray-tls", "mountPath": "/etc/fedray/tls", "readOnly": True}
     ]
@@ -288,6 +294,10 @@ def test_rayjob_runs_the_job_spec_from_values(render):
     args = build_parser().parse_args(job["spec"]["entrypoint"].split()[1:])  # every argument is fedray's
     assert (args.cmd, args.spec, args.json_path) == ("run", "/etc/fedray/job.yaml", "/tmp/fedray-result.json")
     assert job["spec"]["activeDeadlineSeconds"] == 7200
+    assert "aggregation" in _groups(docs)
+    for group in _groups(docs).values():
+        # KubeRay submits the RayJob only once every pod is Ready; a shard serves only once it runs.
+        assert "readinessProbe" not in _container(group["template"])
     (config,) = [c for c in _by_kind(docs, "ConfigMap") if "job.yaml" in c["data"]]
     expected = yaml.safe_load(value_file.read_text())["rayJob"]["jobSpec"]
     assert yaml.safe_load(config["data"]["job.yaml"]) == expected
@@ -371,8 +381,13 @@ def _job_specs_in_docs() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def test_every_job_spec_in_values_files_and_docs_passes_fedray_validate(tmp_path):
+def test_every_job_spec_in_values_files_and_docs_passes_fedray_validate(tmp_path, monkeypatch):
     from fedray.orchestrator.cli import main
+
+    # a docs spec naming a user's task module ("cnn_task:FashionCNN") validates where that module
+    # lives, as `fedray validate` would next to the user's code: the example folder that has it
+    for folder in sorted(p.parent for p in (ROOT / "examples").glob("*/*.py")):
+        monkeypatch.syspath_prepend(str(folder))
 
     specs = []
     for f in [CHART / "values.yaml", *CI_FILES]:

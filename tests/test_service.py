@@ -334,6 +334,8 @@ def test_uploads_past_the_inflight_limit_get_resource_exhausted_and_retry():
         _send(ch, _msgs(_update(3), client_id=3), client_id=3)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert serde.retry_after_ms(e.value) and "in flight" in e.value.details()
+    trailers = dict(e.value.trailing_metadata())  # gRPC's standard push-back and fedray's own hint
+    assert trailers["grpc-retry-pushback-ms"] == trailers["retry-after-ms"] == "50"
     threading.Timer(0.3, go.set).start()
     ack = upload_with_retry(ch, _msgs(_update(3), client_id=3), client_token(SECRET, JOB, 3), tries=20)
     for t in threads:
@@ -409,3 +411,29 @@ def test_an_upload_that_beats_the_round_open_waits_for_it():
 def _upload_in_process_round(core, rnd, cid=1):
     msgs = _msgs(_update(cid), client_id=cid, round=rnd)
     return core.upload(serde._header(msgs[0].header), ((m.offset, m.data) for m in msgs), client_token(SECRET, JOB, cid))
+
+
+def test_unary_calls_are_retried_by_the_channel_after_the_servers_pushback(monkeypatch):
+    """GetJob refused once with UNAVAILABLE and a 300 ms push-back: the channel's retryPolicy
+    (serde.open_channel) replays it after the push-back, with no retry loop of fedray's own."""
+    from fedray.orchestrator.service import RoundNotOpenYetError
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
+    server, port = create_server(core, "127.0.0.1:0")
+    calls, real = [], core.get_job
+
+    def flaky(*args, **kw):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            e = RoundNotOpenYetError("warming up")
+            e.retry_after_ms = 300
+            raise e
+        return real(*args, **kw)
+
+    monkeypatch.setattr(core, "get_job", flaky)
+    ch = serde.open_channel(f"127.0.0.1:{port}")
+    info = serde.call_get_job(ch, job_id=JOB, client_id=1, token=client_token(SECRET, JOB, 1))
+    assert info.job_id == JOB and len(calls) == 2
+    assert calls[1] - calls[0] >= 0.25  # the server's push-back, not the policy's 0.1 s back-off
+    ch.close()
+    server.stop(None)

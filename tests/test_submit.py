@@ -169,6 +169,8 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
 
     rc, out = fedray("logs", cli_jid, "--follow")
     assert rc == 0 and "round 10/10: accuracy" in out, out[-3000:]
+    # It ends with the summary `fedray run` prints, not the FEDRAY_RESULT line of JSON.
+    assert "  final accuracy " in out and "FEDRAY_RESULT" not in out, out[-3000:]
     assert fedray("status", cli_jid) == (0, "SUCCEEDED\n")
     out_json = tmp_path / "cli-result.json"
     rc, out = fedray("result", cli_jid, "--json", str(out_json))

@@ -22,12 +22,17 @@ __all__ = [
     "Dataset",
     "Partition",
     "as_arrays",
+    "check_fashion_mnist_files",
+    "check_japanese_vowels_files",
     "load_dataset",
     "load_japanese_vowels",
     "partition",
 ]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -132,9 +137,7 @@ def _find_idx(root: Path, stem: str) -> Path:
 
 def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     root = Path(data_dir) if data_dir else DEBIAN_FASHION_MNIST
-    parts = [_read_idx(_find_idx(root, f)) for f in (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-    )]
+    parts = [_read_idx(_find_idx(root, f)) for f in _FASHION_MNIST_FILES]
     xtr, ytr, xte, yte = parts
     # Fashion-MNIST pixel mean 72.94 and std 90.02 (of 0-255): standardize, SGD converges faster.
     return Dataset("fashion-mnist", xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), 10, 1 / 90.02, -72.94 / 90.02)
@@ -226,6 +229,26 @@ def load_japanese_vowels(data_dir: str | os.PathLike | None = None) -> Dataset:
     ytr = np.array([index[v] for v in ltr], dtype=np.int64)
     yte = np.array([index[v] for v in lte], dtype=np.int64)
     return Dataset("japanese-vowels", xtr, ytr, xte, yte, len(classes), 1.0, 0.0)
+
+
+def check_fashion_mnist_files(data_dir: str | os.PathLike | None = None) -> None:
+    """Check that the Fashion-MNIST files are where `load_fashion_mnist` looks, without reading them.
+
+    Raises:
+        DatasetMissingError: a file is missing (the message says how to get it).
+    """
+    root = Path(data_dir) if data_dir else DEBIAN_FASHION_MNIST
+    for f in _FASHION_MNIST_FILES:
+        _find_idx(root, f)
+
+
+def check_japanese_vowels_files(data_dir: str | os.PathLike | None = None) -> None:
+    """Check that the JapaneseVowels files are where `load_japanese_vowels` looks.
+
+    Raises:
+        DatasetMissingError: a file is missing (the message says how to get it).
+    """
+    _find_ts(data_dir)
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:

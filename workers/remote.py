@@ -26,7 +26,7 @@ from .client import TrainerSetup, upload_with_retry
 from .data import ArrayDataset
 from .step import ClientStep, StepOutput
 
-__all__ = ["LocalData", "RealClient", "RemoteClient", "ServiceLink"]
+__all__ = ["LocalData", "LocalDataError", "RealClient", "RemoteClient", "ServiceLink", "ServiceUnreachableError"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,21 @@ class LocalData:
     shift: float = 0.0
 
 
+class ServiceUnreachableError(ConnectionError):
+    """No aggregation service answered at `address` within `waited_s` seconds."""
+
+    def __init__(self, address: str, job_id: str, waited_s: float) -> None:
+        super().__init__(
+            f"no aggregation service answered at {address} within {waited_s:g} s (job {job_id}): "
+            "check --server and that the job is running, or raise --connect-timeout-s"
+        )
+        self.address, self.job_id, self.waited_s = address, job_id, waited_s
+
+
+class LocalDataError(ValueError):
+    """The client's local data does not fit the job's model (feature shape or number of classes)."""
+
+
 class ServiceLink:
     """One real client's connection to a job's aggregation service."""
 
@@ -50,6 +65,7 @@ class ServiceLink:
         self.server = server
         self.channel = serde.open_channel(server, **self._tls)
         self._spec: tuple[str, Any] | None = None
+        self.last_round = 0  # the latest round the service reported (open or closed)
 
     def job(self) -> serde.JobInfo:
         return serde.call_get_job(self.channel, job_id=self.job_id, client_id=self.client_id, token=self.token)
@@ -84,6 +100,7 @@ class ServiceLink:
             try:
                 info = self.job()
                 seen, unreachable_since = True, None
+                self.last_round = max(self.last_round, info.round)
             except grpc.RpcError as e:
                 # CANCELLED: the server stopped while answering (the job's end, like UNAVAILABLE)
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
@@ -120,6 +137,17 @@ class ServiceLink:
 
     def setup(self, spec) -> TrainerSetup:
         return TrainerSetup.from_spec(spec, job_id=self.job_id, device="cpu")
+
+    def wait_until_reachable(self, timeout_s: float) -> None:
+        """Block until the service's channel connects (gRPC's own reconnect back-off, no polling).
+
+        Raises:
+            ServiceUnreachableError: nothing answered at the address within `timeout_s`.
+        """
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise ServiceUnreachableError(self.server, self.job_id, timeout_s) from None
 
     def close(self) -> None:
         self.channel.close()
@@ -200,10 +228,28 @@ class RealClient:
             elif task is None:
                 task = task_for_spec(spec)
             if self.data is not None:
+                _check_fits(task.model(), self.data)
                 task = _LocalDataTask(task, self.data)
             torch.manual_seed(spec.seed)  # the model's initial weights are overwritten every round
             self._step = ClientStep(self.link.setup(spec), task, torch.device("cpu"))
         return self._step
+
+    @property
+    def server(self) -> str:
+        return self.link.server
+
+    @property
+    def job_id(self) -> str:
+        return self.link.job_id
+
+    def wait_until_reachable(self, timeout_s: float) -> None:
+        """See `ServiceLink.wait_until_reachable`."""
+        self.link.wait_until_reachable(timeout_s)
+
+    def missed_rounds(self) -> list[int]:
+        """Rounds of the job up to the latest one seen that this client did not train in."""
+        done = set(self.rounds_done)
+        return [r for r in range(1, self.link.last_round + 1) if r not in done]
 
     def train_round(self, info: serde.JobInfo) -> dict:
         spec = self.link.spec(info)
@@ -214,6 +260,21 @@ class RealClient:
 
     def close(self) -> None:
         self.link.close()
+
+
+def _check_fits(model, data: LocalData) -> None:
+    """The job's model must take the local examples and have an output for every local class."""
+    x = torch.as_tensor(np.asarray(data.x[:1], dtype=np.float32) * data.scale + data.shift)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError:
+        out = None
+    if out is None or out.shape[-1] < data.num_classes:
+        raise LocalDataError(
+            f"local data of shape {tuple(data.x.shape[1:])} per example with {data.num_classes} classes does not "
+            f"fit the job's model: give examples shaped like the job's data set and its number of classes"
+        )
 
 
 RemoteClient = RealClient  # the name earlier releases used

@@ -184,6 +184,16 @@ spec:
         {{- if $agg }}
         - {name: grpc, containerPort: {{ $v.aggregation.grpcPort }}}
         {{- end }}
+      {{- if and $agg (not $tls) (not $v.rayJob.enabled) }}
+      {{- /* grpc.health.v1 on the shard's port: Ready while a shard serves there (the Service then
+      routes to it). None with TLS: the kubelet's gRPC probe speaks plaintext only. None with the
+      RayJob: KubeRay submits it only once every pod is Ready, and a shard serves only once the
+      job runs. */}}
+      readinessProbe:
+        grpc: {port: {{ $v.aggregation.grpcPort }}}
+        periodSeconds: 5
+        failureThreshold: 2
+      {{- end }}
       resources:
         {{- $res := deepCopy ($g.resources | default dict) }}
         {{- if gt (int ($g.gpus | default 0)) 0 }}
