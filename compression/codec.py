@@ -76,6 +76,10 @@ class Codec(abc.ABC):
     # True where `decode` itself refuses any payload whose values would not be finite (it bounds
     # scales and steps, which costs O(groups)), so `decode_checked` can skip its O(n) finiteness pass.
     finite_output: ClassVar[bool] = False
+    # True where `encode` reads or writes `ctx.state` (per-client memory kept across rounds, e.g.
+    # error-feedback residuals): the caller then keeps one `CodecState` per client and encodes
+    # each client on its own. Wrappers report their inner codec's (an instance property).
+    stateful: ClassVar[bool] = False
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor, ctx: CodecContext = CodecContext()) -> Payload: ...
@@ -218,6 +222,10 @@ def get_codec(name: str, **params: Any) -> Codec:
     """
     from . import codecs as _codecs  # noqa: F401  (registers the built-in codecs)
 
+    if name not in _REGISTRY:  # a plug-in's codec: its entry point registers it when imported
+        from fedray.plugins import load_group
+
+        load_group("fedray.codecs")
     try:
         factory = _REGISTRY[name]
     except KeyError:
@@ -232,8 +240,11 @@ def get_codec(name: str, **params: Any) -> Codec:
 
 def available_codecs() -> list[str]:
     """Names of all registered codecs, sorted."""
+    from fedray.plugins import load_group
+
     from . import codecs as _codecs  # noqa: F401
 
+    load_group("fedray.codecs")
     return sorted(_REGISTRY)
 
 

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Sequence
 
+from fedray.builtin_tasks import DATASETS, MODELS, PARTITIONS
+
 from . import realclient_cli
 from .spec import (
     CompressionSpec, DataSpec, DPSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, PopulationSpec, PruningSpec,
@@ -37,7 +39,7 @@ def _hidden(text: str) -> tuple[int, ...]:
 def _demo_parser(sub) -> None:
     d = JobSpec()
     p = sub.add_parser("demo", help="run the main job: federated training on an embedded local Ray")
-    p.add_argument("--dataset", choices=["fashion-mnist", "digits", "japanese-vowels"], default=d.data.dataset)
+    p.add_argument("--dataset", choices=DATASETS, default=d.data.dataset)
     p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
     p.add_argument("--clients", type=int, default=d.data.num_clients, help="population size")
     p.add_argument("--clients-per-round", type=int, default=d.training.clients_per_round)
@@ -47,7 +49,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=d.training.lr)
     p.add_argument("--momentum", type=float, default=d.training.momentum)
     p.add_argument("--hidden", type=_hidden, default=d.model.hidden, help="MLP hidden widths, e.g. 200 or 256,128")
-    p.add_argument("--partition", choices=["iid", "dirichlet"], default=d.data.partition)
+    p.add_argument("--partition", choices=PARTITIONS, default=d.data.partition)
     p.add_argument("--alpha", type=float, default=d.data.alpha, help="Dirichlet concentration")
     p.add_argument("--codec", default=d.compression.codec, help="upload codec (see `fedray codecs`)")
     p.add_argument("--broadcast", default=d.compression.broadcast, help="download codec")
@@ -60,7 +62,7 @@ def _demo_parser(sub) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
     p.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--model", choices=["mlp", "cnn", "conv1d", "gru"], default="mlp",
+    p.add_argument("--model", choices=MODELS, default=d.model.kind,
                    help="cnn: --hidden C1,C2,FC; conv1d, gru: for japanese-vowels")
     p.add_argument("--codec-params", type=_json_map, default={}, help='upload codec params as JSON, e.g. \'{"bits": 4}\'')
     p.add_argument("--broadcast-params", type=_json_map, default={},
@@ -130,7 +132,7 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
 
 def _run(
     spec: JobSpec, *, json_path: str | None, quiet: bool, dashboard: bool = False, out: str | None = None,
-    emit_result: bool = False, resume: bool = False,
+    emit_result: bool = False, resume: bool = False, base_dir: str | None = None,
 ) -> int:
     import ray
 
@@ -140,7 +142,7 @@ def _run(
     try:
         if dashboard:
             print(f"Ray dashboard: http://{ray.get_runtime_context().gcs_address.split(':')[0]}:8265")
-        result = run_job(spec, progress=not quiet, resume=resume)
+        result = run_job(spec, progress=not quiet, resume=resume, base_dir=base_dir)
     finally:
         if started:
             ray.shutdown()
@@ -195,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if a.resume and not spec.checkpoint_dir:
                 raise SpecError("checkpoint_dir: --resume needs a checkpoint_dir in the spec or --checkpoint-dir")
             return _run(spec, json_path=a.json_path, quiet=a.quiet, out=a.out, emit_result=a.emit_result,
-                        resume=a.resume)
+                        resume=a.resume, base_dir=_spec_dir(a.spec))
         if a.cmd == "client":
             return realclient_cli.run_client(a)
         if a.cmd == "token":
@@ -203,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd in _REMOTE:
             return _remote(a)
         if a.cmd == "validate":
-            print(JobSpec.from_yaml(a.spec).to_yaml(), end="")
+            from fedray.api import prepare_task
+
+            spec = JobSpec.from_yaml(a.spec)
+            task = prepare_task(spec, base_dir=_spec_dir(a.spec))  # imports task.target, checks it against the spec
+            print(spec.to_yaml(), end="")
+            print(f"# task: {task.describe()}, {task.num_clients()} clients", file=sys.stderr)
             return 0
         if a.cmd == "codecs":
             from fedray.compression import available_codecs
@@ -214,6 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedray: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _spec_dir(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
 
 
 _REMOTE = ("submit", "status", "logs", "stop", "wait", "result")

@@ -24,20 +24,18 @@ import torch
 from tqdm.auto import tqdm
 
 from fedray.workers.client import TrainerSetup
-from fedray.workers.data import load_dataset, partition
 from fedray.compression.fd import CountedSum, apply_mask, cubic_sparsity, magnitude_mask
 from fedray.compression.omc import quantizable_names
 from fedray.workers.broadcast import decode_broadcast, make_broadcast
-from fedray.workers.models import build_model, get_params, model_layout, num_params, set_params
+from fedray.workers.models import get_params, num_params, set_params
 from fedray.workers.pool import RayPool, default_num_workers
-from fedray.workers.train import TrainConfig, evaluate
 
 from fedray.proto import serde
 from fedray.proto.serde import TLSConfig
 
 from .checkpoint import open_store
 from .metrics import JobMetrics
-from .population import Population, SeededPartition
+from .population import Population
 from .privacy import add_gaussian_noise, noise_generator
 from .strategy import aggregate_metrics
 from .service import ServiceLimits
@@ -74,6 +72,8 @@ class RoundRecord:
     sparsity: float = 0.0  # pruning: the fraction of weight-matrix entries pruned this round
     client_eval_accuracy: float | None = None  # client-side evaluation, weighted by examples
     client_eval_loss: float | None = None
+    metrics: dict = field(default_factory=dict)  # every metric the task's evaluate returned (test data;
+    # "client_"-prefixed: client-side evaluation weighted by examples; "train_loss")
 
 
 @dataclass
@@ -88,6 +88,11 @@ class JobResult:
     def final_accuracy(self) -> float:
         return self.rounds[-1].accuracy if self.rounds else float("nan")
 
+    @property
+    def final_metrics(self) -> dict:
+        """The last round's evaluation metrics (whatever the task's evaluate returns)."""
+        return dict(self.rounds[-1].metrics) if self.rounds else {}
+
     def totals(self) -> dict[str, int]:
         keys = ("bytes_up", "bytes_down", "bytes_up_fp32", "bytes_down_fp32")
         return {k: sum(getattr(r, k) for r in self.rounds) for k in keys}
@@ -98,6 +103,7 @@ class JobResult:
         return {
             "job_id": self.job_id,
             "final_accuracy": self.final_accuracy,
+            "final_metrics": self.final_metrics,
             "wall_s": self.wall_s,
             "bytes_up_total": t["bytes_up"],
             "bytes_down_total": t["bytes_down"],
@@ -157,7 +163,7 @@ class _Shards:
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
             limits=ServiceLimits(max_inflight=spec.service.max_inflight),
-            spec_json=json.dumps({k: spec.to_dict()[k] for k in ("seed", "model", "training", "compression", "data")}),
+            spec_json=json.dumps(spec.to_dict()),  # real clients read it back as a typed JobSpec
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
@@ -202,10 +208,12 @@ class _Shards:
 def run_job(
     spec: JobSpec, *, progress: bool = True, log: Callable[[str], None] = print,
     on_round: Callable[[RoundRecord], None] | None = None, resume: bool = False,
-    on_start: Callable[["JobRuntime"], None] | None = None,
+    on_start: Callable[["JobRuntime"], None] | None = None, task=None, base_dir: str | None = None,
 ) -> JobResult:
     """Run `spec` on the connected Ray cluster (see `ensure_ray`) and return its result.
 
+    `task` (a `fedray.Task`) overrides the spec's `task:` section; otherwise the spec's task is
+    resolved, with `base_dir` (the spec file's folder) first on the import path.
     With `resume`, continue from the last checkpoint in `spec.checkpoint_dir` (if any).
 
     Raises:
@@ -214,7 +222,7 @@ def run_job(
     """
     if not ray.is_initialized():
         raise JobError("Ray is not initialized: call fedray.orchestrator.engine.ensure_ray() first")
-    rt = JobRuntime(spec, progress=progress, log=log)
+    rt = JobRuntime(spec, progress=progress, log=log, task=task, base_dir=base_dir)
     if on_start:
         on_start(rt)
     return rt.run(on_round=on_round, resume=resume)
@@ -223,29 +231,28 @@ def run_job(
 class JobRuntime:
     """One job's driver state: data, model, shards, worker pool, strategy, state machine."""
 
-    def __init__(self, spec: JobSpec, *, progress: bool, log: Callable[[str], None]) -> None:
+    def __init__(self, spec: JobSpec, *, progress: bool, log: Callable[[str], None], task=None,
+                 base_dir: str | None = None) -> None:
+        from fedray.api import prepare_task
+
         self.spec, self.progress, self.log = spec, progress, log
         self.state = JobStateMachine()
         self.job_id = spec.service.job_id or f"{spec.name}-{uuid.uuid4().hex[:8]}"
         self.secret = _job_secret(spec)
-        self.data = load_dataset(spec.data.dataset, spec.data.data_dir, spec.seed)
-        if spec.data.examples_per_client is not None:  # O(clients) memory for huge populations
-            self.parts = SeededPartition(len(self.data.y_train), spec.data.num_clients,
-                                         examples_per_client=spec.data.examples_per_client, seed=spec.seed)
-        else:
-            self.parts = partition(self.data.y_train, spec.data.num_clients, method=spec.data.partition,
-                                   alpha=spec.data.alpha, seed=spec.seed)
+        self.task = prepare_task(spec, task, base_dir=base_dir)
+        self.num_clients = int(self.task.num_clients())
+        self.test = self.task.test_data()
         self.population = None
         if spec.population is not None:
-            self.population = Population(spec.data.num_clients, spec.seed, profile=spec.population.profile(),
-                                         examples=np.asarray(self.parts.sizes()))
+            self.population = Population(self.num_clients, spec.seed, profile=spec.population.profile(),
+                                         examples=np.asarray(self.task.client_sizes()))
         self._bytes_up_estimate = 0.0
         with torch.random.fork_rng():
             torch.manual_seed(spec.seed)
-            self.model = build_model(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
+            self.model = self.task.model()
         self.params = get_params(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
-        self.layout = model_layout(spec.model.kind, self.data.input_shape, self.data.num_classes, spec.model.hidden)
+        self.layout = self.task.fd_layout()
         self.omc_cfg = spec.omc.config() if spec.omc is not None else None
         self.quantized = quantizable_names(self.model) if spec.omc is not None else []
         self.fp32_bytes = 4 * num_params(self.params)
@@ -253,7 +260,7 @@ class JobRuntime:
         self.strategy = spec.strategy.build()
         self.accountant = None
         if spec.privacy is not None:
-            rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / spec.data.num_clients)
+            rate = min(1.0, (spec.training.clients_per_round + spec.service.real_clients) / self.num_clients)
             self.accountant = spec.privacy.accountant(sample_rate=rate)
         self.metrics = JobMetrics(spec.name, comp.codec)
         self.store = open_store(spec.checkpoint_dir) if spec.checkpoint_dir else None
@@ -263,21 +270,14 @@ class JobRuntime:
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
         self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout)
-        setup = TrainerSetup(
-            job_id=self.job_id, secret=self.secret, seed=spec.seed, model_kind=spec.model.kind,
-            hidden=spec.model.hidden, train=TrainConfig(tr.local_epochs, tr.batch_size, tr.lr, tr.momentum),
-            codec=comp.codec, codec_params=dict(comp.codec_params), broadcast=comp.broadcast,
-            broadcast_params=dict(comp.broadcast_params), tls_ca_file=spec.service.tls_cert,
-            dropout=spec.dropout, omc=self.omc_cfg, prox_mu=spec.strategy.proximal_mu, batched=res.batched,
-            pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
-        )
+        setup = TrainerSetup.from_spec(spec, job_id=self.job_id, secret=self.secret)
         workers = res.num_workers or default_num_workers()
         per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
         cpus = res.cpus_per_worker
         if cpus is None:  # more workers than CPUs share them (uploads leave a worker idle part of a call)
             cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / workers)
         self.pool = RayPool(
-            setup, self.data, self.parts, num_workers=workers, clients_per_call=per_call, num_cpus=cpus,
+            setup, self.task, num_workers=workers, clients_per_call=per_call, num_cpus=cpus,
             num_gpus=res.gpus_per_worker, job_name=self.job_id, max_attempts=res.max_attempts,
         )
 
@@ -293,7 +293,7 @@ class JobRuntime:
         self.state.to(JobState.RUNNING)
         try:
             self._start()
-            self.log(f"fedray job {self.job_id}: {spec.data.num_clients} clients on {spec.data.dataset}, "
+            self.log(f"fedray job {self.job_id}: {self.num_clients} clients on {self.task.describe()}, "
                      f"{tr.clients_per_round} per round, {tr.rounds} rounds, codec {spec.compression.codec}, "
                      f"aggregation service at {', '.join(self.shards.addresses)}")
             for r in range(first, tr.rounds + 1):
@@ -351,7 +351,7 @@ class JobRuntime:
             )
             ids, virtual_s = np.sort(sample.train_ids), sample.virtual_s
         else:
-            ids = sample_clients(spec.data.num_clients, tr.clients_per_round, spec.seed, r)
+            ids = sample_clients(self.num_clients, tr.clients_per_round, spec.seed, r)
         bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
         # The workers start without waiting for the shards' answers to the open: a shard holds an
         # upload for the round it is about to open until the open lands (AggregationCore.upload).
@@ -384,29 +384,42 @@ class JobRuntime:
         self.params = self.strategy.step(self.params, delta)
         stages = self._p2u_curve(bcast) if len(bcast.stages) > 1 else None
         set_params(self.model, self.params)
-        acc, loss = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
+        metrics = self._evaluate()
+        train_loss = float(np.mean([x.loss for x in ok])) if ok else float("nan")
+        if not metrics and ok:  # no test data: the clients' own view of the round
+            metrics = {"train_loss": train_loss}
+        acc, loss = float(metrics.get("accuracy", math.nan)), float(metrics.get("loss", math.nan))
+        client_eval = _client_eval(ok)
+        metrics.update({f"client_{k}": v for k, v in client_eval.pop("_all", {}).items()})
         wall = time.perf_counter() - t0
         real = max(count - len(ok), 0)
         rec = RoundRecord(
             round=r, clients=count, failed=len(failed), accuracy=acc, loss=loss,
             bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * (len(ids) + real),
             bytes_up_fp32=self.fp32_bytes * len(ok), bytes_down_fp32=self.fp32_bytes * (len(ids) + real), wall_s=wall,
-            train_loss=float(np.mean([x.loss for x in ok])) if ok else float("nan"), epsilon=epsilon,
+            train_loss=train_loss, epsilon=epsilon,
             client_flops=int(np.mean([x.flops for x in ok])) if ok else 0,
             param_memory_bytes=max((x.param_memory_bytes for x in ok), default=0),
             keep_rate=float(np.mean([x.keep_rate for x in ok])) if ok else 1.0, p2u_stages=stages,
-            virtual_s=virtual_s, sparsity=sparsity, **_client_eval(ok),
+            virtual_s=virtual_s, sparsity=sparsity, metrics=metrics, **client_eval,
         )
         if ok:  # the stragglers model prices the next round's uploads at this round's real size
             self._bytes_up_estimate = rec.bytes_up / len(ok)
         self.metrics.record_round(
             round=r, ok=len(ok), failed=len(failed), bytes_up=rec.bytes_up, bytes_down=rec.bytes_down,
             fp32_up=rec.bytes_up_fp32, accuracy=acc, wall_s=wall, decode_s=decode_s,
-            broadcast_codec=spec.compression.broadcast,
+            broadcast_codec=spec.compression.broadcast, metrics=metrics,
         )
         self.log(f"round {r}/{tr.rounds}: accuracy {acc:.4f}, clients {rec.clients}, failed {rec.failed}, "
                  f"up {_mb(rec.bytes_up)}, down {_mb(rec.bytes_down)}, {wall:.2f}s") if not self.progress else None
         return rec
+
+    def _evaluate(self) -> dict[str, float]:
+        """The task's metrics of the global model (in `self.model`) on its test data."""
+        if self.test is None:
+            return {}
+        out = self.task.evaluate(self.model, self.test)
+        return {str(k): float(v) for k, v in dict(out).items()}
 
     def _prune(self, r: int) -> tuple[dict | None, float]:
         """Prune the global model to this round's sparsity (cubic schedule); the fractions kept."""
@@ -427,7 +440,7 @@ class JobRuntime:
         for k, nbytes in enumerate(b.stage_bytes()):
             cum += nbytes
             set_params(self.model, decode_broadcast(b, k + 1))
-            acc, _ = evaluate(self.model, self.data.x_test, self.data.y_test, self.data.scale, self.data.shift)
+            acc = self._evaluate().get("accuracy", math.nan)
             out.append({"stage": k, "cumulative_bytes": cum, "accuracy": acc})
         return out
 
@@ -499,11 +512,12 @@ def _succeeded(ref) -> bool:
 
 def _client_eval(ok) -> dict:
     """Client-side evaluation of the round's model, aggregated over clients by their examples."""
-    rows = [(x.examples, {"accuracy": x.eval_accuracy, "loss": x.eval_loss}) for x in ok if x.eval_accuracy is not None]
+    rows = [(x.examples, dict(x.eval_metrics)) for x in ok if x.eval_metrics]
     if not rows:
         return {}
     m = aggregate_metrics(rows)
-    return {"client_eval_accuracy": m["accuracy"], "client_eval_loss": m["loss"]}
+    return {"client_eval_accuracy": m.get("accuracy"), "client_eval_loss": m.get("loss"),
+            "_all": {f"eval_{k}": v for k, v in m.items()}}
 
 
 def _mb(n: int) -> str:

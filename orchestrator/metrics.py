@@ -26,10 +26,13 @@ class JobMetrics:
         self.accuracy = _gauge(m, "fedray_accuracy", "Global model test accuracy", ("fl_job",))
         self.round_s = _gauge(m, "fedray_round_seconds", "Wall time of the last round", ("fl_job",))
         self.decode_s = _gauge(m, "fedray_decode_seconds", "Server decode time in the last round", ("fl_job", "codec"))
+        # One gauge for whatever the task's evaluate returns; `metric` takes the few names it returns.
+        self.eval_metric = _gauge(m, "fedray_eval_metric", "Global model metric from the task's evaluate",
+                                  ("fl_job", "metric"))
 
     def record_round(
         self, *, round: int, ok: int, failed: int, bytes_up: int, bytes_down: int, fp32_up: int,
-        accuracy: float, wall_s: float, decode_s: float, broadcast_codec: str,
+        accuracy: float, wall_s: float, decode_s: float, broadcast_codec: str, metrics=None,
     ) -> None:
         t, c = self._tags, self._codec
         self.rounds.inc(1, t)
@@ -44,7 +47,11 @@ class JobMetrics:
             self.bytes.inc(bytes_down, {**t, "codec": broadcast_codec, "direction": "down"})
         if bytes_up:
             self.ratio.set(fp32_up / bytes_up, {**t, "codec": c})
-        self.accuracy.set(accuracy, t)
+        if accuracy == accuracy:  # not NaN: the task reports an accuracy
+            self.accuracy.set(accuracy, t)
+        for name, v in (metrics or {}).items():
+            if v == v:
+                self.eval_metric.set(float(v), {**t, "metric": str(name)})
         self.round_s.set(wall_s, t)
         self.decode_s.set(decode_s, {**t, "codec": c})
 

@@ -32,12 +32,11 @@ __all__ = [
     "ServiceSpec",
     "SpecError",
     "StrategySpec",
+    "TaskSpec",
     "TrainingSpec",
 ]
 
-DATASETS = ("fashion-mnist", "digits", "japanese-vowels")
-PARTITIONS = ("iid", "dirichlet")
-MODELS = ("mlp", "cnn", "conv1d", "gru")
+from fedray.builtin_tasks import DATASETS, MODELS, PARTITIONS  # noqa: E402  (names, no torch)
 
 
 class SpecError(ValueError):
@@ -109,6 +108,25 @@ class ModelSpec:
             _fail("model.hidden", "must be a list of layer widths", self.hidden)
         for i, h in enumerate(self.hidden):
             _int(f"model.hidden[{i}]", h, 1, 1 << 16)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The user's task: `target` is an import string ("mytask:MyTask"), a `fedray.tasks` entry
+    point or a built-in task name; `params` go to its constructor. Without a target, the job
+    runs the built-in task that `data:` and `model:` describe. The target is imported when the
+    job runs and by `fedray validate`, not when the spec is parsed."""
+
+    target: str | None = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target is not None and (not isinstance(self.target, str) or not self.target.strip()):
+            _fail("task.target", "must be an import string like 'package.module:Class' or a task name", self.target)
+        if not isinstance(self.params, Mapping):
+            _fail("task.params", "must be a mapping of constructor arguments", self.params)
+        if self.params and self.target is None:
+            raise SpecError("task.params: set task.target too (params go to its constructor)")
 
 
 @dataclass(frozen=True)
@@ -356,6 +374,7 @@ class JobSpec:
     population: PopulationSpec | None = None  # device profiles, over-selection, deadline (virtual time)
     pruning: PruningSpec | None = None  # server-side gradual magnitude pruning
     checkpoint_dir: str | None = None  # checkpoint after every round here; `fedray run --resume` continues
+    task: TaskSpec | None = None  # the user's task (model, client data, training); None: data + model sections
 
     def __post_init__(self) -> None:
         if self.privacy is not None:
@@ -381,11 +400,16 @@ class JobSpec:
         if not isinstance(self.name, str) or not self.name:
             _fail("name", "must be a non-empty string", self.name)
         _int("seed", self.seed, 0, (1 << 63) - 1)
-        if self.training.clients_per_round > self.data.num_clients:
+        if not self.uses_task_target and self.training.clients_per_round > self.data.num_clients:
             raise SpecError(
                 f"training.clients_per_round: {self.training.clients_per_round} is more than "
                 f"data.num_clients={self.data.num_clients}; lower it or add clients"
             )
+
+    @property
+    def uses_task_target(self) -> bool:
+        """Whether the job runs a task named by `task.target` (not the data/model sections)."""
+        return self.task is not None and self.task.target is not None
 
     # -- conversion ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from .train import TrainConfig, TrainStats
+from .train import TrainConfig, TrainStats, _features  # _features: the same inputs on both paths
 
 __all__ = ["BatchedTrainingError", "supports_batched", "train_batched", "train_batched_stacked"]
 
@@ -194,10 +194,3 @@ def _epoch_batches(gens, sizes, offsets, bs):
 
 def _bcast(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return active.view(-1, *[1] * (like.dim() - 1))
-
-
-def _features(x: np.ndarray, scale: float, shift: float) -> np.ndarray:
-    # The same float32 arithmetic as train._features, so both paths see identical inputs.
-    out = np.asarray(x, dtype=np.float32) * np.float32(scale)
-    out += np.float32(shift)
-    return out

@@ -13,37 +13,22 @@ import grpc
 import numpy as np
 import torch
 
-from fedray.compression import CodecContext, CodecState, get_codec
-from fedray.compression.fd import KeepRateConfig, SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
-from fedray.compression.omc import OMCModel
 from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
 from .batched import supports_batched, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
-from .data import Dataset, Partition
-from .models import build_model, model_layout, set_params
-from .train import TrainConfig, evaluate, pick_device, train_local
+from .data import as_arrays
+from .models import set_params
+from .step import ClientError, ClientStep, client_seed, train_config
+from .train import TrainConfig, pick_device
 
 __all__ = [
     "ClientError", "ClientResult", "ClientTrainer", "TrainerSetup", "client_seed", "decode_model", "upload_with_retry",
 ]
 
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
-
-
-def client_seed(job_seed: int, round: int, client_id: int) -> int:
-    """The seed of one client's work in one round: independent of which worker runs it."""
-    return int(np.random.SeedSequence([job_seed, round, client_id]).generate_state(1, np.uint64)[0])
-
-
-class ClientError(RuntimeError):
-    """A client failed; carries the stage ('train', 'encode', 'upload'), client id and round."""
-
-    def __init__(self, stage: str, client_id: int, round: int, cause: BaseException) -> None:
-        super().__init__(f"client {client_id}, round {round}, stage {stage}: {type(cause).__name__}: {cause}")
-        self.stage, self.client_id, self.round = stage, client_id, round
 
 
 @dataclass(frozen=True)
@@ -53,8 +38,6 @@ class TrainerSetup:
     job_id: str
     secret: str
     seed: int
-    model_kind: str
-    hidden: tuple[int, ...]
     train: TrainConfig
     codec: str
     codec_params: Mapping[str, Any] = field(default_factory=dict)
@@ -69,6 +52,21 @@ class TrainerSetup:
     pruning: bool = False  # keep the global model's zero weights (pruned) at zero while training
     device: str = "auto"  # auto: CUDA when Ray gave this actor a GPU; cpu; cuda
     client_eval: bool = False  # each client evaluates the received model on its own data first
+
+    @classmethod
+    def from_spec(cls, spec, *, job_id: str, secret: str = "", **overrides) -> "TrainerSetup":
+        """The client-side settings of a typed `JobSpec`: the one conversion that worker actors
+        and real clients both use."""
+        tr, comp, res = spec.training, spec.compression, spec.resources
+        kw = dict(
+            job_id=job_id, secret=secret, seed=spec.seed, train=train_config(tr), codec=comp.codec,
+            codec_params=dict(comp.codec_params), broadcast=comp.broadcast, broadcast_params=dict(comp.broadcast_params),
+            tls_ca_file=spec.service.tls_cert, dropout=spec.dropout,
+            omc=spec.omc.config() if spec.omc is not None else None, prox_mu=spec.strategy.proximal_mu,
+            batched=res.batched, pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
+        )
+        kw.update(overrides)
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -85,34 +83,26 @@ class ClientResult:
     param_memory_bytes: int = 0  # parameter memory held while training (OMC: stored + transient peak)
     eval_accuracy: float | None = None  # client-side evaluation of the received model on local data
     eval_loss: float | None = None
+    eval_metrics: Mapping[str, float] | None = None  # every metric the task's evaluate returned
 
 
 def decode_model(stage_tensors: Sequence[tuple[str, Payload]], codec_name: str, codec_params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return decode_tensors(stage_tensors, codec_name, codec_params)
 
 
-_STATEFUL = ("ef", "powersgd", "pipeline")
-
-
 class ClientTrainer:
     """Trains many virtual clients per call; one instance per worker actor."""
 
-    def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition) -> None:
+    def __init__(self, setup: TrainerSetup, task) -> None:
         torch.set_num_threads(setup.torch_threads)
         self.setup = setup
-        self.data = data
-        self.parts = parts
+        self.task = task
         # OMC keeps its packed parameters in numpy on the host: it trains on the CPU.
         self.device = pick_device("cpu" if setup.omc is not None else setup.device)
-        self.model = build_model(setup.model_kind, data.input_shape, data.num_classes, setup.hidden).to(self.device)
-        self.layout = model_layout(setup.model_kind, data.input_shape, data.num_classes, setup.hidden)
-        self.codec = get_codec(setup.codec, **dict(setup.codec_params))
+        self.step = ClientStep(setup, task, self.device)
+        self.model, self.codec = self.step.model, self.step.codec
         self._channels: dict[str, grpc.Channel] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
-        self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
-        self._states: dict[int, CodecState] = {}  # error feedback / warm starts, per client
-        d = setup.dropout
-        self._keep = KeepRateConfig(tuple(d.keep_rates), d.mode, tuple(d.probs)) if d is not None else None
 
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
@@ -124,13 +114,6 @@ class ClientTrainer:
         if self._cached is None or self._cached[0] != round:
             self._cached = (round, {k: v.to(self.device) for k, v in decode_broadcast(broadcast).items()})
         return self._cached[1]
-
-    def _model_for(self, hidden: tuple[int, ...]) -> torch.nn.Module:
-        m = self._submodels.get(hidden)
-        if m is None:
-            s, d = self.setup, self.data
-            m = self._submodels[hidden] = build_model(s.model_kind, d.input_shape, d.num_classes, hidden).to(self.device)
-        return m
 
     def train_clients(
         self, round: int, broadcast: Broadcast, client_ids: Sequence[int],
@@ -145,44 +128,51 @@ class ClientTrainer:
             # Batched even for one client: a client's update is then bit-identical whatever batch
             # it is trained in (a retry after a fault trains it in another one; tested).
             return self._batched(round, start, [int(c) for c in client_ids], servers, attempt)
-        out = []
-        for cid in client_ids:
-            try:
-                out.append(self._one(round, start, int(cid), servers, attempt, broadcast))
-            except ClientError as e:
-                out.append(ClientResult(int(cid), round, error=str(e)))
-        return out
+        return [self._one_result(round, start, int(cid), servers, attempt, broadcast) for cid in client_ids]
 
     def _batchable(self) -> bool:
         s = self.setup
-        return (s.batched and self._keep is None and s.omc is None and not s.prox_mu and not s.pruning
-                and self.device.type == "cpu" and supports_batched(self.model))
+        return (s.batched and s.dropout is None and s.omc is None and not s.prox_mu and not s.pruning
+                and not self.step.custom_train and self.device.type == "cpu" and supports_batched(self.model))
 
     def _batched(self, round: int, start, cids: list[int], servers, attempt: int) -> list[ClientResult]:
         """Train every client of the call as one batched computation, then encode and upload each."""
-        s, d = self.setup, self.data
-        seeds = [client_seed(s.seed, round, c) for c in cids]
-        idx = [self.parts.client(c) for c in cids]
+        s, out = self.setup, {}
+        arrays = {}
+        for c in cids:
+            try:
+                data = self.step.data(round, c)
+                arrays[c] = (data, as_arrays(data))
+            except (ClientError, ValueError) as e:
+                out[c] = ClientResult(c, round, error=str(e if isinstance(e, ClientError) else ClientError("data", c, round, e)))
+        ok = [c for c in cids if c in arrays]
+        if len({(a[2], a[3]) for _, a in arrays.values()}) > 1:  # inputs scaled differently: one by one
+            return [out.get(c) or self._one_result(round, start, c, servers, attempt, None) for c in cids]
+        if not ok:
+            return [out[c] for c in cids]
+        seeds = [client_seed(s.seed, round, c) for c in ok]
         evals = {}
         if s.client_eval:
             set_params(self.model, start)
-            evals = {c: evaluate(self.model, d.x_train[i], d.y_train[i], d.scale, d.shift) for c, i in zip(cids, idx)}
+            evals = {c: dict(self.task.evaluate(self.model, arrays[c][0])) for c in ok}
+        _, _, scale, shift = arrays[ok[0]][1]
         t0 = time.perf_counter()
         try:
-            stacked, trained = train_batched_stacked(self.model, start, [d.x_train[i] for i in idx],
-                                                     [d.y_train[i] for i in idx], s.train, seeds, d.scale, d.shift)
+            stacked, trained = train_batched_stacked(self.model, start, [arrays[c][1][0] for c in ok],
+                                                     [arrays[c][1][1] for c in ok], s.train, seeds, scale, shift)
         except Exception as e:  # the whole batch failed in training: report each client
-            return [ClientResult(c, round, error=str(ClientError("train", c, round, e))) for c in cids]
-        train_s = (time.perf_counter() - t0) / len(cids)
-        flops = flops_per_example(self.layout, None)
+            out.update({c: ClientResult(c, round, error=str(ClientError("train", c, round, e))) for c in ok})
+            return [out[c] for c in cids]
+        train_s = (time.perf_counter() - t0) / len(ok)
         mem = 4 * sum(int(v.numel()) for v in start.values())
-        encoded, out = [], {}
-        if s.codec not in _STATEFUL:  # stateless codec: encode each tensor for all clients at once
+        encoded = []
+        if not self.codec.stateful:  # stateless codec: encode each tensor for all clients at once
             try:
                 per = self.codec.encode_batch({k: stacked[k] - start[k] for k in start})
             except Exception as e:
-                return [ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in cids]
-            for i, (cid, stats) in enumerate(zip(cids, trained)):
+                out.update({c: ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in ok})
+                return [out[c] for c in cids]
+            for i, (cid, stats) in enumerate(zip(ok, trained)):
                 msgs = serde.encode_upload(
                     job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples),
                     tensors=[(k, per[k][i]) for k in start], attempt=attempt,
@@ -190,34 +180,24 @@ class ClientTrainer:
                 )
                 encoded.append((cid, stats, msgs))
         else:
-            for i, (cid, seed, stats) in enumerate(zip(cids, seeds, trained)):
+            for i, (cid, seed, stats) in enumerate(zip(ok, seeds, trained)):
                 params = {k: v[i] for k, v in stacked.items()}
                 try:
-                    encoded.append((cid, stats, self._encode(round, cid, seed, params, start, stats, train_s, attempt)))
+                    tensors = self.step.encode(round, cid, seed, params, start)
+                    encoded.append((cid, stats, serde.encode_upload(
+                        job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
+                        attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s})))
                 except ClientError as e:
                     out[cid] = ClientResult(cid, round, error=str(e))
         stats_of = {c: x for c, x, _ in encoded}
         for cid, nbytes, err in self._upload_many(round, [(c, m) for c, _, m in encoded], servers, attempt):
             st = stats_of[cid]
+            ev = evals.get(cid)
             out[cid] = (ClientResult(cid, round, error=err) if err else
                         ClientResult(cid, round, st.examples, st.loss, train_s, nbytes,
-                                     flops=flops * st.examples * s.train.local_epochs, param_memory_bytes=mem,
-                                     eval_accuracy=evals.get(cid, (None, None))[0],
-                                     eval_loss=evals.get(cid, (None, None))[1]))
+                                     flops=self.step.flops(None, st.examples), param_memory_bytes=mem,
+                                     **_eval_fields(ev)))
         return [out[c] for c in cids]
-
-    def _encode(self, round, cid, seed, params, base, stats, train_s, attempt) -> list:
-        s = self.setup
-        try:
-            state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
-            tensors = [(k, self.codec.encode(params[k] - base[k], CodecContext(seed=seed, state=state, key=k)))
-                       for k in base]
-            return serde.encode_upload(
-                job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
-                attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
-            )
-        except Exception as e:
-            raise ClientError("encode", cid, round, e) from e
 
     def _upload_many(self, round: int, updates: list[tuple[int, list]], servers, attempt: int):
         """Upload many clients' updates: one UploadBatch stream per shard (the per-call gRPC cost is
@@ -253,59 +233,36 @@ class ClientTrainer:
     def _one(self, round: int, start: Mapping[str, torch.Tensor], cid: int, servers: Sequence[str], attempt: int,
              broadcast: Broadcast) -> ClientResult:
         s = self.setup
-        seed = client_seed(s.seed, round, cid)
-        stage = "train"
+        o = self.step.run(round, start, cid, broadcast)
         try:
-            t0 = time.perf_counter()
-            sub, keep, model, base = None, 1.0, self.model, start
-            if self._keep is not None:  # Federated Dropout: a real, smaller dense model
-                keep = keep_rate_for(cid, round, self._keep, seed=s.seed)
-                sub = SubnetSpec(seed=seed, keep_rate=keep, policy=s.dropout.policy, round=round, client=cid)
-                base = extract(start, self.layout, sub)
-                model = self._model_for(submodel_hidden(self.layout, sub))
-            set_params(model, base)
-            idx = self.parts.client(cid)
-            x, y = self.data.x_train[idx], self.data.y_train[idx]
-            ev = evaluate(model, x, y, self.data.scale, self.data.shift) if s.client_eval else (None, None)
-            if s.omc is not None:
-                om = OMCModel(model, s.omc, seed=seed)
-                try:
-                    om.load_payloads(dict(broadcast.stages[0]))
-                    stats = train_local(model, x, y, self.data.scale, self.data.shift, s.train, seed, omc=om)
-                    stage = "encode"
-                    up = om.to_payloads()
-                finally:
-                    om.release()
-                tensors = [(k, up[k]) for k in start]
-            else:
-                mask = {k: v != 0 for k, v in base.items() if v.dim() >= 2} if s.pruning else None
-                stats = train_local(model, x, y, self.data.scale, self.data.shift, s.train, seed, prox_mu=s.prox_mu,
-                                    mask=mask)
-                stage = "encode"
-                params = model.state_dict()
-                state = self._states.setdefault(cid, CodecState()) if s.codec in _STATEFUL else None
-                tensors = [(k, self.codec.encode((params[k] - base[k]).cpu(), CodecContext(seed=seed, state=state, key=k)))
-                           for k in base]
-            train_s = time.perf_counter() - t0
-            stage = "upload"
             msgs = serde.encode_upload(
-                job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
-                attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s},
-                subnet_seed=seed if sub is not None else 0, keep_rate=keep, weights=s.omc is not None,
+                job_id=s.job_id, round=round, client_id=cid, weight=float(o.examples), tensors=o.tensors,
+                attempt=attempt, metrics={"loss": o.loss, "train_s": o.train_s},
+                subnet_seed=o.subnet_seed, keep_rate=o.keep_rate, weights=o.weights,
             )
             server = servers[serde.shard_index(cid, len(servers))]
             ack = upload_with_retry(self._chan(server), msgs, client_token(s.secret, s.job_id, cid), attempt=attempt)
         except Exception as e:
-            raise ClientError(stage, cid, round, e) from e
-        flops = flops_per_example(self.layout, sub) * stats.examples * s.train.local_epochs
-        mem = stats.param_memory_bytes or 4 * sum(int(v.numel()) for v in base.values())
-        return ClientResult(cid, round, stats.examples, stats.loss, train_s, ack["wire_bytes"], keep_rate=keep,
-                            flops=flops, param_memory_bytes=mem, eval_accuracy=ev[0], eval_loss=ev[1])
+            raise ClientError("upload", cid, round, e) from e
+        return ClientResult(cid, round, o.examples, o.loss, o.train_s, ack["wire_bytes"], keep_rate=o.keep_rate,
+                            flops=o.flops, param_memory_bytes=o.param_memory_bytes, **_eval_fields(o.eval_metrics))
+
+    def _one_result(self, round, start, cid, servers, attempt, broadcast) -> ClientResult:
+        try:
+            return self._one(round, start, int(cid), servers, attempt, broadcast)
+        except ClientError as e:
+            return ClientResult(int(cid), round, error=str(e))
 
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
+
+
+def _eval_fields(ev: Mapping[str, float] | None) -> dict:
+    if ev is None:
+        return {}
+    return {"eval_accuracy": ev.get("accuracy"), "eval_loss": ev.get("loss"), "eval_metrics": dict(ev)}
 
 
 def upload_with_retry(channel: grpc.Channel, msgs, token: str, *, attempt: int = 0, tries: int = 6,

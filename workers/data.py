@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch.utils.data
 
 __all__ = [
+    "ArrayDataset",
     "DEBIAN_FASHION_MNIST",
     "DatasetMissingError",
     "Dataset",
     "Partition",
+    "as_arrays",
     "load_dataset",
     "load_japanese_vowels",
     "partition",
@@ -47,6 +50,57 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """A map-style torch Dataset over in-memory arrays: item i is (x[i] * scale + shift as
+    float32, y[i]); `scale=None` leaves x as stored (e.g. int64 token ids for an embedding).
+
+    Training and evaluation read `x`, `y`, `scale`, `shift` directly (`as_arrays`), so the
+    uint8 images of the built-in data sets are scaled per batch, never stored as float32.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, scale: float | None = None, shift: float = 0.0) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"ArrayDataset: {len(x)} inputs but {len(y)} targets")
+        self.x, self.y, self.scale, self.shift = x, y, scale, shift
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        x = np.asarray(self.x[i])
+        if self.scale is not None:
+            x = x.astype(np.float32) * np.float32(self.scale) + np.float32(self.shift)
+        return torch.as_tensor(x), torch.as_tensor(self.y[i])
+
+
+def as_arrays(data) -> tuple[np.ndarray, np.ndarray, float | None, float]:
+    """(x, y, scale, shift) of a map-style Dataset of (input, target) pairs: an `ArrayDataset`'s
+    own arrays, a `TensorDataset`'s tensors, else every item stacked (client data sets are small).
+
+    Raises:
+        ValueError: an item is not an (input, target) pair, or the items do not stack.
+    """
+    if isinstance(data, ArrayDataset):
+        return data.x, data.y, data.scale, data.shift
+    if isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+        return x.detach().cpu().numpy(), y.detach().cpu().numpy(), None, 0.0
+    n = len(data)
+    xs, ys = [], []
+    for i in range(n):
+        item = data[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"item {i} of the client's data set is a {type(item).__name__}, not an (input, target) pair")
+        xs.append(torch.as_tensor(item[0]))
+        ys.append(torch.as_tensor(item[1]))
+    if not xs:
+        return np.zeros((0,), np.float32), np.zeros((0,), np.int64), None, 0.0
+    try:
+        return torch.stack(xs).numpy(), torch.stack(ys).numpy(), None, 0.0
+    except RuntimeError as e:
+        raise ValueError(f"the client's examples do not stack into one batch ({e}); override Task.train") from None
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -175,19 +229,15 @@ def load_japanese_vowels(data_dir: str | os.PathLike | None = None) -> Dataset:
 
 
 def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Dataset:
-    """Load a data set by name.
+    """Load a built-in data set by name (`fedray.builtin_tasks.load_builtin_dataset`).
 
     Raises:
         DatasetMissingError: its files are not on this machine (the message says how to get them).
         ValueError: unknown name.
     """
-    if name == "fashion-mnist":
-        return load_fashion_mnist(data_dir)
-    if name == "digits":
-        return load_digits(seed)
-    if name == "japanese-vowels":
-        return load_japanese_vowels(data_dir)
-    raise ValueError(f"unknown dataset {name!r}; choose fashion-mnist, digits or japanese-vowels")
+    from fedray.builtin_tasks import load_builtin_dataset
+
+    return load_builtin_dataset(name, data_dir, seed)
 
 
 @dataclass(frozen=True)

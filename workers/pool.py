@@ -13,9 +13,8 @@ from typing import Any, Callable, Sequence
 import ray
 
 from .client import ClientResult, ClientTrainer, TrainerSetup
-from .data import Dataset, Partition
 
-__all__ = ["LocalPool", "RayPool", "WorkerPool", "default_num_workers", "freeze_heap"]
+__all__ = ["LocalPool", "RayPool", "WorkerPool", "default_num_workers", "freeze_heap", "ship_task_code"]
 
 OnBatch = Callable[[list[ClientResult]], None]
 
@@ -41,8 +40,8 @@ def _batches(client_ids: Sequence[int], size: int) -> list[list[int]]:
 class LocalPool(WorkerPool):
     """Runs the same `ClientTrainer` in this process: for tests and debugging."""
 
-    def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition, *, clients_per_call: int = 10) -> None:
-        self._trainer = ClientTrainer(setup, data, parts)
+    def __init__(self, setup: TrainerSetup, task, *, clients_per_call: int = 10) -> None:
+        self._trainer = ClientTrainer(setup, task)
         self._per_call = clients_per_call
 
     def run_round(self, round, broadcast, client_ids, servers, *, on_batch=None):
@@ -60,8 +59,8 @@ class LocalPool(WorkerPool):
 
 @ray.remote
 class _WorkerActor:
-    def __init__(self, setup: TrainerSetup, data: Dataset, parts: Partition) -> None:
-        self._t = ClientTrainer(setup, data, parts)
+    def __init__(self, setup: TrainerSetup, task) -> None:
+        self._t = ClientTrainer(setup, task)
         freeze_heap()
 
     def train_clients(self, round: int, broadcast, client_ids: list[int], servers, attempt: int) -> list[ClientResult]:
@@ -87,21 +86,22 @@ class _Batch:
 class RayPool(WorkerPool):
     """`num_workers` Ray actors; each call trains `clients_per_call` clients.
 
-    The data set and partition are put into the object store once and shared by all actors
-    (zero-copy numpy reads). Up to two calls are kept in flight per actor so that an actor never
+    The task is put into the object store once and shared by all actors (a built-in task's
+    numpy arrays are read without a copy); each actor asks it for its clients' data. Up to two calls are kept in flight per actor so that an actor never
     idles while the driver handles a result. An actor that dies is replaced and its batch retried
     (attempt + 1) up to `max_attempts`; the service's exactly-once check makes a retry of an
     already-committed client count once.
     """
 
     def __init__(
-        self, setup: TrainerSetup, data: Dataset, parts: Partition, *, num_workers: int,
+        self, setup: TrainerSetup, task, *, num_workers: int,
         clients_per_call: int = 10, num_cpus: float = 1.0, num_gpus: float = 0.0, job_name: str = "fedray",
         max_attempts: int = 3, start_timeout_s: float = 300.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self._args = (setup, ray.put(data), ray.put(parts))
+        ship_task_code(task)
+        self._args = (setup, ray.put(task))
         self._opts = dict(num_cpus=num_cpus, num_gpus=num_gpus)
         self._job = job_name
         self._per_call = clients_per_call
@@ -179,6 +179,22 @@ class RayPool(WorkerPool):
         for s in self._slots:
             ray.kill(s.actor)
         self._slots = []
+
+
+def ship_task_code(task) -> None:
+    """Pickle the task's own module by value when it is not installed (a file beside the job
+    spec, a notebook's `__main__`): worker actors then need no copy of it on their path."""
+    import sys
+
+    from ray import cloudpickle
+
+    mod = type(task).__module__
+    if mod == "__main__" or mod.split(".")[0] == "fedray":
+        return
+    m = sys.modules.get(mod)
+    path = getattr(m, "__file__", None) or ""
+    if m is not None and "site-packages" not in path and "dist-packages" not in path:
+        cloudpickle.register_pickle_by_value(m)
 
 
 def freeze_heap() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
 
-__all__ = ["TrainConfig", "TrainStats", "evaluate", "pick_device", "train_local"]
+__all__ = ["TrainConfig", "TrainStats", "evaluate", "evaluate_dataset", "pick_device", "train_dataset", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class TrainStats:
     stored_param_bytes: int = 0  # OMC only: stored bytes at the end of training
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, shift: float, cfg: TrainConfig, seed: int,
+def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | None, shift: float, cfg: TrainConfig, seed: int,
                 *, omc: OMCConfig | OMCModel | None = None, prox_mu: float = 0.0,
                 mask: Mapping[str, torch.Tensor] | None = None) -> TrainStats:
     """Train `model` in place for `cfg.local_epochs` epochs of minibatch SGD on (x, y).
@@ -95,7 +95,7 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, sh
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float, shift: float = 0.0, batch: int = 4096) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | None, shift: float = 0.0, batch: int = 4096) -> tuple[float, float]:
     """(accuracy, mean cross-entropy loss) of `model` on (x, y)."""
     model.eval()
     device = _device_of(model)
@@ -138,7 +138,49 @@ def pick_device(want: str = "auto") -> torch.device:
     return torch.device("cuda") if assigned and torch.cuda.is_available() else torch.device("cpu")
 
 
-def _features(x: np.ndarray, scale: float, shift: float) -> np.ndarray:
+def _features(x: np.ndarray, scale: float | None, shift: float) -> np.ndarray:
+    """Model inputs from stored features: `x * scale + shift` in float32; `scale=None` keeps x
+    as stored (integer token ids stay int64; float64 becomes float32)."""
+    if scale is None:
+        x = np.asarray(x)
+        if x.dtype == np.float64:
+            return x.astype(np.float32)
+        return x.astype(np.int64) if x.dtype.kind in "iub" else x
     out = np.asarray(x, dtype=np.float32) * np.float32(scale)
     out += np.float32(shift)
     return out
+
+
+def train_dataset(model: nn.Module, data, ctx) -> dict:
+    """`Task.train`'s default: `train_local` on the examples of `data` (a map-style Dataset of
+    (input, target) pairs) with the job's settings from `ctx` (a `fedray.TrainContext`).
+
+    Returns {"loss", "examples", "steps"}.
+    """
+    from .data import as_arrays
+
+    x, y, scale, shift = as_arrays(data)
+    cfg = TrainConfig(ctx.local_epochs, ctx.batch_size, ctx.lr, ctx.momentum)
+    st = train_local(model, x, y, scale, shift, cfg, ctx.seed, prox_mu=ctx.prox_mu, mask=ctx.mask)
+    return {"loss": st.loss, "examples": st.examples, "steps": st.steps}
+
+
+@torch.no_grad()
+def evaluate_dataset(model: nn.Module, data, batch: int = 4096) -> dict[str, float]:
+    """`Task.evaluate`'s default: {"accuracy", "loss"} (mean cross-entropy) of a classifier on
+    `data`; an `ArrayDataset` is read in slices, any other Dataset through a DataLoader."""
+    from .data import ArrayDataset
+
+    if isinstance(data, ArrayDataset):
+        acc, loss = evaluate(model, data.x, data.y, data.scale, data.shift, batch)
+        return {"accuracy": acc, "loss": loss}
+    model.eval()
+    device = _device_of(model)
+    correct, loss_sum, n = 0, 0.0, 0
+    for xb, yb in torch.utils.data.DataLoader(data, batch_size=batch, shuffle=False):
+        xb, yb = xb.to(device), yb.to(device)
+        out = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+        n += len(yb)
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}

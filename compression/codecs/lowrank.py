@@ -60,6 +60,8 @@ def _factors(p: Payload, n: int, m: int, a: int, extra: int) -> torch.Tensor:
 class PowerSGD(Codec):
     """Rank-`rank` approximation P Q^T by one warm-started power iteration."""
 
+    stateful = True
+
     def __init__(self, rank: int = 2) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 1024:
             raise ValueError(f"powersgd: rank must be an integer in 1..1024, got {rank!r}")

@@ -41,6 +41,10 @@ class Zstd(Codec):
         self.level = level
         self.inner = build(inner, inner_params, "zstd")
 
+    @property
+    def stateful(self) -> bool:  # zstd around ef keeps ef's memory
+        return self.inner.stateful
+
     def config(self) -> dict:
         return {"level": self.level, "inner": self.inner.name, "inner_params": self.inner.config()}
 
@@ -81,6 +85,8 @@ class ErrorFeedback(Codec):
 
     def __init__(self, inner: str | Codec = "topk", inner_params: Mapping[str, Any] | None = None) -> None:
         self.inner = build(inner, inner_params, "ef")
+
+    stateful = True
 
     def config(self) -> dict:
         return {"inner": self.inner.name, "inner_params": self.inner.config()}
@@ -155,6 +161,10 @@ class Pipeline(Codec):
             raise ValueError(f"pipeline: stages must be a non-empty list of stages, got {stages!r}")
         self.stages = [dict(zip(("codec",), _stage(s)[:1])) | _stage(s)[1] for s in stages]
         self.chain = _chain(list(stages))
+
+    @property
+    def stateful(self) -> bool:
+        return self.chain.stateful
 
     def config(self) -> dict:
         return {"stages": self.stages}
