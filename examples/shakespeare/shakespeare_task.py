@@ -11,15 +11,27 @@ Job spec:  task: {target: "shakespeare_task:ShakespeareTask", params: {max_clien
 from __future__ import annotations
 
 import os
-from functools import cached_property
-
 import fedray
 import torch
 from torch import nn
 
+import shakespeare_data
 from shakespeare_data import VOCAB, CharWindows, Role, load_roles
 
 __all__ = ["CharLSTM", "ShakespeareTask"]
+
+
+def _ship_data_module() -> None:
+    """fedray pickles the task's module by value for Ray workers that do not have this folder on
+    their import path; the data module beside it has to travel the same way."""
+    try:
+        from ray import cloudpickle
+    except ImportError:  # no Ray in this process: nothing is pickled for workers
+        return
+    cloudpickle.register_pickle_by_value(shakespeare_data)
+
+
+_ship_data_module()
 
 
 class CharLSTM(nn.Module):
@@ -58,7 +70,7 @@ class ShakespeareTask(fedray.Task):
                  seq_len: int = 80, max_clients: int | None = None,
                  max_samples_per_client: int | None = None, max_test_samples: int | None = None,
                  test_fraction: float = 0.2, plays: list[str] | None = None, hidden: int = 256,
-                 embed_dim: int = 8, num_layers: int = 2, seed: int = 0):
+                 embed_dim: int = 8, num_layers: int = 2):
         for name, value in (("min_lines", min_lines), ("seq_len", seq_len), ("hidden", hidden),
                             ("embed_dim", embed_dim), ("num_layers", num_layers)):
             _positive(name, value)
@@ -81,11 +93,17 @@ class ShakespeareTask(fedray.Task):
         self.hidden = hidden
         self.embed_dim = embed_dim
         self.num_layers = num_layers
-        self.seed = seed
+        self._roles: list[Role] | None = None
 
-    @cached_property
+    @property
     def roles(self) -> list[Role]:
-        """The clients' roles, client id = index."""
+        """The clients' roles, client id = index (parsed once, then kept: a pickled task
+        carries them to worker processes)."""
+        if self._roles is None:
+            self._roles = self._select_roles()
+        return self._roles
+
+    def _select_roles(self) -> list[Role]:
         roles = load_roles(self.data_dir, min_lines=self.min_lines,
                            test_fraction=self.test_fraction, seq_len=self.seq_len,
                            plays=self.plays)
@@ -101,10 +119,9 @@ class ShakespeareTask(fedray.Task):
         return roles
 
     def model(self) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return CharLSTM(len(VOCAB), embed_dim=self.embed_dim, hidden=self.hidden,
-                            num_layers=self.num_layers)
+        # fedray calls this under a torch seed derived from the job's seed
+        return CharLSTM(len(VOCAB), embed_dim=self.embed_dim, hidden=self.hidden,
+                        num_layers=self.num_layers)
 
     def num_clients(self) -> int:
         return len(self.roles)
