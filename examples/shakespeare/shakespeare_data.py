@@ -55,10 +55,10 @@ POEMS = frozenset({
     "rape_of_lucrece_gut", "sonnets_gut",
 })
 
-# A speaker line: a short capitalised name alone on its line, with or without a final period
-# ("Ham.", "First Clown.", "THESEUS"). Headings ("ACT I.", "SCENE II.") look the same but stand
-# alone in their block, so only a name followed by speech in the same block counts.
-_SPEAKER_RE = re.compile(r"^([A-Z][A-Za-z'&\- ]{0,30}?[A-Za-z])\.?$")
+# A speaker line: a short capitalised name alone on its line, with a final period ("Ham.",
+# "1 Clown.", "First Clown.") or in upper case without one ("THESEUS"). Headings ("ACT I.", "Scene II. A room.") are
+# told apart by their first word.
+_SPEAKER_RE = re.compile(r"^([A-Z0-9][A-Za-z0-9'&\- ]{0,30}?[A-Za-z])\.?$")
 _HEADING_RE = re.compile(r"^(ACT|Act|SCENE|Scene|PERSONS|DRAMATIS|Dramatis)\b")
 _STAGE_RE = re.compile(r"\[[^\]]*\]", re.S)
 _BLANK_RE = re.compile(r"\n[ \t]*\n")
@@ -84,29 +84,28 @@ def decode(ids: np.ndarray) -> str:
 def parse_play(text: str) -> list[tuple[str, str]]:
     """(speaker, speech) pairs of a modern-edition play, in order of appearance.
 
-    Blocks are separated by blank lines. A block that opens with a speaker line starts a speech;
-    a block without one (speech resumed after a stage direction) continues the current speaker's
-    speech as a new line; a heading ends the current speaker.
+    Stage directions (in brackets) are removed first. Blocks are separated by blank lines. A block
+    that opens with a speaker line starts a speech; a block without one (speech resumed after a
+    stage direction) is another line of the current speaker; a heading ends the current speaker.
     """
-    text = _STAGE_RE.sub("\n", text.replace("\r\n", "\n"))
+    text = _STAGE_RE.sub(" ", text.replace("\r\n", "\n"))
     speeches: list[tuple[str, str]] = []
     speaker: str | None = None
     for block in _BLANK_RE.split(text):
         lines = [ln.strip() for ln in block.split("\n") if ln.strip()]
         if not lines:
             continue
-        m = _SPEAKER_RE.match(lines[0])
-        if _HEADING_RE.match(lines[0]) or (len(lines) == 1 and m):
+        if _HEADING_RE.match(lines[0]):
             speaker = None
             continue
-        if m and not _HEADING_RE.match(lines[0]):
+        m = _SPEAKER_RE.match(lines[0])
+        # without its period, a name is upper case ("THESEUS"); "Thou tak'st up" is verse
+        if m and (lines[0].endswith(".") or m.group(1).isupper()):
             speaker = _SPACES_RE.sub(" ", m.group(1)).upper()
             lines = lines[1:]
-        if speaker is None:
+        if speaker is None or not lines:
             continue
-        speech = _SPACES_RE.sub(" ", " ".join(lines)).strip()
-        if speech:
-            speeches.append((speaker, speech))
+        speeches.append((speaker, _SPACES_RE.sub(" ", " ".join(lines))))
     return speeches
 
 

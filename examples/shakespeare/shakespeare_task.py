@@ -35,18 +35,24 @@ _ship_data_module()
 
 
 class CharLSTM(nn.Module):
-    """Embedding -> stacked LSTM -> linear logits of the character after the sequence."""
+    """Embedding -> one single-layer LSTM per entry of `hidden` -> linear logits of the
+    character after the sequence. (One LSTM module per layer, not `nn.LSTM(num_layers=2)`:
+    the same computation, but each layer's width can differ, as a Federated Dropout
+    sub-model needs.)"""
 
-    def __init__(self, vocab_size: int = len(VOCAB), *, embed_dim: int = 8, hidden: int = 256,
-                 num_layers: int = 2):
+    def __init__(self, vocab_size: int = len(VOCAB), *, embed_dim: int = 8,
+                 hidden: tuple[int, ...] = (256, 256)):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim)
-        self.lstm = nn.LSTM(embed_dim, hidden, num_layers=num_layers, batch_first=True)
-        self.head = nn.Linear(hidden, vocab_size)
+        widths = (embed_dim, *hidden)
+        self.lstms = nn.ModuleList(nn.LSTM(a, b, batch_first=True) for a, b in zip(widths, widths[1:]))
+        self.head = nn.Linear(widths[-1], vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(self.embed(x))
-        return self.head(out[:, -1])
+        h = self.embed(x)
+        for lstm in self.lstms:
+            h, _ = lstm(h)
+        return self.head(h[:, -1])
 
 
 def _positive(name: str, value, allow_none: bool = False) -> None:
@@ -120,8 +126,8 @@ class ShakespeareTask(fedray.Task):
 
     def model(self) -> nn.Module:
         # fedray calls this under a torch seed derived from the job's seed
-        return CharLSTM(len(VOCAB), embed_dim=self.embed_dim, hidden=self.hidden,
-                        num_layers=self.num_layers)
+        return CharLSTM(len(VOCAB), embed_dim=self.embed_dim,
+                        hidden=(self.hidden,) * self.num_layers)
 
     def num_clients(self) -> int:
         return len(self.roles)
