@@ -163,3 +163,47 @@ def test_federated_lstm_beats_majority_character(ray_session):
     assert 0.15 < m["majority_rate"] < 0.25  # the space character
     assert m["accuracy"] >= m["majority_rate"] + 0.07, m
     assert m["loss"] < math.log(len(sd.VOCAB))
+
+
+@needs_texts
+def test_fd_submodel_is_the_full_lstm_with_dropped_units_zeroed():
+    import torch
+    from shakespeare_task import ShakespeareTask
+
+    from fedray.compression.fd import SubnetSpec, embed, extract, flops_per_example, submodel_hidden
+
+    task = ShakespeareTask(plays=["hamlet"], seq_len=10, hidden=16)
+    layout = task.fd_layout()
+    torch.manual_seed(0)
+    full = {k: v.detach().clone() for k, v in task.model().state_dict().items()}
+    spec = SubnetSpec(seed=3, keep_rate=0.5)
+    sub = task.fd_model(submodel_hidden(layout, spec))
+    sub.load_state_dict(extract(full, layout, spec))
+    # An LSTM unit whose weights and biases are all zero outputs 0 for ever (g = tanh(0) keeps c
+    # at 0), so zeroing the dropped units' coordinates must give the sub-model's outputs.
+    _, counts = embed(extract(full, layout, spec), layout, spec)
+    zeroed = task.fd_model((16, 16))
+    zeroed.load_state_dict({k: torch.where(counts[k] > 0, v, torch.zeros_like(v)) for k, v in full.items()})
+    x = torch.randint(0, len(sd.VOCAB), (6, 10), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sub(x), zeroed(x), atol=1e-6, rtol=0)
+    assert 0.2 < flops_per_example(layout, spec) / flops_per_example(layout) < 0.5
+
+
+@needs_texts
+def test_federated_dropout_job_on_the_lstm(ray_session):
+    from shakespeare_task import ShakespeareTask
+
+    task = ShakespeareTask(plays=["hamlet", "lear"], max_clients=4, seq_len=20, hidden=64,
+                           max_samples_per_client=100, max_test_samples=200)
+    spec = {
+        "name": "shakespeare-fd-test", "seed": 0,
+        "training": {"rounds": 1, "clients_per_round": 4, "local_epochs": 1, "batch_size": 16, "lr": 0.3},
+        "compression": {"codec": "int8", "broadcast": "identity"},
+        "dropout": {"keep_rates": [0.5]},
+        "resources": {"num_workers": 2},
+    }
+    result = fedray.run(task, spec, log=lambda *_: None)
+    (rnd,) = result.rounds
+    assert rnd.clients == 4 and rnd.failed == 0 and rnd.keep_rate == 0.5
+    # int8 uploads of half-width LSTMs: well under a quarter of the full fp32 model per client
+    assert rnd.bytes_up < 0.5 * rnd.bytes_up_fp32 / 4

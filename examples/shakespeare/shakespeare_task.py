@@ -129,6 +129,35 @@ class ShakespeareTask(fedray.Task):
         return CharLSTM(len(VOCAB), embed_dim=self.embed_dim,
                         hidden=(self.hidden,) * self.num_layers)
 
+    def fd_model(self, hidden: tuple[int, ...]) -> nn.Module:
+        """The LSTM with layer widths `hidden` (a Federated Dropout sub-model)."""
+        return CharLSTM(len(VOCAB), embed_dim=self.embed_dim, hidden=tuple(hidden))
+
+    def fd_layout(self):
+        """Federated Dropout drops LSTM hidden units (Caldas et al.): group `h{i}` is layer i's
+        units, which index the rows of each of its 4 gate blocks (i, f, g, o), the columns of
+        its recurrent weights and of the next layer's input weights (or the head's)."""
+        from fedray.compression.fd import Axis, ModelLayout
+
+        hidden = (self.hidden,) * self.num_layers
+        shapes = tuple((k, tuple(v.shape)) for k, v in self.fd_model(hidden).state_dict().items())
+        axes: dict[str, tuple] = {"embed.weight": ()}
+        positions: dict[str, int] = {}
+        prev = None
+        for i in range(self.num_layers):
+            g, gates = Axis(f"h{i}"), Axis(f"h{i}", tile=4)
+            p = f"lstms.{i}."
+            axes[p + "weight_ih_l0"], axes[p + "weight_hh_l0"] = (gates, prev), (gates, g)
+            axes[p + "bias_ih_l0"] = axes[p + "bias_hh_l0"] = (gates,)
+            positions[p + "weight_ih_l0"] = positions[p + "weight_hh_l0"] = self.seq_len
+            prev = g
+        axes["head.weight"], axes["head.bias"] = (None, prev), (None,)
+        positions["head.weight"] = 1
+        return ModelLayout("shakespeare-lstm", (self.seq_len,), len(VOCAB),
+                           tuple((f"h{i}", h) for i, h in enumerate(hidden)),
+                           tuple((k, tuple(axes[k])) for k, _ in shapes), shapes,
+                           tuple(positions.items()))
+
     def num_clients(self) -> int:
         return len(self.roles)
 
