@@ -11,6 +11,7 @@ Job spec:  task: {target: "shakespeare_task:ShakespeareTask", params: {max_clien
 from __future__ import annotations
 
 import os
+
 import fedray
 import torch
 from torch import nn
