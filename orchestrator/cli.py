@@ -251,6 +251,11 @@ def _remote_parsers(sub) -> None:
             p.add_argument("--no-ship-code", dest="ship_code", action="store_false",
                            help="use the fedray installed on the cluster instead of shipping this one")
             p.add_argument("--results-root", default=None, help="results folder on the cluster (one sub-folder per job)")
+            p.add_argument("--code-dir", default=None,
+                           help="folder of the task's code to ship as the job's working directory (default: the "
+                                "spec's folder when task.target is an import string)")
+            p.add_argument("--py-module", action="append", default=[],
+                           help="a package folder or wheel to ship onto the cluster's import path (repeatable)")
         if name == "wait":
             p.add_argument("--timeout", type=float, default=3600.0)
         if name == "result":
@@ -261,11 +266,15 @@ def _remote(a: argparse.Namespace) -> int:
     from .client import DEFAULT_RESULTS_ROOT, Client, ClientError
 
     spec = JobSpec.from_yaml(a.spec) if a.cmd == "submit" else None  # bad specs fail before any connection
+    if spec is not None and spec.uses_task_target:
+        from .client import _check_target
+
+        _check_target(spec, a.code_dir or _spec_dir(a.spec))
     try:
         client = Client(a.address, token=a.token, ship_code=getattr(a, "ship_code", True),
                         results_root=getattr(a, "results_root", None) or DEFAULT_RESULTS_ROOT)
         if a.cmd == "submit":
-            job_id = client.submit(spec)
+            job_id = client.submit(a.spec, code_dir=a.code_dir, py_modules=a.py_module)
             print(job_id, flush=True)
             if a.follow:
                 _print_chunks(client.logs(job_id, follow=True))

@@ -7,7 +7,9 @@
     res = client.result(job_id)   # summary, per-round history, model (where readable)
 
 A submitted job runs `python -m fedray.orchestrator.cli run job.yaml --quiet --out DIR
---emit-result` on the cluster. The spec travels as `job.yaml` in the runtime_env's working_dir;
+--emit-result` on the cluster. The spec travels as `job.yaml` in the runtime_env's working_dir,
+beside the user's task code (`code_dir`, by default the folder of a spec whose `task.target` is
+an import string);
 the fedray code travels as a runtime_env py_module (`ship_code=True`, the default) so the cluster
 runs the client's version; the cluster must have fedray's dependencies (torch, grpcio, ...), as
 the Helm chart's image does.
@@ -35,7 +37,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from .spec import JobSpec
 
@@ -121,20 +123,35 @@ class Client:
 
     # -- submit and control ---------------------------------------------------------------
 
-    def submit(self, spec: JobSpec | str | os.PathLike | Mapping[str, Any], *, job_id: str | None = None) -> str:
+    def submit(self, spec: JobSpec | str | os.PathLike | Mapping[str, Any], *, job_id: str | None = None,
+               code_dir: str | os.PathLike | None = None, py_modules: Sequence[str | os.PathLike] = ()) -> str:
         """Validate `spec` (a JobSpec, a YAML path or a mapping) and submit it; returns the job id.
 
+        The user's code travels with the job, so the cluster needs none of it installed:
+        `code_dir` becomes the job's working directory (its modules import as top-level
+        modules, e.g. `task.target: mytask:MyTask`); by default, a YAML spec whose `task.target`
+        is an import string ships the spec's own folder. `py_modules` are further package
+        folders (or wheels) put on the cluster's import path (Ray runtime_env `py_modules`).
+
         Raises:
-            SpecError: the spec is invalid (nothing is submitted).
-            ClientError: the cluster refused the job.
+            SpecError: the spec is invalid, or `task.target` does not import here (nothing is
+                submitted).
+            ClientError: the cluster refused the job, or `code_dir` is too large to ship.
         """
+        spec_dir = None
+        if isinstance(spec, (str, os.PathLike)):
+            spec_dir = Path(spec).resolve().parent
         spec = _as_spec(spec)
+        if spec.uses_task_target:
+            code_dir = code_dir if code_dir is not None else (spec_dir if ":" in spec.task.target else None)
+            _check_target(spec, code_dir)
         job_id = job_id or f"fedray-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}"
         out = f"{self._results_root.rstrip('/')}/{job_id}"
         entry = (f"{self._python} -m fedray.orchestrator.cli run job.yaml --quiet --emit-result "
                  f"--out {shlex.quote(out)}")
         with tempfile.TemporaryDirectory(prefix="fedray-submit-") as tmp:
-            runtime_env = _runtime_env(spec, Path(tmp), ship_code=self._ship_code)
+            runtime_env = _runtime_env(spec, Path(tmp), ship_code=self._ship_code, code_dir=code_dir,
+                                       py_modules=py_modules)
             try:
                 return self._jobs.submit_job(
                     entrypoint=entry, submission_id=job_id, runtime_env=runtime_env,
@@ -242,14 +259,45 @@ def _slug(name: str) -> str:
     return s[:40] or "job"
 
 
-def _runtime_env(spec: JobSpec, tmp: Path, *, ship_code: bool) -> dict[str, Any]:
+MAX_CODE_BYTES = 64 << 20  # what a job's working_dir may carry (Ray's own limit is 500 MiB)
+_CODE_IGNORE = ("__pycache__", "*.pyc", ".git", ".venv", "runs", "results", "*.pt", "*.ckpt")
+
+
+def _runtime_env(spec: JobSpec, tmp: Path, *, ship_code: bool, code_dir=None, py_modules=()) -> dict[str, Any]:
     work = tmp / "job"
-    work.mkdir()
+    if code_dir is not None:  # the user's code is the working directory; the validated spec goes on top
+        src = Path(code_dir)
+        if not src.is_dir():
+            raise ClientError(f"code_dir {str(src)!r} is not a folder")
+        shutil.copytree(src, work, ignore=shutil.ignore_patterns(*_CODE_IGNORE))
+        size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+        if size > MAX_CODE_BYTES:
+            raise ClientError(f"code_dir {str(src)!r} holds {size / 2**20:.0f} MiB to ship (limit "
+                              f"{MAX_CODE_BYTES >> 20} MiB); keep data out of it and load it on the cluster")
+    else:
+        work.mkdir()
     (work / "job.yaml").write_text(spec.to_yaml())
     env: dict[str, Any] = {"working_dir": str(work)}
+    mods = [str(Path(m).resolve()) for m in py_modules]
     if ship_code:
-        env["py_modules"] = [str(_stage_package(tmp / "code"))]
+        mods.insert(0, str(_stage_package(tmp / "code")))
+    if mods:
+        env["py_modules"] = mods
     return env
+
+
+def _check_target(spec: JobSpec, code_dir) -> None:
+    """Import `task.target` here (with `code_dir` first on the path) so a typo fails before
+    submission, as `fedray validate` does. Raises SpecError naming `task.target`."""
+    import sys
+
+    from fedray.plugins import task_for_spec
+
+    before = list(sys.path)
+    try:
+        task_for_spec(spec, base_dir=str(Path(code_dir).resolve()) if code_dir is not None else None)
+    finally:
+        sys.path[:] = before
 
 
 def _stage_package(dest: Path) -> Path:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+from fedray.builtin_tasks import DATASETS
 
 __all__ = ["add_parsers", "run_client", "run_token"]
 
@@ -16,7 +19,12 @@ def add_parsers(sub) -> None:
     c.add_argument("--client-id", type=int, required=True)
     c.add_argument("--token", default=os.environ.get("FEDRAY_CLIENT_TOKEN"),
                    help="the client's token (default: $FEDRAY_CLIENT_TOKEN); see `fedray token`")
-    c.add_argument("--dataset", choices=["fashion-mnist", "digits"], default=None,
+    c.add_argument("--task", default=None,
+                   help="the task, e.g. mytask:MyTask (import string, entry point or built-in name); its "
+                        "client_data(--client-id) is this client's data. Default: the job's own task")
+    c.add_argument("--task-params", type=_json_map, default=None,
+                   help="task constructor params as JSON (default: the job spec's task.params)")
+    c.add_argument("--dataset", choices=DATASETS, default=None,
                    help="use a slice of a bundled data set as this client's local data")
     c.add_argument("--data-shard", default="0/1", help="I/N: the I-th of N equal slices of the training set")
     c.add_argument("--data-dir", default=None)
@@ -33,6 +41,16 @@ def add_parsers(sub) -> None:
     t.add_argument("--secret-env", default="FEDRAY_JOB_SECRET")
 
 
+def _json_map(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except ValueError:
+        v = None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return v
+
+
 def _local_data(a: argparse.Namespace):
     import numpy as np
 
@@ -43,7 +61,7 @@ def _local_data(a: argparse.Namespace):
         z = np.load(a.data_npz)
         return LocalData(z["x"], z["y"].astype(np.int64), a.num_classes)
     if not a.dataset:
-        raise SystemExit("fedray client: give --dataset or --data-npz for the client's local data")
+        return None  # the task's client_data(--client-id)
     try:
         i, n = (int(v) for v in a.data_shard.split("/"))
         assert 0 <= i < n
@@ -57,17 +75,23 @@ def _local_data(a: argparse.Namespace):
 def run_client(a: argparse.Namespace) -> int:
     import grpc
 
-    from fedray.workers.remote import RemoteClient
+    from fedray.plugins import PluginError
+    from fedray.workers.remote import RealClient
+    from fedray.workers.step import ClientError
 
+    sys.path.insert(0, os.getcwd())  # --task mytask:MyTask from the current folder
     if not a.token:
         print("fedray client: error: no token; pass --token or set FEDRAY_CLIENT_TOKEN", file=sys.stderr)
         return 2
-    client = RemoteClient(server=a.server, job_id=a.job_id, client_id=a.client_id, token=a.token,
-                          data=_local_data(a), ca_file=a.ca, cert_file=a.cert, key_file=a.key)
+    client = RealClient(server=a.server, job_id=a.job_id, client_id=a.client_id, token=a.token,
+                        task=a.task, task_params=a.task_params, data=_local_data(a), ca_file=a.ca, cert_file=a.cert, key_file=a.key)
     try:
         done = client.run(max_rounds=a.max_rounds, timeout_s=a.timeout)
     except grpc.RpcError as e:
         print(f"fedray client: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (ClientError, PluginError) as e:
+        print(f"fedray client: error: {'--task: ' if isinstance(e, PluginError) else ''}{e}", file=sys.stderr)
         return 1
     finally:
         client.close()

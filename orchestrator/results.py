@@ -5,6 +5,7 @@
     model.pt                torch state dict of the final global model
     accuracy.png            test accuracy per round
     accuracy_vs_bytes.png   test accuracy against cumulative bytes (up + down)
+    metrics.png             every metric the task's evaluate returns, per round
     bytes_per_round.png     bytes per round, up and down
 
 `write_results` is pure apart from the files it writes: it takes any object with `rounds`,
@@ -24,7 +25,7 @@ __all__ = ["RESULT_FILES", "ResultLike", "load_results", "round_rows", "write_re
 
 RESULT_FILES = (
     "summary.json", "rounds.json", "rounds.csv", "model.pt",
-    "accuracy.png", "accuracy_vs_bytes.png", "bytes_per_round.png",
+    "accuracy.png", "accuracy_vs_bytes.png", "bytes_per_round.png", "metrics.png",
 )
 
 
@@ -56,7 +57,7 @@ def write_results(result: ResultLike, out_dir: str | os.PathLike, *, plots: bool
     files = {
         "summary.json": _write_json(out / "summary.json", result.summary()),
         "rounds.json": _write_json(out / "rounds.json", rows),
-        "rounds.csv": _write_csv(out / "rounds.csv", rows),
+        "rounds.csv": _write_csv(out / "rounds.csv", _flat(rows)),
         "model.pt": _write_model(out / "model.pt", result.params),
     }
     if plots:
@@ -83,6 +84,21 @@ def load_results(out_dir: str | os.PathLike, *, model: bool = True) -> dict[str,
 def _write_json(path: Path, obj: Any) -> Path:
     path.write_text(json.dumps(obj, indent=2))
     return path
+
+
+def _flat(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for the CSV: the `metrics` mapping becomes one `metric_<name>` column per metric
+    (the union over rounds; empty where a round lacks one)."""
+    names: list[str] = []
+    for r in rows:
+        names += [k for k in (r.get("metrics") or {}) if k not in names]
+    out = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        row = {k: v for k, v in r.items() if k != "metrics"}
+        row.update({f"metric_{k}": m.get(k, "") for k in names})
+        out.append(row)
+    return out
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -126,6 +142,16 @@ def _write_plots(out: Path, rows: list[dict[str, Any]]) -> dict[str, Path]:
     ax.plot(cum, acc, marker="o")
     ax.set(xlabel="cumulative MB (up + down)", ylabel="test accuracy", title="Accuracy against bytes")
     files["accuracy_vs_bytes.png"] = _save(fig, out / "accuracy_vs_bytes.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    names = sorted({k for r in rows for k in (r.get("metrics") or {})})
+    for name in names:
+        ax.plot([r["round"] for r in rows if name in (r.get("metrics") or {})],
+                [r["metrics"][name] for r in rows if name in (r.get("metrics") or {})], marker="o", label=name)
+    ax.set(xlabel="round", ylabel="value", title="Evaluation metrics per round")
+    if names:
+        ax.legend()
+    files["metrics.png"] = _save(fig, out / "metrics.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     w = 0.4

@@ -23,7 +23,8 @@ def _result() -> JobResult:
                               "training": {"rounds": 2, "clients_per_round": 4}})
     recs = [
         RoundRecord(round=r, clients=4, failed=0, accuracy=0.25 * r, loss=1.0 / r, bytes_up=100 * r,
-                    bytes_down=400, bytes_up_fp32=400, bytes_down_fp32=400, wall_s=0.5, train_loss=0.9)
+                    bytes_down=400, bytes_up_fp32=400, bytes_down_fp32=400, wall_s=0.5, train_loss=0.9,
+                    metrics={"accuracy": 0.25 * r, "loss": 1.0 / r, **({"f1": 0.3} if r == 2 else {})})
         for r in (1, 2)
     ]
     params = {"0.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "0.bias": torch.tensor([1.0, -1.0])}
@@ -41,10 +42,12 @@ def test_write_results_writes_every_file(tmp_path):
     with files["rounds.csv"].open() as f:
         csv_rows = list(csv.DictReader(f))
     assert [int(r["round"]) for r in csv_rows] == [1, 2] and float(csv_rows[1]["accuracy"]) == 0.5
-    assert set(csv_rows[0]) == set(rows[0])
+    # metrics become one metric_<name> column each (the union over rounds, empty where missing)
+    assert set(csv_rows[0]) == (set(rows[0]) - {"metrics"}) | {"metric_accuracy", "metric_loss", "metric_f1"}
+    assert csv_rows[0]["metric_f1"] == "" and float(csv_rows[1]["metric_f1"]) == 0.3
     state = torch.load(files["model.pt"], weights_only=True)
     assert all(torch.equal(state[k], res.params[k]) for k in res.params) and set(state) == set(res.params)
-    for name in ("accuracy.png", "accuracy_vs_bytes.png", "bytes_per_round.png"):
+    for name in ("accuracy.png", "accuracy_vs_bytes.png", "bytes_per_round.png", "metrics.png"):
         assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 

@@ -221,3 +221,32 @@ def test_cli_submit_rejects_bad_spec_without_a_cluster(tmp_path, capsys):
     assert cli.main(["submit", str(bad), "--address", "http://127.0.0.1:9"]) == 2  # port 9: nothing listens
     err = capsys.readouterr().err
     assert "compression.codec" in err and "identity" in err and "int8" in err
+
+
+def test_user_task_code_is_shipped_with_the_job(ray_head, tmp_path):
+    """examples/custom_cnn submitted from a spec outside its folder: the cluster (started from
+    this venv, where `cnn_task` is not importable) runs the user's task from the shipped code."""
+    url, _ = ray_head
+    cnn_dir = REPO / "examples" / "custom_cnn"
+    probe = subprocess.run([sys.executable, "-c", "import cnn_task"], cwd=tmp_path, capture_output=True)
+    assert probe.returncode != 0  # not installed where the head runs
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        "name: cnn-submit\ntask: {target: 'cnn_task:FashionCNN', params: {num_clients: 8, per_client: 30, "
+        "test_size: 300}}\ntraining: {rounds: 2, clients_per_round: 3, local_epochs: 1, batch_size: 10}\n"
+        "resources: {num_workers: 1}\n")
+    results = tmp_path / "results"
+    sub = _fedray("submit", str(spec), "--address", url, "--code-dir", str(cnn_dir), "--results-root", str(results))
+    assert sub.returncode == 0, sub.stderr
+    jid = sub.stdout.strip().splitlines()[-1]
+    client = Client(url, results_root=str(results))
+    text = "".join(client.logs(jid, follow=True, poll_s=0.5))
+    assert str(client.status(jid)) == "SUCCEEDED", text[-3000:]
+    res = client.result(jid)
+    assert len(res.rounds) == 2 and res.final_accuracy > 0.15, res.summary
+    assert set(res.summary["final_metrics"]) >= {"accuracy", "loss"}
+    # A target that does not import is refused before anything is submitted.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: {target: 'cnn_taskk:FashionCNN'}\n")
+    out = _fedray("submit", str(bad), "--address", url, "--code-dir", str(cnn_dir))
+    assert out.returncode == 2 and "task.target" in out.stderr and "cnn_taskk" in out.stderr, out.stderr

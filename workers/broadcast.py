@@ -17,7 +17,7 @@ from fedray.compression import decode_checked, get_codec
 from fedray.compression.p2u import P2UConfig, decode_stages, encode_stages
 from fedray.compression.payload import Payload
 
-__all__ = ["Broadcast", "decode_broadcast", "make_broadcast", "p2u_config"]
+__all__ = ["Broadcast", "broadcast_of_stages", "decode_broadcast", "make_broadcast", "p2u_config", "stages_to_use"]
 
 Tensors = tuple[tuple[str, Payload], ...]
 
@@ -79,6 +79,23 @@ def make_broadcast(
         else:
             enc.append((k, c.encode(v)))
     return Broadcast((tuple(enc),), codec, dict(codec_params))
+
+
+def stages_to_use(*, codec: str, codec_params: Mapping[str, Any], round: int) -> int:
+    """How many stages a client decodes before it trains in `round` (P2U: the job's start
+    stage; every other broadcast: one)."""
+    return p2u_config(codec_params).start_stage(round) + 1 if codec == "p2u" else 1
+
+
+def broadcast_of_stages(stages: Sequence[Sequence[tuple[str, Payload]]], *, codec: str,
+                        codec_params: Mapping[str, Any], omc: bool, round: int) -> Broadcast:
+    """The `Broadcast` a real client rebuilds from the stages it downloaded (in order), as the
+    worker actors receive it: OMC's stored form, P2U's stages, or one codec's payloads."""
+    st = tuple(tuple(s) for s in stages)
+    if omc:
+        return Broadcast(st[:1], "omc", {})
+    return Broadcast(st, codec, dict(codec_params), use_stages=min(len(st), stages_to_use(
+        codec=codec, codec_params=codec_params, round=round)))
 
 
 def decode_broadcast(b: Broadcast, stages: int | None = None) -> dict[str, torch.Tensor]:

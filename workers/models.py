@@ -184,14 +184,18 @@ def layout_of(model: nn.Module) -> ModelLayout:
 
 
 def get_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A detached float32 copy of every parameter, by name."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A detached copy of every floating-point tensor of the state (parameters and buffers such
+    as BatchNorm statistics), by name: what is federated. Integer buffers (BatchNorm's
+    `num_batches_tracked`) stay each model's own."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
 def set_params(model: nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+    """Copy `params` into the model's state; tensors not in `params` (integer buffers) are kept."""
     with torch.no_grad():
         for k, v in model.state_dict().items():
-            v.copy_(params[k])
+            if k in params or v.is_floating_point():
+                v.copy_(params[k])
 
 
 def num_params(params: Mapping[str, torch.Tensor]) -> int:

@@ -1,8 +1,10 @@
 """A real client: runs outside Ray, talks to the aggregation service over gRPC only.
 
-It asks the service for the job (model, training and codec settings, open round), downloads the
-round's model, trains on its own local data and uploads its update: the same wire path as the
-simulated clients, from another process or machine. `fedray client` runs it from the shell.
+`ServiceLink` is the connection (job info, the client's shard, the job spec as a typed
+`JobSpec`, downloads, uploads). `RealClient` takes part in every open round of a job with a
+`fedray.Task`, running the same `ClientStep` as the worker actors: P2U stages, Federated
+Dropout subnets, OMC, pruning masks and stateful codecs (kept across rounds) behave as for
+simulated clients. `fedray client` runs it from the shell.
 """
 
 from __future__ import annotations
@@ -10,18 +12,21 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
-from fedray.compression import CodecContext, get_codec
 from fedray.proto import serde
+from fedray.task import Task
 
-from .client import client_seed, decode_model, upload_with_retry
-from .models import build_model, get_params, set_params
-from .train import TrainConfig, train_local
+from .broadcast import Broadcast, broadcast_of_stages, decode_broadcast, stages_to_use
+from .client import TrainerSetup, upload_with_retry
+from .data import ArrayDataset
+from .step import ClientStep, StepOutput
 
-__all__ = ["LocalData", "RemoteClient"]
+__all__ = ["LocalData", "RealClient", "RemoteClient", "ServiceLink"]
 
 
 @dataclass(frozen=True)
@@ -35,26 +40,21 @@ class LocalData:
     shift: float = 0.0
 
 
-class RemoteClient:
-    """Takes part in every open round of one job until the job finishes.
+class ServiceLink:
+    """One real client's connection to a job's aggregation service."""
 
-    Raises (from `run`):
-        grpc.RpcError: the service refused the client (bad token: UNAUTHENTICATED, another job:
-            PERMISSION_DENIED) or stayed unreachable.
-    """
-
-    def __init__(
-        self, *, server: str, job_id: str, client_id: int, token: str, data: LocalData,
-        ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
-        poll_s: float = 0.1,
-    ) -> None:
-        self.job_id, self.client_id, self.token, self.data, self.poll_s = job_id, client_id, token, data, poll_s
+    def __init__(self, *, server: str, job_id: str, client_id: int, token: str, ca_file: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None, poll_s: float = 0.1) -> None:
+        self.job_id, self.client_id, self.token, self.poll_s = job_id, int(client_id), token, poll_s
         self._tls = dict(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
         self.server = server
         self.channel = serde.open_channel(server, **self._tls)
-        self.rounds_done: list[int] = []
+        self._spec: tuple[str, Any] | None = None
 
-    def _follow_shard(self, info: serde.JobInfo) -> None:
+    def job(self) -> serde.JobInfo:
+        return serde.call_get_job(self.channel, job_id=self.job_id, client_id=self.client_id, token=self.token)
+
+    def follow_shard(self, info: serde.JobInfo) -> None:
         """Move to this client's own shard (the one that accepts its uploads)."""
         if not info.shard_addresses:
             return
@@ -63,8 +63,111 @@ class RemoteClient:
             self.channel.close()
             self.server, self.channel = mine, serde.open_channel(mine, **self._tls)
 
-    def _job(self) -> serde.JobInfo:
-        return serde.call_get_job(self.channel, job_id=self.job_id, client_id=self.client_id, token=self.token)
+    def spec(self, info: serde.JobInfo):
+        """The job's spec, typed (`JobSpec`), as the service publishes it."""
+        from fedray.orchestrator.spec import JobSpec
+
+        if self._spec is None or self._spec[0] != info.spec_json:
+            self._spec = (info.spec_json, JobSpec.from_dict(json.loads(info.spec_json)))
+        return self._spec[1]
+
+    def next_round(self, done: list[int], *, deadline: float, gone_after_s: float) -> serde.JobInfo | None:
+        """Wait for an open round not in `done`; None when the job finished, the service went
+        away for `gone_after_s` after answering once, or `deadline` (monotonic) passed.
+
+        Raises:
+            grpc.RpcError: the service refused the client (bad token: UNAUTHENTICATED, another job:
+                PERMISSION_DENIED).
+        """
+        seen, unreachable_since = False, None
+        while time.monotonic() < deadline:
+            try:
+                info = self.job()
+                seen, unreachable_since = True, None
+            except grpc.RpcError as e:
+                # CANCELLED: the server stopped while answering (the job's end, like UNAVAILABLE)
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                unreachable_since = unreachable_since or time.monotonic()
+                if seen and time.monotonic() - unreachable_since > gone_after_s:
+                    return None
+                time.sleep(self.poll_s)
+                continue
+            if info.finished:
+                return None
+            if info.round_open and info.round not in done:
+                self.follow_shard(info)
+                return info
+            time.sleep(self.poll_s)
+        return None
+
+    def download(self, spec, round: int) -> Broadcast:
+        """The round's model as the workers get it; P2U: the stages the job decodes, in order."""
+        comp = spec.compression
+        n = stages_to_use(codec=comp.broadcast, codec_params=comp.broadcast_params, round=round)
+        stages = serde.call_download(self.channel, job_id=self.job_id, round=round, client_id=self.client_id,
+                                     token=self.token, max_stage=n - 1)
+        return broadcast_of_stages([s.tensors for s in stages], codec=comp.broadcast,
+                                   codec_params=comp.broadcast_params, omc=spec.omc is not None, round=round)
+
+    def upload(self, out: StepOutput) -> dict:
+        msgs = serde.encode_upload(
+            job_id=self.job_id, round=out.round, client_id=self.client_id, weight=float(out.examples),
+            tensors=out.tensors, metrics={"loss": out.loss, "train_s": out.train_s},
+            subnet_seed=out.subnet_seed, keep_rate=out.keep_rate, weights=out.weights,
+        )
+        return upload_with_retry(self.channel, msgs, self.token)
+
+    def setup(self, spec) -> TrainerSetup:
+        return TrainerSetup.from_spec(spec, job_id=self.job_id, device="cpu")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class _LocalDataTask(Task):
+    """The job's task with this client's own examples (`fedray client --dataset/--data-npz`)."""
+
+    def __init__(self, base: Task, data: LocalData) -> None:
+        self.base, self.local = base, data
+
+    def model(self):
+        return self.base.model()
+
+    def num_clients(self) -> int:
+        return self.base.num_clients()
+
+    def client_data(self, client_id: int):
+        d = self.local
+        return ArrayDataset(d.x, d.y, d.scale, d.shift)
+
+    def fd_layout(self):
+        return self.base.fd_layout()
+
+    def fd_model(self, hidden):
+        return self.base.fd_model(hidden)
+
+
+class RealClient:
+    """Takes part in every open round of one job until the job finishes, with `task` (default:
+    the job spec's own task; an import string is built with `task_params`, else with the job's
+    params when the job runs the same target) or, for `fedray client --dataset`, `data` as its
+    local examples.
+
+    Raises (from `run`):
+        grpc.RpcError: the service refused the client (bad token: UNAUTHENTICATED, another job:
+            PERMISSION_DENIED) or stayed unreachable.
+        ClientError: the client step failed (stage, client id and round named).
+    """
+
+    def __init__(self, *, server: str, job_id: str, client_id: int, token: str, task: Task | str | None = None,
+                 task_params: dict | None = None, data: LocalData | None = None, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None, poll_s: float = 0.1) -> None:
+        self.link = ServiceLink(server=server, job_id=job_id, client_id=client_id, token=token, ca_file=ca_file,
+                                cert_file=cert_file, key_file=key_file, poll_s=poll_s)
+        self.client_id, self.task, self.task_params, self.data = int(client_id), task, task_params, data
+        self.rounds_done: list[int] = []
+        self._step: ClientStep | None = None  # kept across rounds: codec state (error feedback)
 
     def run(self, *, max_rounds: int | None = None, timeout_s: float = 600.0, gone_after_s: float = 5.0) -> list[int]:
         """Train in each open round until the job finishes, `max_rounds` are done or time runs out.
@@ -73,51 +176,44 @@ class RemoteClient:
         `timeout_s`); after that, one unreachable for `gone_after_s` is taken as the job's end.
         """
         deadline = time.monotonic() + timeout_s
-        seen, unreachable_since = False, None
-        while time.monotonic() < deadline:
-            try:
-                info = self._job()
-                seen, unreachable_since = True, None
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                unreachable_since = unreachable_since or time.monotonic()
-                if seen and time.monotonic() - unreachable_since > gone_after_s:
-                    break
-                time.sleep(self.poll_s)
-                continue
-            if info.finished or (max_rounds is not None and len(self.rounds_done) >= max_rounds):
+        while max_rounds is None or len(self.rounds_done) < max_rounds:
+            info = self.link.next_round(self.rounds_done, deadline=deadline, gone_after_s=gone_after_s)
+            if info is None:
                 break
-            if info.round_open and info.round not in self.rounds_done:
-                self._follow_shard(info)
-                try:
-                    self.train_round(info)
-                except grpc.RpcError as e:
-                    # The round closed under us (stale): wait for the next one.
-                    if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                        raise
-                self.rounds_done.append(info.round)
-            else:
-                time.sleep(self.poll_s)
+            try:
+                self.train_round(info)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # the round closed under us: next one
+                    raise
+            self.rounds_done.append(info.round)
         return self.rounds_done
 
+    def _client_step(self, spec) -> ClientStep:
+        if self._step is None:
+            from fedray.plugins import load_task, task_for_spec
+
+            task = self.task
+            if isinstance(task, str):  # params: given, else the job's own for the same target
+                same = spec.task is not None and spec.task.target == task
+                task = load_task(task, self.task_params if self.task_params is not None
+                                 else (dict(spec.task.params) if same else {}))
+            elif task is None:
+                task = task_for_spec(spec)
+            if self.data is not None:
+                task = _LocalDataTask(task, self.data)
+            torch.manual_seed(spec.seed)  # the model's initial weights are overwritten every round
+            self._step = ClientStep(self.link.setup(spec), task, torch.device("cpu"))
+        return self._step
+
     def train_round(self, info: serde.JobInfo) -> dict:
-        spec = json.loads(info.spec_json)
-        m, tr, comp = spec["model"], spec["training"], spec["compression"]
-        stages = serde.call_download(self.channel, job_id=self.job_id, round=info.round, client_id=self.client_id,
-                                     token=self.token)
-        start = decode_model(stages[-1].tensors, comp["broadcast"], comp["broadcast_params"])
-        model = build_model(m["kind"], self.data.x.shape[1:], self.data.num_classes, m["hidden"])
-        set_params(model, start)
-        seed = client_seed(spec.get("seed", 0), info.round, self.client_id)
-        cfg = TrainConfig(tr["local_epochs"], tr["batch_size"], tr["lr"], tr["momentum"])
-        stats = train_local(model, self.data.x, self.data.y, self.data.scale, self.data.shift, cfg, seed)
-        codec = get_codec(comp["codec"], **comp["codec_params"])
-        params = get_params(model)
-        tensors = [(k, codec.encode(params[k] - start[k], CodecContext(seed=seed, key=k))) for k in start]
-        msgs = serde.encode_upload(job_id=self.job_id, round=info.round, client_id=self.client_id,
-                                   weight=float(stats.examples), tensors=tensors, metrics={"loss": stats.loss})
-        return upload_with_retry(self.channel, msgs, self.token)
+        spec = self.link.spec(info)
+        step = self._client_step(spec)
+        bcast = self.link.download(spec, info.round)
+        out = step.run(info.round, decode_broadcast(bcast), self.client_id, bcast)
+        return self.link.upload(out)
 
     def close(self) -> None:
-        self.channel.close()
+        self.link.close()
+
+
+RemoteClient = RealClient  # the name earlier releases used

@@ -66,14 +66,15 @@ class ClientStep:
     """The client step for one process: holds the task's model (and FD sub-models), the job's
     codec and each client's codec state (error-feedback memory) across rounds."""
 
-    def __init__(self, setup, task: Task, device: torch.device) -> None:
+    def __init__(self, setup, task: Task | None, device: torch.device) -> None:
+        """`task=None`: only `finish` (a model trained by the caller's own loop) is available."""
         self.setup, self.task, self.device = setup, task, device
-        self.model = task.model().to(device)
-        self.layout = task.fd_layout()
-        if setup.dropout is not None and self.layout is None:
+        self.model = task.model().to(device) if task is not None else None
+        self.layout = task.fd_layout() if task is not None else None
+        if setup.dropout is not None and task is not None and self.layout is None:
             raise ValueError(f"Federated Dropout needs the task's fd_layout(); {task.describe()} has none")
         self.codec = get_codec(setup.codec, **dict(setup.codec_params))
-        self.custom_train = overrides(task, "train")
+        self.custom_train = task is not None and overrides(task, "train")
         self._submodels: dict[tuple[int, ...], torch.nn.Module] = {}
         self._states: dict[int, CodecState] = {}
         d = setup.dropout
@@ -166,11 +167,35 @@ class ClientStep:
             raise
         except Exception as e:
             raise ClientError(stage, cid, round, e) from e
-        metrics = {k: float(v) for k, v in out.items() if k not in ("examples",) and _is_number(v)}
-        return StepOutput(cid, round, tensors, examples, loss, time.perf_counter() - t0,
-                          subnet_seed=seed if sub is not None else 0, keep_rate=keep, weights=s.omc is not None,
-                          flops=self.flops(sub, examples), param_memory_bytes=mem, eval_metrics=ev,
-                          train_metrics=metrics)
+        return self._output(round, cid, tensors, examples, loss, time.perf_counter() - t0, out, sub=sub, keep=keep,
+                            seed=seed, mem=mem, ev=ev)
+
+    def finish(self, round: int, cid: int, start: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor],
+               *, examples: int, metrics: Mapping[str, float] | None = None, train_s: float = 0.0) -> StepOutput:
+        """The step's second half for a model trained elsewhere (the receive/send API): encode
+        `trained - start` with the job's codec and this client's codec state.
+
+        Raises:
+            ClientError: stage 'encode' (also when `trained` lacks a tensor of the model).
+        """
+        if self.setup.dropout is not None or self.setup.omc is not None:
+            raise ClientError("encode", cid, round, ValueError(
+                "a model trained outside fedray cannot take part in a job with dropout or omc"))
+        missing = [k for k in start if k not in trained]
+        if missing:
+            raise ClientError("encode", cid, round, KeyError(f"the sent weights lack {', '.join(missing[:3])}"))
+        seed = client_seed(self.setup.seed, round, cid)
+        tensors = self.encode(round, cid, seed, {k: trained[k].detach().to(start[k].dtype) for k in start}, start)
+        m = dict(metrics or {})
+        return self._output(round, cid, tensors, int(examples), float(m.get("loss", math.nan)), train_s, m,
+                            sub=None, keep=1.0, seed=seed, mem=4 * sum(int(v.numel()) for v in start.values()), ev=None)
+
+    def _output(self, round, cid, tensors, examples, loss, train_s, out, *, sub, keep, seed, mem, ev) -> StepOutput:
+        metrics = {k: float(v) for k, v in out.items() if k != "examples" and _is_number(v)}
+        return StepOutput(cid, round, tensors, examples, loss, train_s,
+                          subnet_seed=seed if sub is not None else 0, keep_rate=keep,
+                          weights=self.setup.omc is not None, flops=self.flops(sub, examples),
+                          param_memory_bytes=mem, eval_metrics=ev, train_metrics=metrics)
 
     def _model_for(self, hidden: tuple[int, ...]) -> torch.nn.Module:
         m = self._submodels.get(hidden)
