@@ -57,8 +57,8 @@ POEMS = frozenset({
 })
 
 # A speaker line: a short capitalised name alone on its line, with a final period ("Ham.",
-# "1 Clown.", "First Clown.") or in upper case without one ("THESEUS"). Headings ("ACT I.", "Scene II. A room.") are
-# told apart by their first word.
+# "1 Clown.", "First Clown.") or in upper case without one ("THESEUS"). Headings ("ACT I.",
+# "Scene II. A room.") are told apart by their first word.
 _SPEAKER_RE = re.compile(r"^([A-Z0-9][A-Za-z0-9'&\- ]{0,30}?[A-Za-z])\.?$")
 _HEADING_RE = re.compile(r"^(ACT|Act|SCENE|Scene|PERSONS|DRAMATIS|Dramatis)\b")
 _STAGE_RE = re.compile(r"\[[^\]]*\]", re.S)
@@ -110,7 +110,7 @@ def parse_play(text: str) -> list[tuple[str, str]]:
     return speeches
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
 class Role:
     """One speaking role: its training and held-out text as character ids (uint8)."""
 
