@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import ray  # noqa: F401  (first: Ray puts its bundled psutil on the import path)
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,28 +75,57 @@ def _ray_processes(marker: str) -> list[int]:
 
 
 def _object_store_used() -> int:
-    """Bytes in this node's object store now (Ray's memory summary, stats only)."""
+    """Bytes in the connected cluster's object store now (Ray's memory summary, stats only)."""
+    import ray
     from ray._private.internal_api import memory_summary
 
-    s = memory_summary(stats_only=True)
+    s = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
     m = re.search(r"Plasma memory usage (\d+) MiB", s)
     return int(m.group(1)) << 20 if m else 0
 
 
-class _StoreSampler(threading.Thread):
-    """Samples the object store's use every `interval` seconds until stopped."""
+def _rss(pid: int) -> tuple[int, int]:
+    """(resident set size, the part of it that is shared memory: Ray's object store pages)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "RssShmem:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out.get("VmRSS", 0), out.get("RssShmem", 0)
 
-    def __init__(self, interval: float = 0.5) -> None:
+
+class _Sampler(threading.Thread):
+    """Every `interval` s: the RSS of this driver and of the shard actor (found by its process
+    title once it starts), and every 4th time the object store's use; keeps the peaks and a
+    timeline of (seconds, shard RSS, driver RSS, store) to show when memory is taken."""
+
+    def __init__(self, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
-        self.interval, self.peak, self.samples, self._halt = interval, 0, 0, threading.Event()
+        self.interval, self._halt, self.t0 = interval, threading.Event(), time.perf_counter()
+        self.store_peak, self.store_samples, self.shard_pid, self.timeline = 0, 0, None, []
+        self.private_peak = {"shard": 0, "driver": 0}  # sampled peak of RSS less shared memory
 
     def run(self) -> None:
-        while not self._halt.wait(self.interval):
-            try:
-                self.peak = max(self.peak, _object_store_used())
-                self.samples += 1
-            except Exception:  # the node is shutting down
-                return
+        i, store = 0, 0
+        while not self._halt.wait(self.interval) and i < 100_000:
+            if self.shard_pid is None or not psutil.pid_exists(self.shard_pid):
+                found = _ray_processes("AggregationShard")
+                self.shard_pid = found[0] if found else None
+            if i % 4 == 0:
+                try:
+                    store = _object_store_used()
+                    self.store_peak, self.store_samples = max(self.store_peak, store), self.store_samples + 1
+                except Exception:  # the node is shutting down
+                    pass
+            shard, shard_shm = _rss(self.shard_pid) if self.shard_pid else (0, 0)
+            driver, driver_shm = _rss(os.getpid())
+            self.private_peak["shard"] = max(self.private_peak["shard"], shard - shard_shm)
+            self.private_peak["driver"] = max(self.private_peak["driver"], driver - driver_shm)
+            self.timeline.append((round(time.perf_counter() - self.t0, 2), shard >> 20, shard_shm >> 20,
+                                  driver >> 20, driver_shm >> 20, store >> 20))
+            i += 1
 
     def stop(self) -> None:
         self._halt.set()
@@ -131,11 +161,13 @@ def run_config(label: str, task: LMTask, *, clients: int, rounds: int, workers: 
         pids["workers"] = _ray_processes("_WorkerActor") or pids.get("workers", [])
         peaks["shard"] = max([peaks["shard"], *map(_hwm, pids["shard"])])
         peaks["workers"] = max([peaks["workers"], *map(_hwm, pids["workers"])])
+        events.append((round(time.perf_counter() - store.t0, 2), f"round {rec.round} done"))
         log(f"[{label}] round {rec.round}: {rec.wall_s:.1f} s, up {rec.bytes_up / 1e6:.1f} MB, down "
             f"{rec.bytes_down / 1e6:.1f} MB, shard peak {peaks['shard'] / 2**20:.0f} MiB, "
             f"driver peak {_hwm(os.getpid()) / 2**20:.0f} MiB")
 
-    store = _StoreSampler()
+    store = _Sampler()
+    events = []
     store.start()
     t0 = time.perf_counter()
     try:
@@ -150,7 +182,12 @@ def run_config(label: str, task: LMTask, *, clients: int, rounds: int, workers: 
         "shard_peak_rss": peaks["shard"], "shard_pids": len(pids.get("shard", [])),
         "worker_peak_rss": peaks["workers"], "worker_pids": len(pids.get("workers", [])),
         "driver_peak_rss": _hwm(os.getpid()), "driver_rss_at_start": driver_start, "driver_hwm_reset": hwm_reset,
-        "object_store_peak_bytes": store.peak, "object_store_samples": store.samples,
+        "object_store_peak_bytes": store.store_peak, "object_store_samples": store.store_samples,
+        "shard_peak_private_sampled": store.private_peak["shard"],
+        "driver_peak_private_sampled": store.private_peak["driver"],
+        "timeline_columns": ["s", "shard_rss_mib", "shard_shm_mib", "driver_rss_mib", "driver_shm_mib",
+                             "object_store_mib"],
+        "timeline": store.timeline[:: max(1, len(store.timeline) // 300)], "events": events,
         "per_round": [
             {"round": r.round, "wall_s": round(r.wall_s, 2), "clients": r.clients, "failed": r.failed,
              "bytes_up": r.bytes_up, "bytes_down": r.bytes_down, "train_loss": r.train_loss,

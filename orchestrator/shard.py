@@ -46,7 +46,9 @@ class AggregationShard:
         self._core.open_round(round, broadcast)
 
     def close_round(self, round: int) -> dict:
-        return self._core.close_round(round)
+        part = self._core.close_round(round)
+        part.pop("sums", None)  # the same tensors as part["agg"].sums: sent once, out of band (RunningWeightedSum)
+        return part
 
     def set_addresses(self, addresses) -> None:
         self._core.set_addresses(tuple(addresses))
