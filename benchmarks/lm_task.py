@@ -3,7 +3,7 @@
 `DecoderLM` is a GPT-style model from plain torch.nn layers: token and learned position
 embeddings, pre-norm blocks of causal self-attention and a 4x GELU MLP, a final LayerNorm and an
 untied output layer. Random initialisation (nothing is downloaded). The defaults of `LMTask`
-(d=768, 15 layers, 12 heads, 256 tokens, 64 positions) give 106.6M parameters.
+(d=768, 15 layers, 12 heads, 256 tokens, 64 positions) give 106.8M parameters.
 
 Client data: `samples_per_client` random token sequences per client, drawn from a seeded
 Markov chain (each token's successor is one of 4 fixed tokens), so that a model can learn it but
