@@ -165,10 +165,12 @@ def _wire(codec, tensors: dict, seed: int) -> tuple[dict, int]:
 
 
 def _codecs(arm: Arm):
-    if arm.down_bits is None:
-        return get_codec("identity"), get_codec("identity")
-    return (get_codec("uniform", bits=arm.down_bits, mode="affine", rounding="nearest"),
-            get_codec("uniform", bits=arm.up_bits, mode="affine", rounding="stochastic"))
+    """(down, up) codecs: `uniform` affine at the arm's bits; None or 32 bits: fp32 (identity)."""
+    def pick(bits, rounding):
+        if bits is None or bits == 32:
+            return get_codec("identity")
+        return get_codec("uniform", bits=bits, mode="affine", rounding=rounding)
+    return pick(arm.down_bits, "nearest"), pick(arm.up_bits, "stochastic")
 
 
 def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
