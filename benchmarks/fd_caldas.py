@@ -316,6 +316,42 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def make_task(name: str, args, seed: int):
+    """The task of `--tasks` entry `name`, sized by the command line."""
+    if name == "cnn":
+        hidden = (8, 16, 128) if args.quick else (16, 32, 256)
+        s = Setting("cnn", f"cnn {hidden}", 30, 5, 2 if args.quick else args.cnn_rounds, args.extra, 1, 20,
+                    0.05, 500 if args.quick else 2000,
+                    {"dataset": "fashion-mnist", "partition": "dirichlet(0.5) over labels",
+                     "examples_per_client_max": 300, "paper_model": "LEAF FEMNIST CNN (32, 64, 2048)"})
+        return CNNTask(s, hidden, 300, seed)
+    hidden, seq_len = (32, 20) if args.quick else (args.lstm_hidden, args.lstm_seq_len)
+    per = 100 if args.quick else args.lstm_windows
+    s = Setting("lstm", f"CharLSTM 8-d embed, 2x{hidden}, seq_len {seq_len}", args.lstm_clients, 4,
+                2 if args.quick else args.lstm_rounds, args.extra, args.lstm_epochs, 10, 0.8,
+                300 if args.quick else 1500,
+                {"dataset": "shakespeare (examples/shakespeare)",
+                 "roles": f"the {args.lstm_clients} with the most speeches",
+                 "windows_per_client_max": per, "paper_model": "LEAF 2x256 LSTM, seq_len 80"})
+    return LSTMTask(s, hidden=hidden, seq_len=seq_len, per_client=per)
+
+
+def parse_arms(text: str) -> list[Arm]:
+    """`--arms` entries keep:down_bits:up_bits (32 bits: fp32 on that direction)."""
+    arms = []
+    for a in filter(None, text.split(",")):
+        try:
+            k, d, u = a.split(":")
+            arm = Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u))
+        except ValueError:
+            raise SystemExit(f"--arms: {a!r} is not keep:down_bits:up_bits, e.g. 0.75:4:2") from None
+        if not 0 < arm.keep <= 1 or not (1 <= arm.down_bits <= 8 or arm.down_bits == 32) \
+                or not (1 <= arm.up_bits <= 8 or arm.up_bits == 32):
+            raise SystemExit(f"--arms: {a!r}: keep must be in (0, 1], bits in 1..8 or 32")
+        arms.append(arm)
+    return arms
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, help="where to write the results")
@@ -334,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/fd_caldas.py", *(argv or sys.argv[1:])])
     seeds = [0] if args.quick else list(range(args.seeds))
-    arms = [FP32] + [Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u))
-                     for k, d, u in (a.split(":") for a in args.arms.split(","))]
+    arms = [FP32] + parse_arms(args.arms)
+    bad = set(args.tasks.split(",")) - {"cnn", "lstm"}
+    if bad:
+        raise SystemExit(f"--tasks: unknown task(s) {sorted(bad)}; choose from cnn, lstm")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -357,24 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in args.tasks.split(","):
         for seed in seeds:
-            if name == "cnn":
-                hidden = (8, 16, 128) if args.quick else (16, 32, 256)
-                s = Setting("cnn", f"cnn {hidden}", 30, 5, 2 if args.quick else args.cnn_rounds, args.extra, 1, 20,
-                            0.05, 500 if args.quick else 2000,
-                            {"dataset": "fashion-mnist", "partition": "dirichlet(0.5) over labels",
-                             "examples_per_client_max": 300, "paper_model": "LEAF FEMNIST CNN (32, 64, 2048)"})
-                task = CNNTask(s, hidden, 300, seed)
-            elif name == "lstm":
-                hidden, seq_len = (32, 20) if args.quick else (args.lstm_hidden, args.lstm_seq_len)
-                per = 100 if args.quick else args.lstm_windows
-                s = Setting("lstm", f"CharLSTM 8-d embed, 2x{hidden}, seq_len {seq_len}", args.lstm_clients, 4,
-                            2 if args.quick else args.lstm_rounds, args.extra, args.lstm_epochs, 10, 0.8, 300 if args.quick else 1500,
-                            {"dataset": "shakespeare (examples/shakespeare)",
-                             "roles": f"the {args.lstm_clients} with the most speeches",
-                             "windows_per_client_max": per, "paper_model": "LEAF 2x256 LSTM, seq_len 80"})
-                task = LSTMTask(s, hidden=hidden, seq_len=seq_len, per_client=per)
-            else:
-                raise SystemExit(f"--tasks: unknown task {name!r}; choose from cnn, lstm")
+            task = make_task(name, args, seed)
+            s = task.s
             settings[name] = {**asdict(s), "params": sum(int(math.prod(sh)) for _, sh in task.layout.shapes)}
             base, final = run_arm(task, FP32, seed, target=None, log=log)
             rows.append(base)
