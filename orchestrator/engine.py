@@ -42,6 +42,7 @@ from .strategy import aggregate_metrics
 from .shard import AggregationShard
 from .spec import JobSpec
 from .state import JobError, JobState, JobStateMachine
+from .subnet_bytes import subnet_bytes_down
 
 __all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "ensure_ray", "format_summary", "run_job", "sample_clients"]
 
@@ -462,6 +463,11 @@ class JobRuntime:
             ids, virtual_s = np.sort(sample.train_ids), sample.virtual_s
         else:
             ids = sample_clients(self.num_clients, tr.clients_per_round, spec.seed, r)
+        down_sampled = down_per_client * len(ids) if spec.dropout is None else subnet_bytes_down(
+            self.params, self.layout, spec.dropout, job_seed=spec.seed, round=r, client_ids=ids,
+            encoded_bytes=lambda sub: make_broadcast(  # each client downloads only its sub-model
+                sub, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r, omc_cfg=self.omc_cfg,
+                quantized=self.quantized, sparse=sparse).bytes_used())
         bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
         # The workers start without waiting for the shards' answers to the open: a shard holds an
         # upload for the round it is about to open until the open lands (AggregationCore.upload).
@@ -501,7 +507,7 @@ class JobRuntime:
         wall = time.perf_counter() - t0
         rec = RoundRecord(
             round=r, clients=count, failed=len(failed), missing_real_clients=missing, accuracy=acc, loss=loss,
-            bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_per_client * (len(ids) + real),
+            bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_sampled + down_per_client * real,
             bytes_up_fp32=self.fp32_bytes * len(ok), bytes_down_fp32=self.fp32_bytes * (len(ids) + real), wall_s=wall,
             train_loss=train_loss, epsilon=epsilon,
             client_flops=int(np.mean([x.flops for x in ok])) if ok else 0,

@@ -198,3 +198,29 @@ def test_cubic_schedule_and_masks():
     apply_mask(params, m)
     assert params["w"].tolist() == [[0.0, -3.0], [2.0, -0.0]]
     assert math.isclose(1 - float(magnitude_mask({"x": torch.randn(100, 10)}, 0.7)["x"].double().mean()), 0.7)
+
+
+def test_subnet_bytes_down_sums_each_clients_encoded_sub_model():
+    from fedray.compression import get_codec
+    from fedray.orchestrator.spec import DropoutSpec
+    from fedray.orchestrator.subnet_bytes import client_subnet, subnet_bytes_down
+
+    lay = model_layout("cnn", (28, 28), 10, (8, 16, 32))
+    torch.manual_seed(0)
+    params = get_params(build_model("cnn", (28, 28), 10, (8, 16, 32)))
+    int8 = get_codec("int8")
+    size = lambda p: sum(int8.encode(v).nbytes for v in p.values())  # noqa: E731
+    drop = DropoutSpec(keep_rates=(0.25, 0.5, 1.0), mode="drawn")
+    ids = [3, 7, 11, 20, 31]
+    got = subnet_bytes_down(params, lay, drop, job_seed=5, round=2, client_ids=ids, encoded_bytes=size)
+    specs = [client_subnet(drop, job_seed=5, round=2, client_id=c) for c in ids]
+    assert len({s.keep_rate for s in specs}) > 1  # clients of different sizes in one round
+    want = 0
+    for s in specs:
+        sub = lay.sub_shapes(s)
+        want += sum(int8.encode(torch.randn(sub[k])).nbytes for k in params)  # int8 size: shape only
+    assert got == want
+    assert got < len(ids) * size(params)
+    full = subnet_bytes_down(params, lay, DropoutSpec(keep_rates=(1.0,)), job_seed=5, round=2, client_ids=ids,
+                             encoded_bytes=size)
+    assert full == len(ids) * size(params)

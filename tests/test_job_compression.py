@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+
+from fedray.compression import get_codec
+from fedray.compression.fd import SubnetSpec
 from fedray.orchestrator.engine import run_job
 from fedray.orchestrator.spec import (
     CompressionSpec, DataSpec, DropoutSpec, JobSpec, ModelSpec, OMCSpec, ResourceSpec, TrainingSpec,
 )
+from fedray.workers.models import model_layout
 
 
 def _spec(rounds: int = 3, **kw) -> JobSpec:
@@ -32,6 +37,16 @@ def test_federated_dropout_trains_smaller_models(ray_session):
     assert r_fd.keep_rate == 0.5
     assert r_fd.client_flops < 0.6 * r_full.client_flops  # the sub-model is really smaller
     assert r_fd.bytes_up < 0.6 * r_full.bytes_up
+    # Each client downloads only its sub-model (64-32-10 of 64-64-10), encoded by the broadcast
+    # codec (identity here): 10 clients x the sub-model's payload bytes, well below the full model.
+    layout = model_layout("mlp", (64,), 10, (64,))
+    identity = get_codec("identity")
+    sub = layout.sub_shapes(SubnetSpec(seed=0, keep_rate=0.5))
+    per_client = sum(identity.encode(torch.zeros(s)).nbytes for s in sub.values())
+    assert sub["1.weight"] == (32, 64) and sub["3.weight"] == (10, 32)
+    for rec, full_rec in zip(fd.rounds, full.rounds):
+        assert rec.bytes_down == 10 * per_client, (rec.round, rec.bytes_down, per_client)
+        assert rec.bytes_down < 0.55 * full_rec.bytes_down
 
 
 def test_omc_holds_less_parameter_memory(ray_session):

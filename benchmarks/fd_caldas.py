@@ -1,0 +1,418 @@
+"""Federated Dropout as Caldas et al. (arXiv 1812.07210) measured it, against fp32 FedAvg.
+
+    python benchmarks/fd_caldas.py --json benchmarks/results/fd_caldas.json
+    python benchmarks/fd_caldas.py --quick --json /tmp/fdc.json      # smoke run
+
+Two tasks, in one process (no Ray), every arm of a seed in the same run:
+- `cnn`: Fashion-MNIST, the paper's CNN shape scaled down (conv5x5(c1)-pool-conv5x5(c2)-pool-
+  FC(fc)-head); Federated Dropout drops conv filters and FC units (the layout of the built-in
+  `cnn` model kind: filters, their H*W expansion into the FC layer, FC units; the input channel
+  and the classes are never dropped).
+- `lstm`: the Shakespeare task of examples/shakespeare (one client per role); Federated Dropout
+  drops each LSTM layer's hidden units (the task's `fd_layout`).
+
+Arms: `fp32_fedavg` (full model, fp32 both ways) and `fd_r{keep}_q{down}down_q{up}up`: a random
+subnet per client and round (keep rate of every hidden group), the sub-model sent down with the
+codec library's `uniform` affine quantizer (round to nearest), the sub-model's delta sent up with
+the same quantizer at fewer bits and stochastic rounding, both one range per tensor. Server:
+per-coordinate mean of the deltas over the clients that trained it (`CountedSum.mean_delta`).
+The Caldas headline (14x down, 28x up, 1.7x compute) is keep 0.75 with 4-bit down and 2-bit up.
+
+Measured per run: bytes down and up (encoded payload bytes, summed over clients and rounds),
+analytic client FLOPs (`flops_per_example`, training = 3x forward), test accuracy per round.
+Equal rounds: every arm runs `rounds`; an FD arm then runs on (up to `extra` more rounds) until it
+reaches the target accuracy (fp32's accuracy at `rounds`, same seed, minus 1 point), and its
+rounds, bytes and FLOPs to that target are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedray.compression import CodecContext, get_codec
+from fedray.compression.fd import CountedSum, SubnetSpec, extract, flops_per_example, submodel_hidden
+from fedray.workers.data import load_dataset, partition
+from fedray.workers.models import build_model, get_params, model_layout, set_params
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    keep: float
+    down_bits: int | None  # None: fp32
+    up_bits: int | None
+
+
+FP32 = Arm("fp32_fedavg", 1.0, None, None)
+
+
+@dataclass
+class Setting:
+    """One task's federated setting (recorded in the JSON)."""
+
+    task: str
+    model: str
+    clients: int
+    per_round: int
+    rounds: int
+    extra: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    test_examples: int
+    notes: dict = field(default_factory=dict)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+
+
+def sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, batch: int, epochs: int, seed: int) -> int:
+    """Plain minibatch SGD on cross-entropy; batch order from `seed`. Returns examples seen."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y), batch):
+            b = perm[i: i + batch]
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    return len(y) * epochs
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), 500):
+            correct += int((model(x[i: i + 500]).argmax(1) == y[i: i + 500]).sum())
+    return correct / max(1, len(y))
+
+
+class CNNTask:
+    """Fashion-MNIST, Dirichlet(0.5) label skew over clients, the built-in `cnn` model kind."""
+
+    def __init__(self, s: Setting, hidden: tuple[int, int, int], per_client: int, seed: int) -> None:
+        self.s, self.hidden = s, hidden
+        d = load_dataset("fashion-mnist")
+        self.shape, self.classes = tuple(d.input_shape), d.num_classes
+        scale, shift = (d.scale or 1.0), d.shift
+        parts = partition(d.y_train, s.clients, method="dirichlet", alpha=0.5, seed=seed)
+        self.data = []
+        for k in range(s.clients):
+            idx = parts.client(k)[:per_client]
+            x = torch.from_numpy(d.x_train[idx].astype(np.float32) * scale + shift).reshape(-1, *self.shape)
+            self.data.append((x, torch.from_numpy(np.asarray(d.y_train[idx], dtype=np.int64))))
+        xt = d.x_test[: s.test_examples].astype(np.float32) * scale + shift
+        self.test = (torch.from_numpy(xt).reshape(-1, *self.shape),
+                     torch.from_numpy(np.asarray(d.y_test[: s.test_examples], dtype=np.int64)))
+        self.layout = model_layout("cnn", self.shape, self.classes, hidden)
+
+    def model(self, hidden=None) -> nn.Module:
+        return build_model("cnn", self.shape, self.classes, hidden or self.hidden)
+
+
+class LSTMTask:
+    """examples/shakespeare's task: one client per role, the CharLSTM, hidden units dropped."""
+
+    def __init__(self, s: Setting, *, hidden: int, seq_len: int, per_client: int) -> None:
+        sys.path.insert(0, str(ROOT / "examples" / "shakespeare"))
+        from shakespeare_task import ShakespeareTask
+
+        self.s = s
+        self.task = ShakespeareTask(max_clients=s.clients, max_samples_per_client=per_client,
+                                    max_test_samples=s.test_examples, hidden=hidden, seq_len=seq_len)
+        self.data = [self._tensors(self.task.client_data(k)) for k in range(self.task.num_clients())]
+        self.test = self._tensors(self.task.test_data())
+        self.layout = self.task.fd_layout()
+        self.hidden = tuple(h for _, h in self.layout.groups)
+
+    @staticmethod
+    def _tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+        t = ds.targets
+        x = ds.ids[t[:, None] - ds.seq_len + torch.arange(ds.seq_len)[None, :]]
+        return x, ds.ids[t]
+
+    def model(self, hidden=None) -> nn.Module:
+        return self.task.fd_model(hidden or self.hidden)
+
+
+def _wire(codec, tensors: dict, seed: int) -> tuple[dict, int]:
+    out, nbytes = {}, 0
+    for name, t in tensors.items():
+        ctx = CodecContext(seed=seed, key=name)
+        p = codec.encode(t, ctx)
+        nbytes += p.nbytes
+        out[name] = codec.decode(p, ctx).reshape(t.shape)
+    return out, nbytes
+
+
+def _codecs(arm: Arm):
+    """(down, up) codecs: `uniform` affine at the arm's bits; None or 32 bits: fp32 (identity)."""
+    def pick(bits, rounding):
+        if bits is None or bits == 32:
+            return get_codec("identity")
+        return get_codec("uniform", bits=bits, mode="affine", rounding=rounding)
+    return pick(arm.down_bits, "nearest"), pick(arm.up_bits, "stochastic")
+
+
+def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
+    """One federated run; `target` (accuracy) lets an FD arm run on past `rounds` to reach it."""
+    s = task.s
+    torch.manual_seed(seed)
+    params = get_params(task.model())
+    down_c, up_c = _codecs(arm)
+    bytes_down = bytes_up = flops = 0
+    curve = []
+    t0 = time.perf_counter()
+    max_rounds = s.rounds + (s.extra if target is not None else 0)
+    for r in range(max_rounds):
+        rng = np.random.default_rng([seed, r, 0x5A])
+        ids = np.sort(rng.choice(len(task.data), s.per_round, replace=False))
+        acc = CountedSum(dict(task.layout.shapes))
+        for k in ids:
+            x, y = task.data[int(k)]
+            cseed = _seed(seed, r, int(k))
+            spec = SubnetSpec(cseed, arm.keep, "random", round=r, client=int(k))
+            sub, nb = _wire(down_c, extract(params, task.layout, spec), cseed)
+            bytes_down += nb
+            model = task.model(submodel_hidden(task.layout, spec))
+            set_params(model, sub)
+            n = sgd(model, x, y, lr=s.lr, batch=s.batch_size, epochs=s.local_epochs, seed=cseed)
+            delta = {name: v - sub[name] for name, v in get_params(model).items()}
+            delta, nb = _wire(up_c, delta, cseed + 1)
+            bytes_up += nb
+            flops += flops_per_example(task.layout, spec) * n
+            acc.add(delta, task.layout, spec, float(len(y)))
+        md = acc.mean_delta()
+        params = {name: v + md[name] for name, v in params.items()}
+        m = task.model()
+        set_params(m, params)
+        a = accuracy(m, *task.test)
+        curve.append({"round": r + 1, "accuracy": round(a, 5), "bytes_down": int(bytes_down),
+                      "bytes_up": int(bytes_up), "client_flops": int(flops)})
+        if r + 1 >= s.rounds and (target is None or a >= target):
+            break
+    at = curve[s.rounds - 1]
+    reached = next((c for c in curve if target is not None and c["accuracy"] >= target), None)
+    row = {"task": s.task, "arm": arm.name, "seed": seed, "keep_rate": arm.keep, "down_bits": arm.down_bits or 32,
+           "up_bits": arm.up_bits or 32, "rounds": s.rounds, "final_accuracy": at["accuracy"],
+           "bytes_down": at["bytes_down"], "bytes_up": at["bytes_up"], "client_flops": at["client_flops"],
+           "target_accuracy": target, "rounds_to_target": reached["round"] if reached else None,
+           "to_target": reached, "wall_s": round(time.perf_counter() - t0, 1), "curve": curve}
+    log(f"{s.task} seed={seed} {arm.name}: acc@{s.rounds}={at['accuracy']:.4f} down={at['bytes_down']} "
+        f"up={at['bytes_up']} flops={at['client_flops']:.3g} rounds_to_target={row['rounds_to_target']} "
+        f"({row['wall_s']}s)")
+    return row, params
+
+
+def omc_transform_rows(task, params: dict, seed: int) -> list[dict]:
+    """OMC's stored form of every weight matrix of the trained model (embedding, LSTM kernels,
+    head), one affine (alpha, beta) per variable against one shared by all: test accuracy.
+
+    OMCModel trains Linear/Conv weights compressed and keeps recurrent layers fp32, so on this
+    model it would quantize the head alone; this applies OMC's own transform and quantizer
+    (`fit_transform`, `quantize`, `dequantize`, round to nearest) to all of them instead.
+    """
+    from fedray.compression.omc import dequantize, fit_transform, quantize
+
+    names = [k for k, v in params.items() if v.dim() >= 2]
+    ranges = {k: [round(float(params[k].min()), 4), round(float(params[k].max()), 4)] for k in names}
+    rows = []
+    for bits in (8, 4):
+        for per_variable in (True, False):
+            shared = fit_transform(min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values()), bits=bits)
+            q = dict(params)
+            for k in names:
+                ab = fit_transform(*ranges[k], bits=bits) if per_variable else shared
+                q[k] = dequantize(quantize(params[k], *ab, bits=bits), *ab, bits=bits).reshape(params[k].shape)
+            m = task.model()
+            set_params(m, q)
+            rows.append({"seed": seed, "bits": bits, "per_variable": per_variable,
+                         "accuracy": round(accuracy(m, *task.test), 5)})
+    m = task.model()
+    set_params(m, params)
+    fp32 = round(accuracy(m, *task.test), 5)
+    for r in rows:
+        r.update(fp32_accuracy=fp32, ranges=ranges)
+    return rows
+
+
+def paper_size_costs(arm: Arm, seed: int = 0) -> list[dict]:
+    """The same arm's per-client costs on the paper's full-size models, from their shapes alone
+    (no training): the encoded bytes of a random subnet's sub-model and of its delta under the
+    arm's codecs, and the analytic FLOPs, against fp32."""
+    sys.path.insert(0, str(ROOT / "examples" / "shakespeare"))
+    from shakespeare_task import ShakespeareTask
+
+    lstm = ShakespeareTask(hidden=256, seq_len=80)  # reads no data: layout and model only
+    models = {"cnn (32, 64, 2048)": (model_layout("cnn", (28, 28), 10, (32, 64, 2048)),
+                                     lambda: build_model("cnn", (28, 28), 10, (32, 64, 2048))),
+              "CharLSTM 2x256, seq_len 80": (lstm.fd_layout(), lambda: lstm.model())}
+    down_c, up_c = _codecs(arm)
+    out = []
+    for name, (layout, make) in models.items():
+        torch.manual_seed(seed)
+        params = get_params(make())
+        spec = SubnetSpec(seed, arm.keep, "random")
+        sub = extract(params, layout, spec)
+        _, down = _wire(down_c, sub, seed)
+        _, up = _wire(up_c, {k: 0.01 * torch.randn(v.shape) for k, v in sub.items()}, seed + 1)
+        _, fp32 = _wire(get_codec("identity"), params, seed)
+        out.append({"model": name, "arm": arm.name, "params": sum(v.numel() for v in params.values()),
+                    "sub_params": sum(v.numel() for v in sub.values()), "fp32_bytes": fp32, "bytes_down": down,
+                    "bytes_up": up, "down_ratio": round(fp32 / down, 2), "up_ratio": round(fp32 / up, 2),
+                    "flops_ratio": round(flops_per_example(layout) / flops_per_example(layout, spec), 3)})
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (task, arm): means over seeds and ratios against fp32 FedAvg of the same seeds."""
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        base = {r["seed"]: r for r in rows if r["task"] == task and r["arm"] == FP32.name}
+        for arm in dict.fromkeys(r["arm"] for r in rows if r["task"] == task):
+            rs = [r for r in rows if r["task"] == task and r["arm"] == arm and r["seed"] in base]
+            mean = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+            ratio = lambda k: float(np.mean([base[r["seed"]][k] for r in rs])) / max(mean(k), 1e-12)  # noqa: E731
+            accs = [r["final_accuracy"] for r in rs]
+            delta = float(np.mean([r["final_accuracy"] - base[r["seed"]]["final_accuracy"] for r in rs]))
+            rt = [r["rounds_to_target"] for r in rs]
+            s = {"task": task, "arm": arm, "seeds": len(rs), "accuracy_mean": round(float(np.mean(accs)), 5),
+                 "accuracy_std": round(float(np.std(accs)), 5), "delta_points": round(100 * delta, 2),
+                 "down_ratio": round(ratio("bytes_down"), 2), "up_ratio": round(ratio("bytes_up"), 2),
+                 "flops_ratio": round(ratio("client_flops"), 3),
+                 "rounds_to_target": rt, "bytes_down_mean": mean("bytes_down"), "bytes_up_mean": mean("bytes_up"),
+                 "client_flops_mean": mean("client_flops")}
+            if arm != FP32.name:
+                s["targets_met"] = {"down_14x": s["down_ratio"] >= 14, "up_28x": s["up_ratio"] >= 28,
+                                    "flops_1.7x": s["flops_ratio"] >= 1.7, "within_1pt": delta >= -0.01}
+                hit = [r for r in rs if r["to_target"]]
+                if len(hit) == len(rs):  # costs to reach fp32's accuracy minus 1 point, each arm's own round
+                    ref = [next(c for c in base[r["seed"]]["curve"] if c["accuracy"] >= r["target_accuracy"])
+                           for r in hit]
+                    s["fp32_rounds_to_target"] = [c["round"] for c in ref]
+                    for key in ("bytes_down", "bytes_up", "client_flops"):
+                        s[f"to_target_{key}_ratio"] = round(float(np.mean([c[key] for c in ref]))
+                                                            / float(np.mean([r["to_target"][key] for r in hit])), 3)
+            out.append(s)
+    return out
+
+
+def make_task(name: str, args, seed: int):
+    """The task of `--tasks` entry `name`, sized by the command line."""
+    if name == "cnn":
+        hidden = (8, 16, 128) if args.quick else (16, 32, 256)
+        s = Setting("cnn", f"cnn {hidden}", 30, 5, 2 if args.quick else args.cnn_rounds, args.extra, 1, 20,
+                    0.05, 500 if args.quick else 2000,
+                    {"dataset": "fashion-mnist", "partition": "dirichlet(0.5) over labels",
+                     "examples_per_client_max": 300, "paper_model": "LEAF FEMNIST CNN (32, 64, 2048)"})
+        return CNNTask(s, hidden, 300, seed)
+    hidden, seq_len = (32, 20) if args.quick else (args.lstm_hidden, args.lstm_seq_len)
+    per = 100 if args.quick else args.lstm_windows
+    s = Setting("lstm", f"CharLSTM 8-d embed, 2x{hidden}, seq_len {seq_len}", args.lstm_clients, 4,
+                2 if args.quick else args.lstm_rounds, args.extra, args.lstm_epochs, 10, 0.8,
+                300 if args.quick else 1500,
+                {"dataset": "shakespeare (examples/shakespeare)",
+                 "roles": f"the {args.lstm_clients} with the most speeches",
+                 "windows_per_client_max": per, "paper_model": "LEAF 2x256 LSTM, seq_len 80"})
+    return LSTMTask(s, hidden=hidden, seq_len=seq_len, per_client=per)
+
+
+def parse_arms(text: str) -> list[Arm]:
+    """`--arms` entries keep:down_bits:up_bits (32 bits: fp32 on that direction)."""
+    arms = []
+    for a in filter(None, text.split(",")):
+        try:
+            k, d, u = a.split(":")
+            arm = Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u))
+        except ValueError:
+            raise SystemExit(f"--arms: {a!r} is not keep:down_bits:up_bits, e.g. 0.75:4:2") from None
+        if not 0 < arm.keep <= 1 or not (1 <= arm.down_bits <= 8 or arm.down_bits == 32) \
+                or not (1 <= arm.up_bits <= 8 or arm.up_bits == 32):
+            raise SystemExit(f"--arms: {a!r}: keep must be in (0, 1], bits in 1..8 or 32")
+        arms.append(arm)
+    return arms
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", required=True, help="where to write the results")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, tiny data: a smoke run")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tasks", default="cnn,lstm")
+    ap.add_argument("--arms", default="0.75:4:2", help="FD arms as keep:down_bits:up_bits, comma-separated")
+    ap.add_argument("--cnn-rounds", type=int, default=12)
+    ap.add_argument("--lstm-rounds", type=int, default=20)
+    ap.add_argument("--lstm-hidden", type=int, default=64)
+    ap.add_argument("--lstm-seq-len", type=int, default=20)
+    ap.add_argument("--lstm-epochs", type=int, default=2)
+    ap.add_argument("--lstm-windows", type=int, default=300, help="training windows per role (evenly spaced)")
+    ap.add_argument("--lstm-clients", type=int, default=20, help="roles kept (those with the most speeches)")
+    ap.add_argument("--extra", type=int, default=6, help="rounds an FD arm may run on to reach the target")
+    args = ap.parse_args(argv)
+    cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/fd_caldas.py", *(argv or sys.argv[1:])])
+    seeds = [0] if args.quick else list(range(args.seeds))
+    arms = [FP32] + parse_arms(args.arms)
+    bad = set(args.tasks.split(",")) - {"cnn", "lstm"}
+    if bad:
+        raise SystemExit(f"--tasks: unknown task(s) {sorted(bad)}; choose from cnn, lstm")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    load = {"start": [round(x, 2) for x in os.getloadavg()]}
+    log = lambda m: print(f"[{time.perf_counter() - t_start:6.0f}s] {m}", flush=True)  # noqa: E731
+    settings, rows, omc_rows = {}, [], []
+    paper = [c for arm in arms[1:] for c in paper_size_costs(arm)]
+    for c in paper:
+        log(f"paper-size {c['model']} {c['arm']}: down {c['down_ratio']}x up {c['up_ratio']}x "
+            f"FLOPs {c['flops_ratio']}x")
+
+    def save(done: bool) -> None:
+        load["end"] = [round(x, 2) for x in os.getloadavg()]
+        out.write_text(json.dumps({
+            "command": cmd, "complete": done, "loadavg": load, "cpu_count": os.cpu_count(), "torch_threads": 1,
+            "wall_s": round(time.perf_counter() - t_start, 1), "settings": settings,
+            "summary": summarize(rows) if rows else [], "rows": rows,
+            "omc_transform_lstm": omc_rows, "paper_size_per_client": paper}, indent=1))
+
+    for name in args.tasks.split(","):
+        for seed in seeds:
+            task = make_task(name, args, seed)
+            s = task.s
+            settings[name] = {**asdict(s), "params": sum(int(math.prod(sh)) for _, sh in task.layout.shapes)}
+            base, final = run_arm(task, FP32, seed, target=None, log=log)
+            rows.append(base)
+            if name == "lstm":
+                omc_rows.extend(omc_transform_rows(task, final, seed))
+                log(f"lstm seed={seed} omc transform: " + ", ".join(
+                    f"int{r['bits']} {'per-variable' if r['per_variable'] else 'shared'} {r['accuracy']:.4f}"
+                    for r in omc_rows[-4:]) + f" (fp32 {omc_rows[-1]['fp32_accuracy']:.4f})")
+            for arm in arms[1:]:
+                rows.append(run_arm(task, arm, seed, target=base["final_accuracy"] - 0.01, log=log)[0])
+            save(False)
+    save(True)
+    for s in summarize(rows):
+        print(json.dumps({k: v for k, v in s.items() if not k.endswith("_mean")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
