@@ -1,5 +1,6 @@
 """fedray's own models and data sets, as tasks registered by name. This is the one module that
-knows the built-in data set names and model kinds; the job spec's `data:` and `model:` sections
+maps the built-in data set names and model kinds to loaders and builders (the spec's
+`fedray.config` only lists the names, to validate them); the job spec's `data:` and `model:` sections
 (and `fedray demo --dataset --model`) are a `ClassificationTask` built here.
 
     task: {target: fashion-mnist-mlp}                      # a built-in by name

@@ -44,7 +44,7 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the main job: federated training on an embedded local Ray")
     p.add_argument("--dataset", choices=DATASETS, default=d.data.dataset,
                    help="the bundled data set the clients' slices come from")
-    p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
+    p.add_argument("--data-dir", default=None, help="folder with the data set's files (Fashion-MNIST IDX, JapaneseVowels .ts)")
     p.add_argument("--clients", type=int, default=d.data.num_clients, help="population size")
     p.add_argument("--clients-per-round", type=int, default=d.training.clients_per_round,
                    help="clients sampled each round")
@@ -71,9 +71,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--model", choices=MODELS, default=d.model.kind,
                    help="cnn: --hidden C1,C2,FC; conv1d, gru: for japanese-vowels")
-    p.add_argument("--codec-params", type=_json_map, default={}, help='upload codec params as JSON, e.g. \'{"granularity": "channel"}\' for the default int8 '
+    p.add_argument("--codec-params", type=realclient_cli.json_map, default={}, help='upload codec params as JSON, e.g. \'{"granularity": "channel"}\' for the default int8 '
                         '(with --codec qsgd: \'{"levels": 16}\'; see `fedray codecs`)')
-    p.add_argument("--broadcast-params", type=_json_map, default={},
+    p.add_argument("--broadcast-params", type=realclient_cli.json_map, default={},
                    help='download codec params as JSON; P2U: \'{"stage_bits": [4, 4], "start_after": 0}\'')
     p.add_argument("--strategy", default="fedavg", help="fedavg, fedavgm, fedadam, fedyogi, fedadagrad, median, ...")
     p.add_argument("--server-lr", type=float, default=None, help="server learning rate (FedAvgM, FedAdam, ...)")
@@ -112,18 +112,6 @@ def _with_tracking(spec: JobSpec, a: argparse.Namespace) -> JobSpec:
     tracking = base.replace(tensorboard_dir=a.tensorboard or base.tensorboard_dir,
                             mlflow_uri=a.mlflow or base.mlflow_uri)
     return spec.replace(tracking=tracking)
-
-
-def _json_map(text: str) -> dict:
-    import json
-
-    try:
-        v = json.loads(text)
-    except ValueError:
-        v = None
-    if not isinstance(v, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return v
 
 
 def _rates(text: str) -> tuple[float, ...]:

@@ -159,6 +159,11 @@ def _tls(spec: JobSpec) -> TLSConfig | None:
     return TLSConfig(sv.tls_cert, sv.tls_key, sv.tls_client_ca) if sv.tls_cert else None
 
 
+# Spec sections that stay with the driver: real clients are told the rest (a tracking URI may hold
+# credentials; checkpoints live where the driver runs).
+_DRIVER_ONLY = ("tracking", "checkpoint_dir")
+
+
 class _Shards:
     """The job's aggregation shards: start and restart them (bounded by
     `resources.shard_start_timeout_s`, with an error naming what no node offers), open and close rounds.
@@ -175,7 +180,7 @@ class _Shards:
         self._kw = dict(
             job_id=job_id, secret=secret, shapes=shapes, host=spec.service.host, tls=_tls(spec),
             limits=spec.service,  # a ServiceSpec is the shards' ServiceLimits
-            spec_json=json.dumps(spec.to_dict()),  # real clients read it back as a typed JobSpec
+            spec_json=json.dumps({k: v for k, v in spec.to_dict().items() if k not in _DRIVER_ONLY}),  # real clients read it back as a typed JobSpec
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,

@@ -22,7 +22,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--task", default=None,
                    help="the task, e.g. mytask:MyTask (import string, entry point or built-in name); its "
                         "client_data(--client-id) is this client's data. Default: the job's own task")
-    c.add_argument("--task-params", type=_json_map, default=None,
+    c.add_argument("--task-params", type=json_map, default=None,
                    help="task constructor params as JSON (default: the job spec's task.params)")
     c.add_argument("--dataset", choices=DATASETS, default=None,
                    help="use a slice of a bundled data set as this client's local data")
@@ -45,7 +45,8 @@ def add_parsers(sub) -> None:
                    help="seconds the token stays valid (default: 7 days; the server's clock decides)")
 
 
-def _json_map(text: str) -> dict:
+def json_map(text: str) -> dict:
+    """An argparse type: a JSON object (codec params, task params)."""
     try:
         v = json.loads(text)
     except ValueError:
@@ -56,8 +57,6 @@ def _json_map(text: str) -> dict:
 
 
 def _local_data(a: argparse.Namespace):
-    import numpy as np
-
     from fedray.workers.data import load_dataset
     from fedray.workers.remote import LocalData
 
@@ -68,8 +67,9 @@ def _local_data(a: argparse.Namespace):
         return None  # the task's client_data(--client-id)
     try:
         i, n = (int(v) for v in a.data_shard.split("/"))
-        assert 0 <= i < n
-    except (ValueError, AssertionError):
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
         raise SystemExit(f"fedray client: --data-shard takes I/N with 0 <= I < N, got {a.data_shard!r}") from None
     d = load_dataset(a.dataset, a.data_dir)
     sl = slice(i * len(d.y_train) // n, (i + 1) * len(d.y_train) // n)

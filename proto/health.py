@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-__all__ = ["AGGREGATION_SERVICE", "StandardHealth", "add_standard_health", "check_standard_health"]
+__all__ = ["AGGREGATION_SERVICE", "StandardHealth", "add_standard_health"]
 
 # The service name probes may ask about; "" (the whole server) answers the same.
 AGGREGATION_SERVICE = "fedray.v1.Aggregation"
@@ -43,10 +43,3 @@ def add_standard_health(server: grpc.Server) -> StandardHealth:
     h = StandardHealth(servicer)
     h.not_serving()
     return h
-
-
-def check_standard_health(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> str:
-    """Ask a server's standard health service: "SERVING", "NOT_SERVING", ... (raises grpc.RpcError,
-    NOT_FOUND for a service name the server does not know)."""
-    r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)

@@ -184,7 +184,7 @@ class RealClient:
 
     Raises (from `run`):
         grpc.RpcError: the service refused the client (bad token: UNAUTHENTICATED, another job:
-            PERMISSION_DENIED) or stayed unreachable.
+            PERMISSION_DENIED).
         ClientError: the client step failed (stage, client id and round named).
     """
 
@@ -204,15 +204,18 @@ class RealClient:
         `timeout_s`); after that, one unreachable for `gone_after_s` is taken as the job's end.
         """
         deadline = time.monotonic() + timeout_s
-        while max_rounds is None or len(self.rounds_done) < max_rounds:
-            info = self.link.next_round(self.rounds_done, deadline=deadline, gone_after_s=gone_after_s)
+        attempted: list[int] = []  # trained or closed under us: not tried again
+        while max_rounds is None or len(attempted) < max_rounds:
+            info = self.link.next_round(attempted, deadline=deadline, gone_after_s=gone_after_s)
             if info is None:
                 break
+            attempted.append(info.round)
             try:
                 self.train_round(info)
             except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # the round closed under us: next one
+                if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # the round closed under us: missed
                     raise
+                continue
             self.rounds_done.append(info.round)
         return self.rounds_done
 

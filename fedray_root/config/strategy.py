@@ -4,7 +4,7 @@ client-level differential privacy. The strategy objects themselves live in
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Sequence
+from typing import Annotated, Any, ClassVar, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
