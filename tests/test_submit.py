@@ -160,6 +160,17 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
     assert res.results_dir == str(results / jid)
     assert sorted(p.name for p in Path(res.results_dir).iterdir()) == sorted(RESULT_FILES)
     assert res.model is not None and set(res.model) and all(v.dtype.is_floating_point for v in res.model.values())
+    # One id: Ray's submission id is the id the driver ran under, and its actors' names carry it
+    # (`{job}:aggregator-{i}`, `{job}:worker-{i}`, no random suffix); their repr says job, role, shard.
+    assert res.summary["job_id"] == jid
+    # Ray's state API (what `ray list actors` and ray.util.state.list_actors read), over HTTP with the token.
+    code, body = _get(f"{url}/api/v0/actors?detail=1&limit=10000", token=auth_token())
+    assert code == 200, body[:500]
+    actors = {a["name"]: a for a in json.loads(body)["data"]["result"]["result"]
+              if (a.get("name") or "").startswith(f"{jid}:")}
+    assert set(actors) == {f"{jid}:aggregator-0", f"{jid}:worker-0", f"{jid}:worker-1"}, sorted(actors)
+    assert actors[f"{jid}:aggregator-0"]["repr_name"] == f"fedray job={jid} role=aggregator shard=0 of=1"
+    assert actors[f"{jid}:worker-1"]["repr_name"] == f"fedray job={jid} role=worker index=1"
 
     # The other CLI commands in-process (the console script calls cli.main; a process each costs
     # seconds of imports on a busy 2-core machine). None of them calls ray.init: HTTP only.
@@ -187,6 +198,7 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
     listed = {j.get("submission_id"): j for j in json.loads(body)}
     assert {jid, cli_jid} <= set(listed) and listed[jid]["status"] == "SUCCEEDED"
     assert listed[jid]["metadata"]["fedray_job"] == "quickstart"
+    assert listed[cli_jid]["metadata"]["fedray_job_id"] == cli_jid
     if auth_token():
         assert _get(f"{url}/api/jobs/", token=None)[0] == 401
 
