@@ -10,6 +10,7 @@ outlive a SIGTERM. Never `ray stop`, which would kill every Ray on the machine. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,13 +99,21 @@ def _signal(pid: int, sig: int) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 with the dashboard and a metrics port; yields (dashboard URL, metrics URL)."""
+    with start_head() as urls:
+        yield urls
+
+
+@contextlib.contextmanager
+def start_head(**extra_env: str):
+    """Start this module's kind of head (`extra_env` added to its environment, e.g.
+    RAY_AUTH_MODE="disabled"); yields (dashboard URL, metrics URL); stops it by pid."""
     gcs, dash, metrics, client_srv, agent_http, agent_grpc, renv = _free_ports(7)
     temp = tempfile.mkdtemp(prefix="frh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # Ray's memory monitor looks at the whole machine, where other suites run at the same
            # time: it killed this head's workers once. The kernel's OOM killer still applies.
            "RAY_memory_monitor_refresh_ms": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is this venv's
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra_env}  # jobs' `python` is this venv's
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=4",
            f"--temp-dir={temp}", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client_srv}",
