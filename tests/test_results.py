@@ -12,7 +12,8 @@ import torch
 
 from fedray.orchestrator.client import RESULT_MARKER, auth_token, format_result_line
 from fedray.orchestrator.engine import JobResult, RoundRecord
-from fedray.orchestrator.results import FP32_LABEL, RESULT_FILES, accuracy_vs_bytes_figure, load_results, round_rows, write_results
+from fedray.orchestrator.results import (FP32_LABEL, RESULT_FILES, accuracy_vs_bytes_figure, load_results,
+                                         round_rows, write_results)
 from fedray.orchestrator.spec import JobSpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
