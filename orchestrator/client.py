@@ -146,7 +146,10 @@ class Client:
         if spec.task is not None and spec.task.target is not None:
             code_dir = code_dir if code_dir is not None else (spec_dir if ":" in spec.task.target else None)
             _check_target(spec, code_dir)
-        job_id = job_id or f"fedray-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}"
+        # One id for the job: Ray's submission id, fedray's job id inside the driver (its actor
+        # names, metrics, results folder) and the id real clients name (`service.job_id`).
+        job_id = job_id or spec.service.job_id or f"fedray-{_slug(spec.name)}-{uuid.uuid4().hex[:8]}"
+        spec = spec.replace(service=spec.service.replace(job_id=job_id))
         out = f"{self._results_root.rstrip('/')}/{job_id}"
         entry = (f"{self._python} -m fedray.orchestrator.cli run job.yaml --quiet --emit-result "
                  f"--out {shlex.quote(out)}")
@@ -156,7 +159,7 @@ class Client:
             try:
                 return self._jobs.submit_job(
                     entrypoint=entry, submission_id=job_id, runtime_env=runtime_env,
-                    metadata={"fedray_job": spec.name, "fedray_results_dir": out},
+                    metadata={"fedray_job": spec.name, "fedray_job_id": job_id, "fedray_results_dir": out},
                 )
             except Exception as e:
                 raise ClientError(f"submitting {spec.name!r} to {self.address} failed: {e}") from e

@@ -188,6 +188,7 @@ class _Shards:
         )
         n = spec.resources.shards
         self.actors: list = [None] * n
+        self._starts = [0] * n
         self.addresses: list[str] = [""] * n
         self.restarts = 0
         deadline = time.monotonic() + spec.resources.shard_start_timeout_s
@@ -206,7 +207,11 @@ class _Shards:
 
     def _start(self, i: int):
         res = self._spec.resources
-        opts: dict = {"name": f"{self._job_id}:aggregator-{i}-{uuid.uuid4().hex[:4]}"}
+        # `{job}:aggregator-{i}`; a start again (a dead one, a restart) gets `-{n}`: Ray frees a
+        # killed actor's name only once it is dead.
+        self._starts[i] += 1
+        n = self._starts[i]
+        opts: dict = {"name": f"{self._job_id}:aggregator-{i}" + (f"-{n - 1}" if n > 1 else "")}
         if res.shard_resource:
             opts["resources"] = {res.shard_resource: self._resource_amount()}
         return AggregationShard.options(**opts).remote(port=self._port(i), shard=(i, res.shards), **self._kw)

@@ -84,7 +84,11 @@ class AggregationShard:
                 "service.port must be free there; TLS files must exist on that node"
             ) from None
         self._address = advertised_address(bound, node_ip, self._port)
+        self._label = f"fedray job={job_id} role=aggregator shard={shard[0]} of={shard[1]}"
         freeze_heap()  # as the worker actors do
+
+    def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)
+        return self._label
 
     def address(self) -> str:
         return self._address

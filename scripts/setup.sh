@@ -21,6 +21,13 @@ if [ "${1:-}" = "test" ]; then
     { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus; } \
       >/dev/null 2>&1 || echo "warning: could not install prometheus with apt-get; tests/test_prometheus.py will skip" >&2
   fi
+  # Headless Chromium for the dashboard screenshot test (tests/test_dashboard_screenshot.py); it skips without it.
+  if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+    echo "installing Debian's chromium for the dashboard screenshot test (apt-get)..."
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium; } \
+      >/dev/null 2>&1 || echo "warning: could not install chromium with apt-get; tests/test_dashboard_screenshot.py will skip" >&2
+  fi
 else
   .venv/bin/pip install -q -e .
 fi

@@ -12,7 +12,8 @@ import torch
 
 from fedray.orchestrator.client import RESULT_MARKER, auth_token, format_result_line
 from fedray.orchestrator.engine import JobResult, RoundRecord
-from fedray.orchestrator.results import RESULT_FILES, load_results, write_results
+from fedray.orchestrator.results import (FP32_LABEL, RESULT_FILES, accuracy_vs_bytes_figure, load_results,
+                                         round_rows, write_results)
 from fedray.orchestrator.spec import JobSpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
@@ -49,6 +50,20 @@ def test_write_results_writes_every_file(tmp_path):
     assert all(torch.equal(state[k], res.params[k]) for k in res.params) and set(state) == set(res.params)
     for name in ("accuracy.png", "accuracy_vs_bytes.png", "bytes_per_round.png", "metrics.png"):
         assert files[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_accuracy_vs_bytes_has_the_fp32_reference_line():
+    rows = round_rows(_result().rounds)
+    fig = accuracy_vs_bytes_figure(rows, codec="int8")
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"sent (int8)", FP32_LABEL}
+    # Same accuracy curve; x is cumulative MB: sent 500 then 1100 bytes, fp32 800 then 1600.
+    assert list(lines[FP32_LABEL].get_ydata()) == list(lines["sent (int8)"].get_ydata()) == [0.25, 0.5]
+    assert list(lines["sent (int8)"].get_xdata()) == pytest.approx([500e-6, 1100e-6])
+    assert list(lines[FP32_LABEL].get_xdata()) == pytest.approx([800e-6, 1600e-6])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sent (int8)", FP32_LABEL]
+    assert ax.get_legend()._loc == 0  # "best": matplotlib places it where it covers the least data
 
 
 def test_load_results_round_trips(tmp_path):

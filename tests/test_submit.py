@@ -10,6 +10,7 @@ outlive a SIGTERM. Never `ray stop`, which would kill every Ray on the machine. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,13 +99,21 @@ def _signal(pid: int, sig: int) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head on 127.0.0.1 with the dashboard and a metrics port; yields (dashboard URL, metrics URL)."""
+    with start_head() as urls:
+        yield urls
+
+
+@contextlib.contextmanager
+def start_head(**extra_env: str):
+    """Start this module's kind of head (`extra_env` added to its environment, e.g.
+    RAY_AUTH_MODE="disabled"); yields (dashboard URL, metrics URL); stops it by pid."""
     gcs, dash, metrics, client_srv, agent_http, agent_grpc, renv = _free_ports(7)
     temp = tempfile.mkdtemp(prefix="frh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            # Ray's memory monitor looks at the whole machine, where other suites run at the same
            # time: it killed this head's workers once. The kernel's OOM killer still applies.
            "RAY_memory_monitor_refresh_ms": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # jobs' `python` is this venv's
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra_env}  # jobs' `python` is this venv's
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats", "--num-cpus=4",
            f"--temp-dir={temp}", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client_srv}",
@@ -160,6 +169,17 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
     assert res.results_dir == str(results / jid)
     assert sorted(p.name for p in Path(res.results_dir).iterdir()) == sorted(RESULT_FILES)
     assert res.model is not None and set(res.model) and all(v.dtype.is_floating_point for v in res.model.values())
+    # One id: Ray's submission id is the id the driver ran under, and its actors' names carry it
+    # (`{job}:aggregator-{i}`, `{job}:worker-{i}`, no random suffix); their repr says job, role, shard.
+    assert res.summary["job_id"] == jid
+    # Ray's state API (what `ray list actors` and ray.util.state.list_actors read), over HTTP with the token.
+    code, body = _get(f"{url}/api/v0/actors?detail=1&limit=10000", token=auth_token())
+    assert code == 200, body[:500]
+    actors = {a["name"]: a for a in json.loads(body)["data"]["result"]["result"]
+              if (a.get("name") or "").startswith(f"{jid}:")}
+    assert set(actors) == {f"{jid}:aggregator-0", f"{jid}:worker-0", f"{jid}:worker-1"}, sorted(actors)
+    assert actors[f"{jid}:aggregator-0"]["repr_name"] == f"fedray job={jid} role=aggregator shard=0 of=1"
+    assert actors[f"{jid}:worker-1"]["repr_name"] == f"fedray job={jid} role=worker index=1"
 
     # The other CLI commands in-process (the console script calls cli.main; a process each costs
     # seconds of imports on a busy 2-core machine). None of them calls ray.init: HTTP only.
@@ -187,6 +207,7 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
     listed = {j.get("submission_id"): j for j in json.loads(body)}
     assert {jid, cli_jid} <= set(listed) and listed[jid]["status"] == "SUCCEEDED"
     assert listed[jid]["metadata"]["fedray_job"] == "quickstart"
+    assert listed[cli_jid]["metadata"]["fedray_job_id"] == cli_jid
     if auth_token():
         assert _get(f"{url}/api/jobs/", token=None)[0] == 401
 

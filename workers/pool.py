@@ -59,9 +59,13 @@ class LocalPool(WorkerPool):
 
 @ray.remote
 class _WorkerActor:
-    def __init__(self, setup: TrainerSetup, task) -> None:
+    def __init__(self, setup: TrainerSetup, task, job: str = "fedray", index: int = 0) -> None:
         self._t = ClientTrainer(setup, task)
+        self._label = f"fedray job={job} role=worker index={index}"
         freeze_heap()
+
+    def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)
+        return self._label
 
     def train_clients(self, round: int, broadcast, client_ids: list[int], servers, attempt: int) -> list[ClientResult]:
         return self._t.train_clients(round, broadcast, client_ids, servers, attempt)
@@ -122,9 +126,10 @@ class RayPool(WorkerPool):
         ray.get(pings)
 
     def _spawn(self):
-        name = f"{self._job}:worker-{self._spawned}"
+        index = self._spawned
         self._spawned += 1
-        return _WorkerActor.options(name=name, **self._opts).remote(*self._args)
+        return _WorkerActor.options(name=f"{self._job}:worker-{index}", **self._opts).remote(
+            *self._args, job=self._job, index=index)
 
     @property
     def actors(self) -> list:
