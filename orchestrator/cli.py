@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("spec", help="the job spec (YAML)")
     r.add_argument("--json", dest="json_path", default=None, help="write the JSON summary here")
     r.add_argument("--out", default=None, help="write the results directory here (summary, rounds, model, plots)")
-    r.add_argument("--emit-result", action="store_true",
-                   help="end with a FEDRAY_RESULT line (summary JSON) for `fedray result` of submitted jobs")
+    # internal: the entry point of submitted jobs ends with a FEDRAY_RESULT line for `fedray result`
+    r.add_argument("--emit-result", action="store_true", help=argparse.SUPPRESS)
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--resume", action="store_true",
                    help="continue from the last checkpoint in the spec's checkpoint_dir (after a crash or kill)")

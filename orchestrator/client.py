@@ -119,7 +119,12 @@ class Client:
         try:
             self._jobs = JobSubmissionClient(self.address, headers=headers)
         except Exception as e:  # ConnectionError, RuntimeError from Ray's SDK
-            raise ClientError(f"cannot reach the Ray dashboard at {self.address}: {e}") from e
+            text = str(e)
+            if "Authentication failed" in text or "authentication token" in text or "401" in text.split(":")[0]:
+                raise ClientError(
+                    f"the Ray dashboard at {self.address} refused the token: pass the cluster's token with "
+                    "--token or $RAY_AUTH_TOKEN (`ray get-auth-token` on the head prints it)") from None
+            raise ClientError(f"cannot reach the Ray dashboard at {self.address}: {text.splitlines()[0]}") from e
 
     # -- submit and control ---------------------------------------------------------------
 

@@ -9,6 +9,7 @@ running sum, apply the strategy, evaluate on the held-out test set, record metri
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -143,6 +144,9 @@ def ensure_ray(num_cpus: int | None = None, *, include_dashboard: bool = False) 
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level="WARNING", log_to_driver=True)
         return False
+    # An embedded Ray lives on 127.0.0.1 for this process only: its token-auth notice is not
+    # something the user can act on, and it would be the first line they see.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, logging_level="WARNING",
         object_store_memory=512 << 20, configure_logging=True,

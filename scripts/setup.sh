@@ -3,11 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+[ -x .venv/bin/python ] || { echo "setup: creating .venv"; "$PY" -m venv .venv; }
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: 2.13.0 is a CPU build here; an unpinned torch may pull a multi-GB CUDA
 # build. On a GPU machine install the CUDA build of your choice before this script.
-.venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q torch==2.13.0
+.venv/bin/python -c "import torch" 2>/dev/null || { echo "setup: installing torch 2.13.0 (CPU build) into .venv"; .venv/bin/pip install -q torch==2.13.0; }
+echo "setup: installing fedray${1:+ with the ${1} tools} and its dependencies into .venv (a fresh clone: a few minutes)"
 if [ "${1:-}" = "test" ]; then
   .venv/bin/pip install -q -e '.[test]'
   # The privacy audit's reference (tests/test_privacy_audit.py); --no-deps: see pyproject.toml.

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from fedray.orchestrator import cli
-from fedray.orchestrator.client import Client, auth_token
+from fedray.orchestrator.client import Client, ClientError, auth_token
 from fedray.orchestrator.results import RESULT_FILES
 from fedray.orchestrator.spec import SpecError
 
@@ -210,6 +210,8 @@ def test_quickstart_via_client_and_cli(ray_head, tmp_path, capsys):
     assert listed[cli_jid]["metadata"]["fedray_job_id"] == cli_jid
     if auth_token():
         assert _get(f"{url}/api/jobs/", token=None)[0] == 401
+        with pytest.raises(ClientError, match="refused the token: pass the cluster's token"):
+            Client(url, token="not-the-token")
 
     # The jobs' fedray_* metrics reach Ray's metrics port (with Ray's `ray_` prefix), through the
     # cluster's exporter actor (gauges outliving the job: tests/test_cluster.py).
