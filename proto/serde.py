@@ -64,11 +64,12 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", 8 << 20),
     ("grpc.max_send_message_length", 8 << 20),
 )
-# Unary calls that are safe to replay (GetJob, Health) are retried by gRPC itself on UNAVAILABLE
-# (a shard restarting, a connection reset), honouring the server's push-back. Uploads are client
+# Calls that are safe to replay are retried by gRPC itself on UNAVAILABLE (a shard restarting, a
+# connection reset), honouring the server's push-back: GetJob, Health, and Download until its
+# first stage arrives (gRPC commits a server stream at its first message). Uploads are client
 # streams of ~1 MiB chunks that gRPC cannot replay once sent: `upload_with_retry` retries those.
 RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": "fedray.v1.Aggregation", "method": m} for m in ("GetJob", "Health")],
+    "name": [{"service": "fedray.v1.Aggregation", "method": m} for m in ("GetJob", "Health", "Download")],
     "retryPolicy": {
         "maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
         "retryableStatusCodes": ["UNAVAILABLE"],
