@@ -53,14 +53,14 @@ def test_retried_call_counts_once():
     trainer = ClientTrainer(TrainerSetup.from_spec(spec, job_id="j", secret="s"), task)
     try:
         b = make_broadcast(params, codec="identity", codec_params={}, round=1)
-        ids, servers = [3, 8, 21, 30], [f"127.0.0.1:{port}"]
+        ids, servers = [3, 8, 11, 14, 21, 25, 30, 33, 36, 39], [f"127.0.0.1:{port}"]
         core.open_round(1, b)
         first = trainer.train_clients(1, b, ids, servers, attempt=0)
         again = trainer.train_clients(1, b, ids, servers, attempt=1)
         out = core.close_round(1)
-        assert [r.error for r in first + again] == [None] * 8
-        assert out["count"] == 4
-        # the shard received one fp32 partial sum, not four clients' updates
+        assert [r.error for r in first + again] == [None] * 20
+        assert out["count"] == 10
+        # the shard received one fp32 partial sum (4 bytes a value), not ten int8 updates
         assert 0 < out["bytes_received"] < sum(r.bytes_up for r in first) / 2
         assert out["total_weight"] == sum(r.examples for r in first)
         assert all(r.bytes_up > 0 for r in first + again)  # each client's own upload, not the partial sum
@@ -69,7 +69,7 @@ def test_retried_call_counts_once():
         trainer.train_clients(2, b, ids, servers, attempt=0)
         dup = trainer.train_clients(2, b, ids, servers, attempt=0)
         assert all(r.error and "ALREADY_EXISTS" in r.error for r in dup)
-        assert core.close_round(2)["count"] == 4
+        assert core.close_round(2)["count"] == 10
     finally:
         trainer.close()
         server.stop(None)
