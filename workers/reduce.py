@@ -3,8 +3,8 @@ linear aggregation (FedAvg and its server optimizers, no clipping, DP, robust ag
 dropout or pruning).
 
 Every client's update is encoded with the job's codec exactly as a real client would send it,
-then decoded here (so the compression error is the real one) and added, weighted by its
-examples, into a float64 sum per shard. One update per shard and call goes over the same gRPC
+then folded here exactly as the shard folds an upload (`Codec.fold` into a float64
+`RunningWeightedSum`, weighted by its examples; so the compression error is the real one). One update per shard and call goes over the same gRPC
 service: the weighted mean as fp32 (`identity`) under the weight of all the examples, so the
 shard's weighted sum gains exactly what the clients' own uploads would have added. Each client
 is still charged the bytes of its own encoded upload.
@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from fedray.compression import get_codec
+from fedray.orchestrator.aggregation import RunningWeightedSum
 from fedray.proto import serde
 from fedray.proto.aggregate import CLIENTS_METRIC, aggregate_id
 from fedray.proto.auth import client_token
@@ -32,20 +33,23 @@ __all__ = ["PartialSum", "partial_sums", "upload_partial"]
 
 
 class PartialSum:
-    """The weighted sum of one shard's clients of one call."""
+    """The weighted sum of one shard's clients of one call, added as the shard adds uploads:
+    `Codec.fold` of each payload into a float64 `RunningWeightedSum`, weight = examples."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.weight, self.loss, self.clients = 0.0, 0.0, []
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.acc = RunningWeightedSum(shapes)
+        self.loss, self.clients = 0.0, []
 
-    def add(self, cid: int, weight: float, loss: float, decoded: Mapping[str, torch.Tensor]) -> None:
-        for k, v in decoded.items():
-            v = v.to(torch.float64) * weight
-            if k in self.sums:
-                self.sums[k] += v
-            else:
-                self.sums[k] = v
-        self.weight += weight
+    @property
+    def weight(self) -> float:
+        return self.acc.total_weight
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        return self.acc.sums
+
+    def add(self, codec, cid: int, weight: float, loss: float, tensors: list) -> None:
+        self.acc.add_folds({k: codec.fold(p) for k, p in tensors}, weight)
         self.loss += weight * loss if math.isfinite(loss) else 0.0
         self.clients.append(cid)
 
@@ -54,8 +58,10 @@ def partial_sums(codec, updates: Sequence[tuple[int, float, float, list]], num_s
     """{shard: PartialSum} of `updates`: (client id, weight, loss, [(name, encoded Payload)])."""
     out: dict[int, PartialSum] = {}
     for cid, weight, loss, tensors in updates:
-        decoded = {k: codec.decode(p) for k, p in tensors}
-        out.setdefault(serde.shard_index(cid, num_shards), PartialSum()).add(cid, weight, loss, decoded)
+        shard = serde.shard_index(cid, num_shards)
+        if shard not in out:
+            out[shard] = PartialSum({k: tuple(p.shape) for k, p in tensors})
+        out[shard].add(codec, cid, weight, loss, tensors)
     return out
 
 
