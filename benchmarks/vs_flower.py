@@ -3,8 +3,10 @@
 The task (research/environment.md, "The peer to beat"): sklearn digits, MLP 64-64-10, 1,000
 IID clients, 100 per round, 1 local epoch of SGD at lr 0.1 and batch 32, FedAvg, 2 CPUs.
 fedray runs through its real path (`fedray demo`: Ray workers, int8 codec, uploads over the gRPC
-aggregation service); Flower runs `benchmarks/flower_side.py` in its own venv (flwr pins ray
-2.55 and protobuf<7, which cannot share fedray's venv), twice: `flower` through its legacy
+aggregation service), with `--worker-reduce` (each worker call decodes its clients' int8 updates
+and uploads one partial sum per shard; `--per-client-uploads` measures the per-client path);
+Flower runs `benchmarks/flower_side.py` in its own venv (flwr pins ray 2.55 and protobuf<7,
+which cannot share fedray's venv), twice: `flower` through its legacy
 `start_simulation` (the faster of its two APIs here, and the one the ratio is taken against) and
 `flower_message_api` through `run_simulation` with the Message API. The systems alternate
 (the order reverses every repetition), `--reps` times.
@@ -159,8 +161,9 @@ def load() -> str:
 
 # --- the two systems ----------------------------------------------------------------------
 
-def fedray_cmd(rounds: int, json_path: Path, extra: list[str]) -> list[str]:
+def fedray_cmd(rounds: int, json_path: Path, extra: list[str], reduce: bool = True) -> list[str]:
     t = TASK
+    extra = (["--worker-reduce"] if reduce else []) + list(extra)
     return [sys.executable, "-m", "fedray.orchestrator.cli", "demo", "--dataset", t["dataset"],
             "--clients", str(t["clients"]), "--clients-per-round", str(t["clients_per_round"]),
             "--rounds", str(rounds), "--hidden", t["hidden"], "--local-epochs", str(t["local_epochs"]),
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip Flower's Message API run (flower_message_api); the ratio is against `flower` anyway")
     ap.add_argument("--fedray-arg", action="append", default=[],
                     help="extra `fedray demo` argument (repeat), e.g. --fedray-arg=--clients-per-call=50")
+    ap.add_argument("--per-client-uploads", action="store_true",
+                    help="fedray without --worker-reduce: every client's update is uploaded on its own")
     a = ap.parse_args(argv)
     systems = [s for s in SYSTEMS if a.only in (None, s) and not (a.no_message_api and s == "flower_message_api")]
     py = ensure_flower_venv(Path(a.flower_venv)) if any(s.startswith("flower") for s in systems) else None
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             order = systems if rep % 2 == 0 else systems[::-1]  # alternate who goes first
             for s in order:
                 out = Path(tmp) / f"{s}-{rep}.json"
-                cmd = fedray_cmd(a.rounds, out, a.fedray_arg) if s == "fedray" else flower_cmd(py, a.rounds, out, SYSTEMS[s])
+                cmd = fedray_cmd(a.rounds, out, a.fedray_arg, not a.per_client_uploads) if s == "fedray" else flower_cmd(py, a.rounds, out, SYSTEMS[s])
                 commands[s] = shlex.join(cmd).replace(tmp, "OUT").replace(str(REPO) + "/", "")
                 before = load()
                 print(f"[rep {rep + 1}/{a.reps}] {s}: running (load {before})", flush=True)
@@ -249,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {s}: {res['updates_per_s']:.0f} updates/s steady, first round {res['first_round_s']:.1f}s, "
                       f"peak PSS {res['peak_pss_mib']:.0f} MiB, accuracy {res['accuracy'][-1]:.4f}", flush=True)
     for s in runs:
-        runs_meta = {"api": SYSTEMS[s]} if SYSTEMS[s] else {"path": "fedray demo (Ray workers, int8, gRPC service)"}
+        runs_meta = {"api": SYSTEMS[s]} if SYSTEMS[s] else {"path": "fedray demo (Ray workers, int8, gRPC service)",
+                                                        "worker_reduce": not a.per_client_uploads}
         runs_meta.update(aggregate(runs[s]))
         runs[s] = runs_meta  # type: ignore[assignment]
     result = {

@@ -63,6 +63,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="worker actors (0: one per CPU)")
     p.add_argument("--clients-per-call", type=int, default=d.resources.clients_per_call,
                    help="clients a worker actor trains per Ray call")
+    p.add_argument("--worker-reduce", action="store_true",
+                   help="each worker call uploads one partial sum per shard (linear aggregation only)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker actor (workers then train on CUDA)")
     p.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (127.0.0.1:8265)")
@@ -134,7 +136,7 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
         compression=CompressionSpec(codec=a.codec, codec_params=a.codec_params, broadcast=a.broadcast,
                                     broadcast_params=a.broadcast_params),
         resources=ResourceSpec(num_workers=a.workers, clients_per_call=a.clients_per_call, num_cpus=a.num_cpus,
-                               shards=a.shards, gpus_per_worker=a.gpus_per_worker),
+                               shards=a.shards, gpus_per_worker=a.gpus_per_worker, worker_reduce=getattr(a, "worker_reduce", False)),
         strategy=StrategySpec(name=a.strategy, **({"server_lr": a.server_lr} if a.server_lr is not None else {})),
         dropout=DropoutSpec(keep_rates=a.keep_rate, mode="drawn" if len(a.keep_rate) > 1 else "fixed",
                             policy=a.dropout_policy) if a.keep_rate else None,
@@ -156,6 +158,7 @@ _DEMO_FLAGS = {
     "training.momentum": "--momentum", "compression.codec_params": "--codec-params", "compression.codec": "--codec",
     "compression.broadcast_params": "--broadcast-params", "compression.broadcast": "--broadcast", "seed": "--seed",
     "resources.num_workers": "--workers", "resources.clients_per_call": "--clients-per-call",
+    "resources.worker_reduce": "--worker-reduce",
     "resources.num_cpus": "--num-cpus", "resources.shards": "--shards", "resources.gpus_per_worker": "--gpus-per-worker",
     "strategy.name": "--strategy", "strategy.server_lr": "--server-lr", "dropout.keep_rates": "--keep-rate",
     "dropout.policy": "--dropout-policy", "omc.bits": "--omc-bits", "privacy.noise_multiplier": "--dp-noise",

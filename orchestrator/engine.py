@@ -188,7 +188,7 @@ class _Shards:
             num_rounds=spec.training.rounds, strategy=spec.strategy, privacy=spec.privacy,
             max_clients=spec.training.clients_per_round + spec.service.real_clients,
             codecs={spec.compression.codec: dict(spec.compression.codec_params)}, dropout=spec.dropout,
-            layout=layout, seed=spec.seed, max_weight=max_weight,
+            layout=layout, seed=spec.seed, max_weight=max_weight, worker_reduce=spec.resources.worker_reduce,
         )
         n = spec.resources.shards
         self.actors: list = [None] * n

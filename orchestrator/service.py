@@ -31,6 +31,7 @@ from fedray.compression import PayloadError, decode_checked, get_codec
 from fedray.compression.codec import Codec, UnknownCodecError
 from fedray.compression.payload import Payload
 from fedray.proto import serde
+from fedray.proto.aggregate import CLIENTS_METRIC, is_aggregate_id
 from fedray.proto.auth import verify_token
 from fedray.proto.health import StandardHealth, add_standard_health
 
@@ -135,6 +136,7 @@ class _RoundState:
     start: dict | None = None  # the decoded broadcast, for uploads of weights (OMC)
     bytes_received: int = 0
     decode_s: float = 0.0
+    represented: int = 0  # clients beyond one that the committed partial sums stand for (worker_reduce)
     # Streaming sums are striped: up to `max_active` commits add into their own partial sum at
     # once (the adds release the GIL), merged into `agg` at close. A buffered collector is one stripe.
     stripes: "queue.SimpleQueue | None" = None
@@ -195,9 +197,10 @@ class AggregationCore:
         limits: ServiceLimits = ServiceLimits(), spec_json: str = "{}", num_rounds: int = 0,
         shard: tuple[int, int] = (0, 1), strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None,
         max_clients: int = 1 << 16, codecs: Mapping[str, Mapping] | None = None, dropout=None, layout=None,
-        seed: int = 0, max_weight: float | None = None,
+        seed: int = 0, max_weight: float | None = None, worker_reduce: bool = False,
     ) -> None:
         self.job_id = job_id
+        self._worker_reduce = worker_reduce  # resources.worker_reduce: workers' partial sums are accepted
         self._max_weight = max_weight  # StrategySpec.weight_cap: declared weights above it count as it
         self._codec_params = {k: dict(v) for k, v in (codecs or {}).items()}
         self._dropout = dropout  # DropoutSpec: uploads are sub-models, averaged per coordinate
@@ -271,7 +274,7 @@ class AggregationCore:
     def committed(self, round: int) -> int:
         """Updates committed so far in `round` (0 if it is not the open round)."""
         st = self._state
-        return len(st.committed) if st is not None and st.round == round else 0
+        return len(st.committed) + st.represented if st is not None and st.round == round else 0
 
     def finish(self) -> None:
         """Mark the job finished: real clients polling GetJob stop."""
@@ -307,7 +310,7 @@ class AggregationCore:
             st.agg.merge(part)
         return {
             "agg": st.agg, "sums": getattr(st.agg, "sums", None), "total_weight": getattr(st.agg, "total_weight", None),
-            "count": len(st.committed), "bytes_received": st.bytes_received, "decode_s": st.decode_s,
+            "count": len(st.committed) + st.represented, "bytes_received": st.bytes_received, "decode_s": st.decode_s,
         }
 
     # -- RPC handlers ---------------------------------------------------------------------------
@@ -400,6 +403,9 @@ class AggregationCore:
     def upload(self, header: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], token: str) -> tuple[int, int]:
         self._check_auth(header.job_id, header.client_id, token)
         self._check_shard(header.client_id)
+        if is_aggregate_id(header.client_id) and not (self._worker_reduce and self._folds and self._max_weight is None):
+            raise AuthError(f"client id {header.client_id} is reserved for workers' partial sums, which job "
+                            f"{self.job_id!r} does not take (resources.worker_reduce with a linear strategy)")
         sub = self._subnet(header)
         self._check_header(header, sub)
         with self._lock:
@@ -471,6 +477,8 @@ class AggregationCore:
                 st.pending.discard(cid)
                 if ok:
                     st.committed.add(cid)
+                    if is_aggregate_id(cid):  # a worker's partial sum stands for several clients
+                        st.represented += max(int(header.metrics.get(CLIENTS_METRIC, 1)), 1) - 1
                     st.bytes_received += received
                     st.decode_s += decode_s
                     self._committed_total += 1

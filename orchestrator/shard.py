@@ -63,6 +63,7 @@ class AggregationShard:
         tls: TLSConfig | None = None, spec_json: str = "{}", num_rounds: int = 0, shard: tuple[int, int] = (0, 1),
         strategy: StrategySpec = StrategySpec(), privacy: DPSpec | None = None, max_clients: int = 1 << 16,
         codecs=None, dropout=None, layout=None, seed: int = 0, max_weight: float | None = None,
+        worker_reduce: bool = False,
     ) -> None:
         import torch
 
@@ -71,7 +72,7 @@ class AggregationShard:
         self._core = AggregationCore(
             job_id=job_id, secret=secret, shapes=shapes, limits=limits, spec_json=spec_json, num_rounds=num_rounds,
             shard=shard, strategy=strategy, privacy=privacy, max_clients=max_clients, codecs=codecs, dropout=dropout,
-            layout=layout, seed=seed, max_weight=max_weight,
+            layout=layout, seed=seed, max_weight=max_weight, worker_reduce=worker_reduce,
         )
         node_ip = ray.util.get_node_ip_address()
         bound = bind_host(host, node_ip)

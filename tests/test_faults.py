@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -14,12 +15,12 @@ from fedray.orchestrator.engine import run_job
 from fedray.orchestrator.spec import DataSpec, JobSpec, ResourceSpec, TrainingSpec
 
 
-def _spec(checkpoint_dir=None) -> JobSpec:
+def _spec(checkpoint_dir=None, worker_reduce: bool = False) -> JobSpec:
     return JobSpec(
         name="faults", seed=11,
         data=DataSpec(dataset="digits", num_clients=40),
         training=TrainingSpec(rounds=4, clients_per_round=10, local_epochs=1, batch_size=16, lr=0.1),
-        resources=ResourceSpec(num_workers=2, clients_per_call=2, shards=2, max_attempts=10),
+        resources=ResourceSpec(num_workers=2, clients_per_call=2, shards=2, max_attempts=10, worker_reduce=worker_reduce),
         checkpoint_dir=checkpoint_dir,
     )
 
@@ -58,11 +59,14 @@ class _Killer:
             self.kills += 1
 
 
-def test_killed_workers_and_shard_change_nothing(ray_session):
-    clean = run_job(_spec(), progress=False, log=lambda s: None)
+# worker_reduce: a retried call re-uploads its partial sums under the same identities; one
+# committed before the worker died counts once (the clients and the model show any double count)
+@pytest.mark.parametrize("worker_reduce", [False, True], ids=["per_client", "worker_reduce"])
+def test_killed_workers_and_shard_change_nothing(ray_session, worker_reduce):
+    clean = run_job(_spec(worker_reduce=worker_reduce), progress=False, log=lambda s: None)
     killer = _Killer()
     try:
-        faulty = run_job(_spec(), progress=False, log=lambda s: None, on_start=killer.start, on_round=killer.on_round)
+        faulty = run_job(_spec(worker_reduce=worker_reduce), progress=False, log=lambda s: None, on_start=killer.start, on_round=killer.on_round)
     finally:
         killer.stop.set()
     assert killer.kills >= 2

@@ -20,6 +20,7 @@ from .batched import batching_pays, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import as_arrays
 from .models import set_params
+from .reduce import partial_sums, upload_partial
 from .step import ClientError, ClientStep, client_seed, train_config
 from .train import TrainConfig, pick_device
 
@@ -52,6 +53,7 @@ class TrainerSetup:
     pruning: bool = False  # keep the global model's zero weights (pruned) at zero while training
     device: str = "auto"  # auto: CUDA when Ray gave this actor a GPU; cpu; cuda
     client_eval: bool = False  # each client evaluates the received model on its own data first
+    worker_reduce: bool = False  # upload one partial sum per shard and call (workers/reduce.py)
 
     @classmethod
     def from_spec(cls, spec, *, job_id: str, secret: str = "", **overrides) -> "TrainerSetup":
@@ -65,6 +67,7 @@ class TrainerSetup:
             dropout=spec.dropout,
             omc=spec.omc, prox_mu=spec.strategy.proximal_mu,
             batched=res.batched, pruning=spec.pruning is not None, device=res.device, client_eval=tr.client_eval,
+            worker_reduce=res.worker_reduce,
         )
         kw.update(overrides)
         return cls(**kw)
@@ -180,19 +183,21 @@ class ClientTrainer:
                     tensors=[(k, per[k][i]) for k in start], attempt=attempt,
                     metrics={"loss": stats.loss, "train_s": train_s},
                 )
-                encoded.append((cid, stats, msgs))
+                encoded.append((cid, stats, [(k, per[k][i]) for k in start], msgs))
         else:
             for i, (cid, seed, stats) in enumerate(zip(ok, seeds, trained)):
                 params = {k: v[i] for k, v in stacked.items()}
                 try:
                     tensors = self.step.encode(round, cid, seed, params, start)
-                    encoded.append((cid, stats, serde.encode_upload(
+                    encoded.append((cid, stats, tensors, serde.encode_upload(
                         job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples), tensors=tensors,
                         attempt=attempt, metrics={"loss": stats.loss, "train_s": train_s})))
                 except ClientError as e:
                     out[cid] = ClientResult(cid, round, error=str(e))
-        stats_of = {c: x for c, x, _ in encoded}
-        for cid, nbytes, err in self._upload_many(round, [(c, m) for c, _, m in encoded], servers, attempt):
+        stats_of = {c: x for c, x, _, _ in encoded}
+        uploads = (self._reduced(round, min(cids), encoded, servers, attempt)
+                   if s.worker_reduce else self._upload_many(round, [(c, m) for c, _, _, m in encoded], servers, attempt))
+        for cid, nbytes, err in uploads:
             st = stats_of[cid]
             ev = evals.get(cid)
             out[cid] = (ClientResult(cid, round, error=err) if err else
@@ -200,6 +205,23 @@ class ClientTrainer:
                                      flops=self.step.flops(None, st.examples), param_memory_bytes=mem,
                                      **_eval_fields(ev)))
         return [out[c] for c in cids]
+
+    def _reduced(self, round: int, first: int, encoded: list, servers, attempt: int):
+        """`resources.worker_reduce`: one partial sum per shard instead of each client's update;
+        each client is charged its own encoded upload's bytes. Yields as `_upload_many`."""
+        s = self.setup
+        parts = partial_sums(self.codec, [(c, float(st.examples), st.loss, t) for c, st, t, _ in encoded], len(servers))
+        wire = {c: serde.wire_nbytes(m) for c, _, _, m in encoded}
+        for shard, part in parts.items():
+            try:
+                upload_partial(self._chan(servers[shard]), part, shard=shard, num_shards=len(servers), first_client=first,
+                               job_id=s.job_id, secret=s.secret, round=round, attempt=attempt, upload=upload_with_retry)
+            except Exception as e:
+                for cid in part.clients:
+                    yield cid, 0, str(ClientError("upload", cid, round, e))
+                continue
+            for cid in part.clients:
+                yield cid, wire[cid], None
 
     def _upload_many(self, round: int, updates: list[tuple[int, list]], servers, attempt: int):
         """Upload many clients' updates: one UploadBatch stream per shard (the per-call gRPC cost is

@@ -61,6 +61,8 @@ class JobSpec(Section):
                 raise FieldError("omc", "OMC training is plain SGD; set training.momentum to 0")
             if self.strategy.proximal_mu:
                 raise FieldError("omc", "OMC training cannot use FedProx; set strategy.proximal_mu to 0")
+        if self.resources.worker_reduce:
+            self._check_worker_reduce()
         if self.training.min_clients > self.training.clients_per_round + self.service.real_clients:
             raise FieldError("training.min_clients", f"{self.training.min_clients} is more than the "
                              f"{self.training.clients_per_round} clients per round (plus real clients)")
@@ -78,6 +80,21 @@ class JobSpec(Section):
             raise FieldError("training.clients_per_round", f"{self.training.clients_per_round} is more than "
                              f"data.num_clients={self.data.num_clients}; lower it or add clients")
         return self
+
+    def _check_worker_reduce(self) -> None:
+        """Partial sums need a linear aggregate of whole, unclipped, uncapped updates from simulated clients."""
+        st = self.strategy
+        why = [w for w, bad in (
+            ("privacy (DP clips and noises each update)", self.privacy is not None),
+            (f"strategy.name {st.name!r} (it needs every update)", st.needs_all_updates),
+            ("strategy.clip_norm", st.clip_norm is not None),
+            ("strategy.max_weight_share (caps each client's weight)", st.max_weight_share is not None),
+            ("dropout", self.dropout is not None), ("omc", self.omc is not None), ("pruning", self.pruning is not None),
+            ("service.real_clients", self.service.real_clients > 0), ("training.client_eval", self.training.client_eval),
+        ) if bad]
+        if why:
+            raise FieldError("resources.worker_reduce", "partial sums per worker work only for linear aggregation "
+                             f"of simulated clients; it cannot be combined with {', '.join(why)}: set it to false")
 
     # -- conversion ----------------------------------------------------------------------------
 

@@ -275,6 +275,9 @@ class ResourceSpec(Section):
     shard_resource: NonEmptyStr | None = None  # Ray custom resource that pins shards (e.g. fedray_aggregator)
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3  # per client and round, over worker failures
     batched: bool = True  # train same-shape clients of one call together (vmap / batched matmuls)
+    # simulation fast path for linear aggregation: each worker call uploads one partial sum per
+    # shard of its (batched) clients' decoded updates instead of each update (workers/reduce.py)
+    worker_reduce: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA in workers Ray gives a GPU
     shard_start_timeout_s: PosFloat = 120.0  # a shard not serving by then (start or restart) fails the job
 

@@ -1,0 +1,81 @@
+"""A worker's partial sum per shard (`resources.worker_reduce`): the simulation fast path for
+linear aggregation (FedAvg and its server optimizers, no clipping, DP, robust aggregation,
+dropout or pruning).
+
+Every client's update is encoded with the job's codec exactly as a real client would send it,
+then folded here exactly as the shard folds an upload (`Codec.fold` into a float64
+`RunningWeightedSum`, weighted by its examples; so the compression error is the real one). One update per shard and call goes over the same gRPC
+service: the weighted mean as fp32 (`identity`) under the weight of all the examples, so the
+shard's weighted sum gains exactly what the clients' own uploads would have added. Each client
+is still charged the bytes of its own encoded upload.
+
+Exactly-once holds per call: the partial sum's identity comes from the call's smallest client
+id (`proto/aggregate.py`), and a call that fails (a worker that died) is retried whole, with the
+same clients, so an aggregate that was committed before the failure answers ALREADY_EXISTS and
+counts once; a failed upload fails all the clients it carries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import grpc
+import torch
+
+from fedray.compression import get_codec
+from fedray.orchestrator.aggregation import RunningWeightedSum
+from fedray.proto import serde
+from fedray.proto.aggregate import CLIENTS_METRIC, aggregate_id
+from fedray.proto.auth import client_token
+
+__all__ = ["PartialSum", "partial_sums", "upload_partial"]
+
+
+class PartialSum:
+    """The weighted sum of one shard's clients of one call, added as the shard adds uploads:
+    `Codec.fold` of each payload into a float64 `RunningWeightedSum`, weight = examples."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.acc = RunningWeightedSum(shapes)
+        self.loss, self.clients = 0.0, []
+
+    @property
+    def weight(self) -> float:
+        return self.acc.total_weight
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        return self.acc.sums
+
+    def add(self, codec, cid: int, weight: float, loss: float, tensors: list) -> None:
+        self.acc.add_folds({k: codec.fold(p) for k, p in tensors}, weight)
+        self.loss += weight * loss if math.isfinite(loss) else 0.0
+        self.clients.append(cid)
+
+
+def partial_sums(codec, updates: Sequence[tuple[int, float, float, list]], num_shards: int) -> dict[int, PartialSum]:
+    """{shard: PartialSum} of `updates`: (client id, weight, loss, [(name, encoded Payload)])."""
+    out: dict[int, PartialSum] = {}
+    for cid, weight, loss, tensors in updates:
+        shard = serde.shard_index(cid, num_shards)
+        if shard not in out:
+            out[shard] = PartialSum({k: tuple(p.shape) for k, p in tensors})
+        out[shard].add(codec, cid, weight, loss, tensors)
+    return out
+
+
+def upload_partial(channel: grpc.Channel, part: PartialSum, *, shard: int, num_shards: int, first_client: int,
+                   job_id: str, secret: str, round: int, attempt: int, upload) -> int:
+    """Upload one shard's partial sum with `upload` (`client.upload_with_retry`); return its wire bytes.
+
+    Raises:
+        grpc.RpcError: the shard refused it (or stayed busy through every retry).
+    """
+    ident = get_codec("identity")
+    agg = aggregate_id(first_client, shard, num_shards)
+    tensors = [(k, ident.encode((v / part.weight).to(torch.float32))) for k, v in part.sums.items()]
+    msgs = serde.encode_upload(job_id=job_id, round=round, client_id=agg, weight=part.weight, tensors=tensors,
+                               attempt=attempt, metrics={"loss": part.loss / part.weight,
+                                                         CLIENTS_METRIC: float(len(part.clients))})
+    return upload(channel, msgs, client_token(secret, job_id, agg), attempt=attempt)["wire_bytes"]
