@@ -67,6 +67,8 @@ class AggregationShard:
     ) -> None:
         import torch
 
+        # first: Ray reports a failed __init__ through repr(), which must not fail in turn
+        self._label = f"fedray job={job_id} role=aggregator shard={shard[0]} of={shard[1]}"
         torch.set_num_threads(1)  # concurrency comes from gRPC's threads; more torch threads only spin
         fix_mmap_threshold()
         self._core = AggregationCore(
@@ -85,7 +87,6 @@ class AggregationShard:
                 "service.port must be free there; TLS files must exist on that node"
             ) from None
         self._address = advertised_address(bound, node_ip, self._port)
-        self._label = f"fedray job={job_id} role=aggregator shard={shard[0]} of={shard[1]}"
         freeze_heap()  # as the worker actors do
 
     def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)

@@ -60,8 +60,8 @@ class LocalPool(WorkerPool):
 @ray.remote
 class _WorkerActor:
     def __init__(self, setup: TrainerSetup, task, job: str = "fedray", index: int = 0) -> None:
+        self._label = f"fedray job={job} role=worker index={index}"  # first: repr() reports a failed __init__
         self._t = ClientTrainer(setup, task)
-        self._label = f"fedray job={job} role=worker index={index}"
         freeze_heap()
 
     def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)
