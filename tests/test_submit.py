@@ -28,6 +28,7 @@ import pytest
 
 from fedray.orchestrator import cli
 from fedray.orchestrator.client import Client, ClientError, auth_token
+from fedray.orchestrator.cluster import _head_pids  # the head's processes, as `fedray cluster down` finds them
 from fedray.orchestrator.results import RESULT_FILES
 from fedray.orchestrator.spec import SpecError
 
@@ -53,27 +54,6 @@ def _get(url: str, *, token: str | None, timeout: float = 5.0) -> tuple[int, str
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def _head_pids(pgid: int) -> set[int]:
-    """This head's processes: its process group, plus the workers its raylet started (they put
-    themselves in process groups of their own but carry RAY_RAYLET_PID)."""
-    group, raylets, by_raylet = set(), set(), {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if os.getpgid(int(d.name)) == pgid:
-                group.add(int(d.name))
-                if b"raylet/raylet" in (d / "cmdline").read_bytes():
-                    raylets.add(d.name)
-            env = (d / "environ").read_bytes().split(b"\0")
-        except (OSError, ProcessLookupError):
-            continue
-        for kv in env:
-            if kv.startswith(b"RAY_RAYLET_PID="):
-                by_raylet[int(d.name)] = kv.split(b"=", 1)[1].decode()
-    return group | {pid for pid, r in by_raylet.items() if r in raylets}
 
 
 def _stop_head(proc: subprocess.Popen) -> None:
