@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
+import grpc
 import numpy as np
 
 from fedray.orchestrator.realclient_cli import _outcome, main
@@ -40,6 +41,42 @@ def test_client_reports_rounds_it_missed():
     assert _outcome(3, [2, 4], [1, 3]) == (
         "client 3: trained in rounds [2, 4]; missed rounds [1, 3] (closed before it could take part)")
     assert _outcome(3, [1, 2], []) == "client 3: trained in rounds [1, 2]"
+
+
+class _ClosedUnderUs(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.FAILED_PRECONDITION
+
+
+class _Rounds:
+    """A service whose rounds 1-3 open in turn and whose round 2 closes before the upload lands
+    (the link's side of `RealClient.run`; the service itself is tested in test_real_clients.py)."""
+
+    def __init__(self):
+        self.last_round = 0
+
+    def next_round(self, attempted, *, deadline, gone_after_s):
+        r = next((r for r in (1, 2, 3) if r not in attempted), None)
+        self.last_round = max(self.last_round, r or 0)
+        return None if r is None else type("Info", (), {"round": r})()
+
+
+def test_a_round_closed_under_the_client_is_missed_not_trained(monkeypatch):
+    from fedray.workers.remote import RealClient
+
+    c = RealClient(server="127.0.0.1:1", job_id="j", client_id=3, token="t")
+    c.link.close()
+    c.link = _Rounds()
+    trained = []
+
+    def train_round(info):
+        if info.round == 2:
+            raise _ClosedUnderUs()
+        trained.append(info.round)
+
+    monkeypatch.setattr(c, "train_round", train_round)
+    assert c.run(timeout_s=5) == [1, 3] and trained == [1, 3]
+    assert c.missed_rounds() == [2]
 
 
 def test_connect_timeout_must_be_positive(capsys):

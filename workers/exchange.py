@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import Mapping
 
+import grpc
 import torch
 
 from .broadcast import decode_broadcast
@@ -42,6 +43,7 @@ class Exchange:
         self._step: ClientStep | None = None
         self._t0 = 0.0
         self.rounds_done: list[int] = []
+        self.missed_rounds: list[int] = []  # closed before this client's upload arrived
 
     @property
     def round(self) -> int | None:
@@ -60,9 +62,10 @@ class Exchange:
             grpc.RpcError: the service refused the client.
             ValueError: the job uses Federated Dropout or OMC (they need fedray's own model).
         """
-        if self._info is not None and self._info.round not in self.rounds_done:
+        attempted = self.rounds_done + self.missed_rounds
+        if self._info is not None and self._info.round not in attempted:
             return True
-        self._info = self.link.next_round(self.rounds_done, deadline=self._deadline, gone_after_s=self._gone_after_s)
+        self._info = self.link.next_round(attempted, deadline=self._deadline, gone_after_s=self._gone_after_s)
         self._start = None
         if self._info is None:
             return False
@@ -89,7 +92,9 @@ class Exchange:
     def send(self, weights: Mapping[str, torch.Tensor], *, num_examples: int,
              metrics: Mapping[str, float] | None = None) -> dict:
         """Send the trained weights of this round (the update `weights - received` is what
-        travels, encoded with the job's codec). Returns the service's acknowledgement.
+        travels, encoded with the job's codec). Returns the service's acknowledgement, or
+        `{"round": r, "missed": True}` when the round closed before the upload arrived (the round
+        is then in `missed_rounds`, and `is_running` moves on to the next one).
 
         Raises:
             RuntimeError: nothing was received this round.
@@ -100,9 +105,15 @@ class Exchange:
             raise RuntimeError("send() before receive(): receive this round's model first")
         out = self._step.finish(self._info.round, self.link.client_id, self._start, weights,
                                 examples=num_examples, metrics=metrics, train_s=time.perf_counter() - self._t0)
-        ack = self.link.upload(out)
-        self.rounds_done.append(self._info.round)
         self._start = None
+        try:
+            ack = self.link.upload(out)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:  # FAILED_PRECONDITION: the round closed
+                raise
+            self.missed_rounds.append(self._info.round)
+            return {"round": self._info.round, "missed": True}
+        self.rounds_done.append(self._info.round)
         return ack
 
     def close(self) -> None:
