@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_submit import _free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,16 +43,6 @@ JOB = {
     # so the counters grow over several 1 s scrapes and the rate() panels have something to show.
     "service": {"real_clients": 1, "real_client_wait_s": 1.5},
 }
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _fedray(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
