@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", required=True)
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and rounds")
+    ap.add_argument("--save-base", help="also write the pretrained base's state_dict here (torch.save), e.g. "
+                                        "for examples/shakespeare/lora_job.yaml")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune-plays", nargs="+", default=list(FINETUNE_PLAYS))
     ap.add_argument("--d", type=int, default=96)
@@ -198,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
     t_all = time.perf_counter()
     load0 = os.getloadavg()[0]
     base, pre = pretrain(args, log)
+    if args.save_base:
+        Path(args.save_base).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(base, args.save_base)
+        log(f"saved the base to {args.save_base}")
     p2u = [p2u_curve(base, pre["test"], args, bits, log) for bits in ((2, 2, 4, 8), (4, 4, 8))]
     started = ensure_ray(2)
     try:
