@@ -157,7 +157,7 @@ def _base_bytes(model: torch.nn.Module) -> dict:
         if isinstance(qp, QuantizedParam):
             stored, fp32 = stored + qp.stored_bytes(), fp32 + 4 * qp.n
         for bname, b in mod.named_buffers(recurse=False):
-            if b is not None and bname in mod._non_persistent_buffers_set:
+            if b is not None and bname in mod._non_persistent_buffers_set and bname != "codes":  # codes: in qweight
                 stored, fp32 = stored + 4 * b.numel(), fp32 + 4 * b.numel()
     if not stored:
         n = 4 * sum(p.numel() for p in model.parameters())

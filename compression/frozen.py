@@ -56,6 +56,7 @@ class FrozenLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = orig.in_features, orig.out_features
         self.qweight = QuantizedParam.from_tensor(orig.weight.detach(), cfg)
+        _codes_buffer(self)
         self.register_buffer("bias", None if orig.bias is None else orig.bias.detach().clone(), persistent=False)
 
     def weight_fp32(self, like: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,7 @@ class FrozenEmbedding(nn.Module):
             raise ValueError("freeze_base: an Embedding with max_norm renormalises its table; it cannot be frozen")
         self.num_embeddings, self.embedding_dim = orig.num_embeddings, orig.embedding_dim
         self.qweight = QuantizedParam.from_tensor(orig.weight.detach(), cfg)
+        _codes_buffer(self)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = self.qweight.gather_rows(idx.reshape(-1).cpu())
@@ -153,11 +155,17 @@ def base_digest(model: nn.Module) -> str:
             h.update(qp.buf.tobytes())
             h.update(torch.tensor([qp.alpha, qp.beta], dtype=torch.float64).numpy().tobytes())
         for bname, b in mod.named_buffers(recurse=False):
-            if bname not in mod._non_persistent_buffers_set or b is None:
+            if bname not in mod._non_persistent_buffers_set or b is None or bname == "codes":
                 continue
             h.update(f"{name}.{bname}".encode())
             h.update(b.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _codes_buffer(mod: nn.Module) -> None:
+    """The packed codes as a non-persistent uint8 buffer sharing `qweight`'s memory: the base is
+    local state like any buffer (a model holding one is never trained vmapped, `workers/batched.py`)."""
+    mod.register_buffer("codes", torch.from_numpy(mod.qweight.buf), persistent=False)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -185,6 +185,11 @@ class ShakespeareLoRATask(fedray.Task):
                                       or not 2 <= base_bits <= 16):
             raise ValueError(f"task.params.base_bits: must be an integer in 2..16 or null, got {base_bits!r}")
         self.lora = _lora_params(lora)
+        if base is not None and not isinstance(base, Mapping):
+            base = os.path.abspath(base)  # resolved where the task is made, before it travels to workers
+            if not os.path.isfile(base):
+                raise ValueError(f"task.params.base: no file {base}; make one with benchmarks/lora_finetune.py "
+                                 f"--save-base PATH, or pass null for a base built from base_seed")
         self.plays, self.data_dir, self.base, self.base_seed = plays, data_dir, base, base_seed
         self.base_bits, self.d, self.layers, self.heads, self.seq_len = base_bits, d, layers, heads, seq_len
         self.min_lines, self.max_clients, self.test_fraction = min_lines, max_clients, float(test_fraction)
