@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "shakespeare"))
 
 import fedray  # noqa: E402
+from fedray.compression.frozen import frozen_bytes  # noqa: E402
 from fedray.compression.p2u import P2UConfig, decode_stages, encode_stages  # noqa: E402
 from fedray.orchestrator.engine import ensure_ray  # noqa: E402
 
@@ -147,21 +148,11 @@ def federate(name: str, base: dict, args, log) -> dict:
 
 
 def _base_bytes(model: torch.nn.Module) -> dict:
-    """Bytes of the frozen base a client holds (OMC codes + transforms + fp32 buffers) and of the
-    same tensors in fp32; for a fully trainable model, its fp32 parameter bytes."""
-    from fedray.compression.omc import QuantizedParam
-
-    stored = fp32 = 0
-    for mod in model.modules():
-        qp = getattr(mod, "qweight", None)
-        if isinstance(qp, QuantizedParam):
-            stored, fp32 = stored + qp.stored_bytes(), fp32 + 4 * qp.n
-        for bname, b in mod.named_buffers(recurse=False):
-            if b is not None and bname in mod._non_persistent_buffers_set and bname != "codes":  # codes: in qweight
-                stored, fp32 = stored + 4 * b.numel(), fp32 + 4 * b.numel()
+    """Bytes of the frozen base a client holds and of the same tensors in fp32; for a fully
+    trainable model, its fp32 parameter bytes."""
+    stored, fp32 = frozen_bytes(model)
     if not stored:
-        n = 4 * sum(p.numel() for p in model.parameters())
-        return {"stored": n, "fp32": n}
+        stored = fp32 = 4 * sum(p.numel() for p in model.parameters())
     return {"stored": stored, "fp32": fp32}
 
 

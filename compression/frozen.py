@@ -32,7 +32,7 @@ from fedray.config import OMCConfig
 
 from .omc import QuantizedParam
 
-__all__ = ["FrozenBase", "FrozenEmbedding", "FrozenLinear", "base_digest", "freeze_base"]
+__all__ = ["FrozenBase", "FrozenEmbedding", "FrozenLinear", "base_digest", "freeze_base", "frozen_bytes"]
 
 
 class _FrozenLinearOp(torch.autograd.Function):
@@ -149,8 +149,8 @@ def base_digest(model: nn.Module) -> str:
     before and after training when the base never changed."""
     h = hashlib.sha256()
     for name, mod in model.named_modules():
-        qp = getattr(mod, "qweight", None)
-        if isinstance(qp, QuantizedParam):
+        if isinstance(mod, (FrozenLinear, FrozenEmbedding)):  # (peft layers forward getattr to their base)
+            qp = mod.qweight
             h.update(name.encode())
             h.update(qp.buf.tobytes())
             h.update(torch.tensor([qp.alpha, qp.beta], dtype=torch.float64).numpy().tobytes())
@@ -160,6 +160,20 @@ def base_digest(model: nn.Module) -> str:
             h.update(f"{name}.{bname}".encode())
             h.update(b.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def frozen_bytes(model: nn.Module) -> tuple[int, int]:
+    """(stored, fp32) bytes of everything frozen in `model`: OMC codes and transforms plus fp32
+    buffers as held, and the same tensors in fp32."""
+    stored = fp32 = 0
+    for mod in model.modules():
+        if isinstance(mod, (FrozenLinear, FrozenEmbedding)):
+            stored, fp32 = stored + mod.qweight.stored_bytes(), fp32 + 4 * mod.qweight.n
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and bname in mod._non_persistent_buffers_set and bname != "codes":
+                n = b.numel() * b.element_size()
+                stored, fp32 = stored + n, fp32 + n
+    return stored, fp32
 
 
 def _codes_buffer(mod: nn.Module) -> None:

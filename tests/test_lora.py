@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fedray
-from fedray.compression.frozen import FrozenEmbedding, FrozenLinear, base_digest, freeze_base
+from fedray.compression.frozen import FrozenEmbedding, FrozenLinear, base_digest, freeze_base, frozen_bytes
 from fedray.config import OMCConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +36,7 @@ def test_freeze_base_leaves_only_trainable_tensors_and_backprops_through_the_cod
     assert set(info.quantized) == {"0.weight", "4.weight"}
     assert set(info.fp32) == {"2.weight", "2.bias", "4.bias"}
     assert info.stored_bytes < 0.45 * info.fp32_bytes  # 8-bit codes + 8 bytes of transform each
+    assert frozen_bytes(model) == (info.stored_bytes, info.fp32_bytes)
 
     # The same network in fp32 with the base's decompressed values: equal outputs and gradients.
     ref = _tiny()
