@@ -9,7 +9,8 @@ and P2U stage quality of the centrally trained model, on Shakespeare.
    `--finetune-plays`.
 2. P2U: every tensor of the trained model encoded in stages (`compression/p2u.py`, 2+2+4+8 and
    4+4+8 bits); next-character accuracy on the pretraining roles' held-out speeches after each
-   stage against cumulative bytes, and the time to the model at 10 and 100 Mbit/s (transfer of
+   stage against cumulative bytes (and with stage 0 on one group of tensors at a time), and
+   the time to the model at 10 and 100 Mbit/s (transfer of
    the cumulative bytes plus the measured decode time) against a one-shot fp32 send.
 3. Federated fine-tuning through fedray (local Ray, 2 worker actors, the gRPC aggregation
    service) on the roles of `--finetune-plays` (held-out roles: unseen plays and speakers),
@@ -93,14 +94,23 @@ def p2u_curve(state: dict, test, args, stage_bits: tuple[int, ...], log) -> dict
                      "time_to_model_s": {r: round(8 * cum / bps + decode_s, 4) for r, bps in RATES.items()}})
         log(f"  p2u {'+'.join(map(str, stage_bits))} stage {k} ({bits} bits): acc {acc:.4f} (fp32 {fp32_acc:.4f}) "
             f"bytes {cum} t={rows[-1]['time_to_model_s']}")
+    # Where stage 0 loses: one group of tensors at stage 0, the rest fp32.
+    first = {n: decode_stages(s[:1]) for n, s in stages.items()}
+    only = {}
+    for group, prefixes in GROUPS.items():
+        model.load_state_dict({n: first[n] if n.startswith(prefixes) else v for n, v in state.items()})
+        only[group] = round(evaluate_chars(model, test)["accuracy"], 4)
+    log(f"  p2u {'+'.join(map(str, stage_bits))} stage 0 on one group only: {only}")
     usable = next((r for r in rows if r["delta_pts"] >= -1.0), rows[-1])
     one_shot = {r: round(8 * fp32_bytes / bps, 4) for r, bps in RATES.items()}
     return {"stage_bits": list(stage_bits), "fp32_bytes": fp32_bytes, "fp32_accuracy": round(fp32_acc, 4),
-            "encode_s": round(encode_s, 4), "stages": rows, "first_within_1pt": usable["stage"],
+            "encode_s": round(encode_s, 4), "stages": rows, "stage0_only_group_accuracy": only, "first_within_1pt": usable["stage"],
             "fp32_one_shot_s": one_shot,
             "speedup_stage0": {r: round(one_shot[r] / rows[0]["time_to_model_s"][r], 2) for r in RATES},
             "speedup_first_within_1pt": {r: round(one_shot[r] / usable["time_to_model_s"][r], 2) for r in RATES}}
 
+
+GROUPS = {"embeddings": ("tok.", "pos."), "blocks": ("blocks.",), "final_norm": ("ln.",), "head": ("head.",)}
 
 ARMS = {
     "full": {"lora": None, "base_bits": None},
