@@ -317,14 +317,17 @@ class AggregationCore:
 
     def authenticate(self, job_id: str, client_id: int, token: str) -> None:
         """Check the token; the first thing done with any request, before anything else the client
-        sent is parsed, converted or cached.
+        sent is parsed, converted or cached. The gRPC server calls it twice: with the call's
+        metadata (`serde.credentials`) before the request's body is received, then with the job
+        and client that the body names (an update or request for another client than the
+        metadata's fails here).
 
         Raises:
             AuthError: no token, or one that is malformed, expired or not this client's.
             WrongJobError: the request names another job.
         """
         if not token:
-            raise AuthError("no token: send the client's token in the x-fedray-token metadata")
+            raise AuthError(f"no token: send the client's token in the {serde.TOKEN_METADATA_KEY} metadata")
         if job_id != self.job_id:
             raise WrongJobError(f"this service aggregates job {self.job_id!r}, not {_q(job_id)}")
         if not verify_token(self._secret, job_id, client_id, token):
