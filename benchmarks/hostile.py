@@ -1,6 +1,7 @@
 """Hostile clients against a live aggregation service (127.0.0.1 only, bounded counts and times).
 
     python benchmarks/hostile.py --json benchmarks/results/hostile.json [--streams 2000] [--flood 10000]
+        [--flood-big 10000] [--only NAME,...] [--server-option grpc.KEY=VALUE ...]
 
 The service (`AggregationCore` behind `create_server`, default `ServiceLimits` except
 --idle-timeout) runs in its own process with round 1 open on a 16 MiB model. Each attack runs
@@ -10,8 +11,14 @@ measures Health latency (one call every 10 ms) and a well-behaved client's uploa
 /proc (RSS after the server collected garbage and handed freed heap back with malloc_trim, so
 that it shows what the server holds rather than what glibc keeps; the untrimmed value is
 recorded too for floods). Stall attacks record how long after the last stream opened the server had ended them all;
-flood attacks record the server CPU per refused request and RSS growth. Every attack records the
-status codes its requests got.
+flood attacks record the server CPU per refused request and RSS growth (and the highest untrimmed
+RSS sampled every 50 ms while they ran). Every attack records the status codes its requests got;
+`aio_write_after_end` counts calls whose status the asyncio client lost because its own write of
+the request failed after the server had already ended the call (grpc.aio reports INTERNAL then).
+"With a token" means a valid client's credentials in the call metadata (`serde.credentials`);
+"no token" means none, and "forged" a token that does not verify. --flood-big sets the count
+of the multi-MiB kinds; --only runs the attacks whose names contain one of the given parts;
+--server-option adds gRPC server options (to measure a setting; recorded in the JSON).
 """
 
 from __future__ import annotations
@@ -169,9 +176,12 @@ async def _stall(addr: str, n: int, kind: str, hold_s: float, opened: threading.
                 await asyncio.sleep(idle_s + 3)
                 async for _ in c:
                     pass
-            return (await asyncio.wait_for(c.code(), hold_s)).name
+            got = await asyncio.wait_for(c.code(), hold_s)
+            if got == grpc.StatusCode.INTERNAL and "execute_batch" in (await c.debug_error_string() or ""):
+                return "aio_write_after_end"  # as in _aio_code
+            return got.name
         except grpc.aio.AioRpcError as e:
-            return e.code().name
+            return _aio_code(e)
         except asyncio.TimeoutError:
             return "STILL_OPEN"
 
@@ -239,6 +249,15 @@ async def _half_sent(port: int, n: int, hold_s: float, opened: threading.Event) 
     return ended
 
 
+def _aio_code(e: grpc.aio.AioRpcError) -> str:
+    """The status name, or `aio_write_after_end` for grpc.aio's own INTERNAL: its write of the
+    request failed because the server had already ended the call (refused it from its headers, or
+    after the first message), and the server's status is lost on the client."""
+    if e.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (e.debug_error_string() or ""):
+        return "aio_write_after_end"
+    return e.code().name
+
+
 async def _flood(addr: str, kind: str, n: int, payload: bytes | None) -> collections.Counter:
     """n refused requests of `kind`, 16 at a time."""
     ch = _channels(addr, 1)[0]
@@ -265,13 +284,7 @@ async def _flood(addr: str, kind: str, n: int, payload: bytes | None) -> collect
                     await up(iter([payload]), timeout=30, metadata=md)
                 codes["OK"] += 1
             except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (e.debug_error_string() or ""):
-                    # grpc.aio's own: its write of the request failed because the server had
-                    # already ended the call (refused from its headers); the server's status is
-                    # lost on the client. Counted apart from statuses the server sent.
-                    codes["aio_write_after_end"] += 1
-                    return
-                codes[e.code().name] += 1
+                codes[_aio_code(e)] += 1
                 if len(e.details() or "") > 2048:
                     codes["message_over_2KiB"] += 1
 
@@ -422,7 +435,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", required=False)
     p.add_argument("--streams", type=int, default=2000)
     p.add_argument("--flood", type=int, default=10_000, help="refused requests per small kind")
-    p.add_argument("--flood-big", type=int, default=200, help="refused requests per multi-MiB kind")
+    p.add_argument("--flood-big", type=int, default=10_000, help="refused requests per multi-MiB kind")
     p.add_argument("--idle-timeout", type=float, default=5.0)
     p.add_argument("--only", default="", help="comma-separated parts of attack names: run only those")
     p.add_argument("--server-option", action="append", default=[], metavar="KEY=VALUE",
