@@ -18,7 +18,8 @@ the request failed after the server had already ended the call (grpc.aio reports
 "With a token" means a valid client's credentials in the call metadata (`serde.credentials`);
 "no token" means none, and "forged" a token that does not verify. --flood-big sets the count
 of the multi-MiB kinds; --only runs the attacks whose names contain one of the given parts;
---server-option adds gRPC server options (to measure a setting; recorded in the JSON).
+--server-option adds gRPC server options, which take precedence over the service's own (to
+measure a setting: grpc.http2.bdp_probe=1 turns BDP probing back on; recorded in the JSON).
 """
 
 from __future__ import annotations
