@@ -313,6 +313,9 @@ def test_tokens_are_scoped_expire_and_never_raise():
     assert not verify_token(SECRET, JOB, 3, f"{int(exp) + 10**6}.{mac}")  # a later expiry is not signed
     for bad in ("", "\u00e9" * 70, "x" * 10_000, "1.\u00e9", ".", "1e9." + mac, None):
         assert not verify_token(SECRET, JOB, 3, bad)
+    # any job name travels as a valid header value (percent-encoded) and comes back as it was
+    md = serde.credentials("j\u00f6b: 1/2%", 3, t)
+    assert all(v.isascii() for _, v in md) and serde._metadata_credentials(md) == ("j\u00f6b: 1/2%", 3, t)
 
 
 def test_declared_weight_is_capped():
