@@ -317,14 +317,17 @@ class AggregationCore:
 
     def authenticate(self, job_id: str, client_id: int, token: str) -> None:
         """Check the token; the first thing done with any request, before anything else the client
-        sent is parsed, converted or cached.
+        sent is parsed, converted or cached. The gRPC server calls it twice: with the call's
+        metadata (`serde.credentials`) before the request's body is received, then with the job
+        and client that the body names (an update or request for another client than the
+        metadata's fails here).
 
         Raises:
             AuthError: no token, or one that is malformed, expired or not this client's.
             WrongJobError: the request names another job.
         """
         if not token:
-            raise AuthError("no token: send the client's token in the x-fedray-token metadata")
+            raise AuthError(f"no token: send the client's token in the {serde.TOKEN_METADATA_KEY} metadata")
         if job_id != self.job_id:
             raise WrongJobError(f"this service aggregates job {self.job_id!r}, not {_q(job_id)}")
         if not verify_token(self._secret, job_id, client_id, token):
@@ -665,9 +668,15 @@ def create_server(
     header = lim.header_bytes(len(core.shapes))
     # The largest message a fedray client sends is one ~1 MiB chunk with its header: gRPC
     # refuses anything larger from its length prefix (RESOURCE_EXHAUSTED), before buffering it.
+    # No BDP probing: the stream window a new call may fill before the server has read anything
+    # stays 64 KiB (gRPC still opens a stream's window to the message it is reading, so a 1 MiB
+    # chunk flows in one window). With probing the windows grow to megabytes on a fast link, and
+    # each refused token-less call pushed that much into the server before its reset
+    # (docs/architecture.md, "Hostile clients").
     options = tuple(o for o in serde.GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length") + (
         ("grpc.max_receive_message_length", serde.CHUNK_BYTES + header + (64 << 10)),
         ("grpc.max_concurrent_streams", lim.max_streams_per_connection),
+        ("grpc.http2.bdp_probe", 0),
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedray-rpc"),
                          options=options, maximum_concurrent_rpcs=min(lim.max_streams, workers))

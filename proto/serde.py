@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
+import urllib.parse
 import weakref
 import zlib
 from dataclasses import dataclass, field
@@ -27,7 +29,10 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "CHUNK_BYTES",
     "GRPC_OPTIONS",
+    "CLIENT_METADATA_KEY",
+    "JOB_METADATA_KEY",
     "TOKEN_METADATA_KEY",
+    "credentials",
     "AggregationHandler",
     "HealthInfo",
     "ModelStage",
@@ -56,7 +61,11 @@ __all__ = [
 # 1 MiB chunks: 1.8 GB/s on loopback here, against 0.27 GB/s for one large unary message
 # (research/environment.md).
 CHUNK_BYTES = 1 << 20
+# A call's credentials travel in its metadata (HTTP/2 headers): the server checks them before it
+# reads the request's body (`credentials`, `add_aggregation_service`).
 TOKEN_METADATA_KEY = "x-fedray-token"
+JOB_METADATA_KEY = "x-fedray-job-id"
+CLIENT_METADATA_KEY = "x-fedray-client-id"
 RETRY_AFTER_KEY = "retry-after-ms"  # fedray's own back-off hint, kept for older clients
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's standard one (read by gRPC's own retries)
 # Chunks are about 1 MB, so 8 MiB leaves room for headers with many tensors.
@@ -76,6 +85,15 @@ RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
     },
 }]})
 CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG))
+
+
+def credentials(job_id: str, client_id: int, token: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that authenticates a call (every method but Health): the job id
+    (percent-encoded, so any job name is a valid header value), the client id in decimal and the
+    client's token. The server refuses a call without valid ones from its headers alone, before
+    it receives the request's body."""
+    return ((JOB_METADATA_KEY, urllib.parse.quote(job_id, safe="")), (CLIENT_METADATA_KEY, str(int(client_id))),
+            (TOKEN_METADATA_KEY, token))
 
 
 @dataclass(frozen=True)
@@ -670,19 +688,24 @@ def call_upload_batch(channel: grpc.Channel, updates: list[tuple[object, str]], 
             yield first
             yield from update[1:]
 
+    if not updates:
+        return []
+    # The call's own credentials (checked before the server reads the stream): the first
+    # update's client; each update is then checked against the token in its header.
+    md = credentials(_update_job(updates[0][0]), _update_client(updates[0][0]), updates[0][1])
     stubs = _upload_stubs(channel)
     packed = channel not in _NO_PACKED and all(
         isinstance(u, WireUpload) and sum(len(c) for c in u.chunks) < PACK_BELOW for u, _ in updates)
     if packed:
         try:
-            ack = stubs[2](_pack_frames(flat()), timeout=timeout)
+            ack = stubs[2](_pack_frames(flat()), timeout=timeout, metadata=md)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
             _NO_PACKED.add(channel)
-            ack = stubs[1](flat(old_server=True), timeout=timeout)
+            ack = stubs[1](flat(old_server=True), timeout=timeout, metadata=md)
     else:
-        ack = stubs[1](flat(old_server=channel in _NO_PACKED), timeout=timeout)
+        ack = stubs[1](flat(old_server=channel in _NO_PACKED), timeout=timeout, metadata=md)
     # Results pair with updates by client id, not position: a server may answer fewer (one
     # result for a malformed pack, a long batch cut at the server's max_batch_updates).
     ids = {_update_client(u) for u, _ in updates}
@@ -712,9 +735,32 @@ def _update_client(update) -> int:
     return int(update.header.client_id if isinstance(update, WireUpload) else update[0].header.client_id)
 
 
-def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: float = 60.0) -> dict:
+def _update_job(update) -> str:
+    return update.header.job_id if isinstance(update, WireUpload) else update[0].header.job_id
+
+
+def _with_first_header(messages):
+    """(the update's header, the same messages): an upload's credentials name the job and client
+    of its first chunk. Any iterable works (a generator is read one message ahead)."""
+    if isinstance(messages, WireUpload):
+        return messages.header, messages
+    if not isinstance(messages, (list, tuple)):
+        it = iter(messages)
+        first = next(it, None)
+        messages = it if first is None else itertools.chain((first,), it)
+    else:
+        first = messages[0] if messages else None
+    if isinstance(first, (bytes, bytearray, memoryview)):  # pre-framed
+        first = _parse_upload_chunk(first)
+    header = first.header if first is not None and first.HasField("header") else pb.UpdateHeader()
+    return header, messages
+
+
+def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: float = 60.0,
+                job_id: str | None = None, client_id: int | None = None) -> dict:
     """Stream one update (a `WireUpload`, or the messages of `upload_messages`, any iterable) to
-    the service; return the ack as a dict and the bytes sent.
+    the service; return the ack as a dict and the bytes sent. The call's credentials name
+    `job_id` and `client_id`, by default the job and client of the update's header.
 
     Raises:
         grpc.RpcError: the service rejected the update (the status code says why).
@@ -723,6 +769,7 @@ def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: fl
 
     if isinstance(messages, WireUpload) and stub_channel in _NO_PACKED:  # an older server: CRC-32
         messages = messages.with_digest(DIGEST_CRC32)
+    header, messages = _with_first_header(messages)
 
     def framed():  # any iterable of messages (a generator too); counts the bytes as they go
         nonlocal sent
@@ -731,7 +778,10 @@ def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: fl
             sent += len(b)
             yield b
 
-    ack = _upload_stubs(stub_channel)[0](framed(), timeout=timeout, metadata=((TOKEN_METADATA_KEY, token),))
+    ack = _upload_stubs(stub_channel)[0](framed(), timeout=timeout,
+                                         metadata=credentials(header.job_id if job_id is None else job_id,
+                                                              header.client_id if client_id is None else client_id,
+                                                              token))
     return {
         "accepted": ack.accepted,
         "bytes_received": ack.bytes_received,
@@ -792,7 +842,7 @@ def call_download(
             off += e.nbytes
         stages.append(ModelStage(header.round, header.stage, header.num_stages, tuple(out)))
 
-    for msg in stub.Download(req, timeout=timeout, metadata=((TOKEN_METADATA_KEY, token),)):
+    for msg in stub.Download(req, timeout=timeout, metadata=credentials(job_id, client_id, token)):
         if msg.HasField("header"):
             finish()
             header, buf = msg.header, bytearray()
@@ -807,7 +857,8 @@ def _with_data(p: Payload, data) -> Payload:
 
 def call_get_job(channel: grpc.Channel, *, job_id: str, client_id: int, token: str, timeout: float = 10.0) -> JobInfo:
     r = pb_grpc.AggregationStub(channel).GetJob(
-        pb.JobRequest(job_id=job_id, client_id=client_id), timeout=timeout, metadata=((TOKEN_METADATA_KEY, token),)
+        pb.JobRequest(job_id=job_id, client_id=client_id), timeout=timeout,
+        metadata=credentials(job_id, client_id, token),
     )
     return JobInfo(r.job_id, r.round, r.round_open, r.finished, r.num_rounds, r.spec_json, tuple(r.shard_addresses))
 
@@ -845,6 +896,77 @@ def _token(context) -> str:
         if k == TOKEN_METADATA_KEY:
             return v
     return ""
+
+
+class _CredentialError(Exception):
+    """A call's metadata lacks credentials or holds malformed ones (UNAUTHENTICATED)."""
+
+
+def _metadata_credentials(metadata) -> tuple[str, int, str]:
+    """(job id, client id, token) from a call's metadata (gRPC bounds its size, 8 KiB by default).
+
+    Raises:
+        _CredentialError: one is missing, or the client id is not a decimal integer.
+    """
+    job = cid = token = None
+    for k, v in metadata or ():
+        if k == TOKEN_METADATA_KEY:
+            token = v
+        elif k == JOB_METADATA_KEY:
+            job = v
+        elif k == CLIENT_METADATA_KEY:
+            cid = v
+    if not token:
+        raise _CredentialError(f"no token: every call but Health carries the {JOB_METADATA_KEY}, "
+                               f"{CLIENT_METADATA_KEY} and {TOKEN_METADATA_KEY} metadata")
+    if job is None or cid is None:
+        raise _CredentialError(f"a {TOKEN_METADATA_KEY} needs the {JOB_METADATA_KEY} and {CLIENT_METADATA_KEY} "
+                               "metadata next to it")
+    if not (cid.isascii() and cid.isdigit() and len(cid) <= 20):
+        raise _CredentialError(f"{CLIENT_METADATA_KEY} must be the client id in decimal, not {_quote(cid)}")
+    return urllib.parse.unquote(job), int(cid), token
+
+
+def _quote(x: str, n: int = 64) -> str:
+    return repr(x) if len(x) <= n else f"{x[: n - 16]!r}...({len(x)} long)"
+
+
+class _CredentialGate(grpc.GenericRpcHandler):
+    """Serves the Aggregation methods; every one but Health only to a call whose metadata
+    carries valid credentials (`credentials`). The check runs on the call's headers, before gRPC
+    receives a byte of its body: a refused call's body is never buffered or parsed, and its
+    stream is reset after the status (HTTP/2 lets a client push one stream window, 64 KiB here,
+    before the reset arrives)."""
+
+    def __init__(self, handlers: dict, authenticate: Callable[[str, int, str], None],
+                 status_of: Callable[[Exception], grpc.StatusCode | None], open_methods: Iterable[str] = ("Health",)):
+        self._handlers = {f"/{_SERVICE}/{k}": v for k, v in handlers.items()}
+        self._open = {f"/{_SERVICE}/{k}" for k in open_methods}
+        self._authenticate, self._status_of = authenticate, status_of
+
+    def service(self, details):
+        handler = self._handlers.get(details.method)
+        if handler is None or details.method in self._open:
+            return handler
+        try:
+            self._authenticate(*_metadata_credentials(details.invocation_metadata))
+        except _CredentialError as e:
+            return _refusal(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except Exception as e:
+            code = self._status_of(e)
+            if code is None:
+                raise
+            return _refusal(code, _message(str(e)))
+        return handler
+
+
+def _refusal(code: grpc.StatusCode, details: str):
+    """A handler that answers `code` without reading the request: a request-streaming handler, so
+    that gRPC starts it without receiving a message first (whatever the method's own shape)."""
+    def refuse(request_iterator, context):
+        context.abort(code, details)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 class _Servicer(pb_grpc.AggregationServicer):
@@ -1036,6 +1158,8 @@ def add_aggregation_service(
 ) -> None:
     """Register `handler` as the Aggregation service on `server`.
 
+    Every method but Health is served only to calls whose metadata carries valid credentials
+    (`credentials`; `handler.authenticate` checks them), before the request's body is read.
     `status_of` maps a domain exception to its gRPC status (None re-raises it as INTERNAL).
     `watchdog` (orchestrator.streams.StreamWatchdog) ends idle streams; upload headers over
     `max_header_bytes` are refused unparsed; an UploadBatch call answers at most
@@ -1066,4 +1190,4 @@ def add_aggregation_service(
     declared = {m.name for m in pb.DESCRIPTOR.services_by_name["Aggregation"].methods}
     if declared != set(handlers):  # a method added to the .proto must be served here too
         raise RuntimeError(f"Aggregation methods {sorted(declared)} != served {sorted(handlers)}")
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_generic_rpc_handlers((_CredentialGate(handlers, handler.authenticate, status_of),))

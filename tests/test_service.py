@@ -42,7 +42,9 @@ def _msgs(update, client_id=1, round=1, codec="int8", job=JOB, weight=10.0, chun
 
 
 def _send(channel, msgs, client_id=1, token=None):
-    return serde.call_upload(channel, msgs, token=client_token(SECRET, JOB, client_id) if token is None else token)
+    # the call's credentials are client_id's, whatever the messages say (or lack: _no_header)
+    return serde.call_upload(channel, msgs, token=client_token(SECRET, JOB, client_id) if token is None else token,
+                             job_id=JOB, client_id=client_id)
 
 
 def _code(fn) -> grpc.StatusCode:
@@ -277,7 +279,7 @@ def test_wire_uploads_and_garbage_chunks(service):
     assert [r.accepted for r in res] == [True, True] and res[0].wire_bytes == wire(2).nbytes
     good = list(wire(4).messages())
     for bad in ([b"\x12\xff\xff"], [good[0], b"\x0b\x00"], [good[0], good[1][:-3]] + good[2:]):
-        assert _code(lambda: serde.call_upload(ch, bad, token=client_token(SECRET, JOB, 4))) == \
+        assert _code(lambda: serde.call_upload(ch, bad, token=client_token(SECRET, JOB, 4), job_id=JOB, client_id=4)) == \
             grpc.StatusCode.INVALID_ARGUMENT
     part = core.close_round(1)
     assert part["count"] == 3 and part["total_weight"] == 6.0

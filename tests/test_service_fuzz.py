@@ -180,8 +180,9 @@ def test_ten_thousand_hostile_requests(live):
         msgs = mutate(msgs)
         token = {"ok": client_token(SECRET, JOB, cid), "replay": client_token(SECRET, JOB, cid), "none": "",
                  "forged": client_token("wrong-secret", JOB, cid), "other_job": client_token(SECRET, "another-job", cid)}[tok]
-        with pytest.raises(grpc.RpcError) as e:
-            serde.call_upload(ch, msgs, token=token, timeout=10)
+        with pytest.raises(grpc.RpcError) as e:  # the call's credentials name the client (no_header has no header)
+            serde.call_upload(ch, msgs, token=token, timeout=10, client_id=cid,
+                              job_id="another-job" if tok == "other_job" else JOB)
         assert e.value.code() == want, (name, e.value.code(), e.value.details())
         seen[name] = seen.get(name, 0) + 1
     assert len(seen) == len(muts), f"mutations never drawn: {set(m[0] for m in muts) - set(seen)}"
@@ -253,7 +254,8 @@ def test_concurrent_hostile_batches_packs_downloads_and_health():
             # a malformed pack: one result for the whole message, which pairs with no update
             stub = ch.stream_unary("/fedray.v1.Aggregation/UploadPacked", request_serializer=lambda b: b,
                                    response_deserializer=serde.pb.UploadBatchAck.FromString)
-            ack = stub(iter([b"\x0a\x05\xff\xff\xff\xff\xff"]), timeout=10)
+            ack = stub(iter([b"\x0a\x05\xff\xff\xff\xff\xff"]), timeout=10,
+                       metadata=serde.credentials(JOB, 5, client_token(SECRET, JOB, 5)))
             if [r.code for r in ack.results] != [INVALID.value[0]]:
                 errors.append(f"malformed pack: {ack}")
         except Exception as e:  # a failure in a thread must fail the test

@@ -50,7 +50,8 @@ def _channel(port: int) -> grpc.Channel:
         ("grpc.use_local_subchannel_pool", 1), ("grpc.http2.bdp_probe", 0)))
 
 
-def _stalled_uploads(ch, n: int, first: bytes | None, token: str | None, release: threading.Event):
+def _stalled_uploads(ch, n: int, first: bytes | None, cid: int | None, release: threading.Event):
+    """n uploads that send `first` (or nothing), then stall; with client `cid`'s credentials, or none."""
     f = ch.stream_unary(UPLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
 
     def gen():
@@ -58,7 +59,7 @@ def _stalled_uploads(ch, n: int, first: bytes | None, token: str | None, release
             yield first
         release.wait(30)
 
-    md = (("x-fedray-token", token),) if token else None
+    md = serde.credentials(JOB, cid, client_token(SECRET, JOB, cid)) if cid is not None else None
     return [f.future(gen(), metadata=md) for _ in range(n)]
 
 
@@ -75,8 +76,11 @@ def test_stalled_streams_do_not_block_health_or_uploads_and_are_ended(live):
     release = threading.Event()
     ch, good = _channel(port), _channel(port)
     try:
-        # more stalled streams than the old server had handler threads (max_inflight + 4 = 8)
-        stalled = _stalled_uploads(ch, 24, None, None, release)
+        # token-less: refused from the call's headers at once, whatever the body would be
+        assert {_code(f, 5) for f in _stalled_uploads(ch, 8, None, None, release)} == {grpc.StatusCode.UNAUTHENTICATED}
+        # more stalled streams than the old server had handler threads (max_inflight + 4 = 8),
+        # with valid credentials and no first message
+        stalled = _stalled_uploads(ch, 24, None, 9, release)
         time.sleep(0.2)
         t0 = time.perf_counter()
         # answered, not queued behind the stalled streams (which wait 30 s); the latency targets
@@ -106,13 +110,14 @@ def _h2_frame(typ: int, flags: int, sid: int, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes([typ, flags]) + struct.pack(">I", sid) + payload
 
 
-def _raw_call(port: int, method: str, body: bytes, *, token: str | None = None, end_stream: bool = True,
+def _raw_call(port: int, method: str, body: bytes, *, cid: int | None = None, end_stream: bool = True,
               window: int = 65535) -> bool:
-    """One call over raw HTTP/2 (a client that does exactly what it is told): HEADERS, a DATA frame
-    with `body`, then nothing; the stream window is `window` bytes and never grows. Whether the
-    server ended the stream (RST_STREAM or trailers) within 10 s."""
+    """One call over raw HTTP/2 (a client that does exactly what it is told), with client `cid`'s
+    credentials: HEADERS, a DATA frame with `body`, then nothing; the stream window is `window`
+    bytes and never grows. Whether the server ended the stream (RST_STREAM or trailers) within 10 s."""
+    md = list(serde.credentials(JOB, cid, client_token(SECRET, JOB, cid))) if cid is not None else []
     hdrs = [(":method", "POST"), (":scheme", "http"), (":path", method), (":authority", f"127.0.0.1:{port}"),
-            ("content-type", "application/grpc"), ("te", "trailers")] + ([("x-fedray-token", token)] if token else [])
+            ("content-type", "application/grpc"), ("te", "trailers")] + md
     block = b"".join(b"\x00" + bytes([len(k)]) + k.encode() + bytes([len(v)]) + v.encode() for k, v in hdrs)
     settings = struct.pack(">HI", 4, window)  # SETTINGS_INITIAL_WINDOW_SIZE
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -137,10 +142,11 @@ def _raw_call(port: int, method: str, body: bytes, *, token: str | None = None, 
 
 
 def test_half_sent_message_is_ended(live):
-    """A gRPC message that declares 100 bytes and sends 10: the server ends the stream."""
+    """A gRPC message that declares 100 bytes and sends 10 (on a call with valid credentials, which
+    the server reads): the server ends the stream."""
     core, server, port = live
     t0 = time.monotonic()
-    assert _raw_call(port, UPLOAD, b"\x00" + struct.pack(">I", 100) + b"x" * 10, end_stream=False)
+    assert _raw_call(port, UPLOAD, b"\x00" + struct.pack(">I", 100) + b"x" * 10, cid=6, end_stream=False)
     assert time.monotonic() - t0 < 8.0
 
 
@@ -151,7 +157,7 @@ def test_unread_download_is_ended_and_its_slot_freed(live):
     req = b"\x0a" + bytes([len(JOB)]) + JOB.encode() + b"\x10\x01\x18\x05"
     t0 = time.monotonic()
     assert _raw_call(port, "/fedray.v1.Aggregation/Download", b"\x00" + struct.pack(">I", len(req)) + req,
-                     token=client_token(SECRET, JOB, 5), window=0)
+                     cid=5, window=0)
     assert time.monotonic() - t0 < 8.0
     deadline = time.monotonic() + 5  # the client may see the trailers before the watchdog counts them
     while (core._per_client or server.watchdog.cancelled != 1) and time.monotonic() < deadline:
@@ -171,7 +177,7 @@ def test_one_token_cannot_hold_every_slot(live):
     try:
         head = _update(7)[0]
         head.ClearField("data")
-        futs = _stalled_uploads(ch, 10, head.SerializeToString(), client_token(SECRET, JOB, 7), release)
+        futs = _stalled_uploads(ch, 10, head.SerializeToString(), 7, release)
         time.sleep(0.3)
         # another client still gets a slot (max_inflight is 4)
         serde.call_upload(good, _update(8), token=client_token(SECRET, JOB, 8), timeout=5)
@@ -211,27 +217,89 @@ def test_token_less_floods_allocate_and_cache_nothing(live):
     up = ch.stream_unary(UPLOAD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     batch = ch.stream_unary("/fedray.v1.Aggregation/UploadBatch", request_serializer=lambda b: b,
                             response_deserializer=lambda b: b)
-    payloads = [(up, big.SerializeToString()), (batch, forged.SerializeToString()), (batch, odd.SerializeToString())]
-    for f, p in payloads:  # warm: threads, arenas
+    # a batch call with one valid client's credentials, its update with a bad token of its own
+    md = serde.credentials(JOB, 8, client_token(SECRET, JOB, 8))
+    payloads = [(up, big.SerializeToString(), None), (batch, forged.SerializeToString(), md),
+                (batch, odd.SerializeToString(), md), (batch, forged.SerializeToString(), None)]
+    for f, p, m in payloads:  # warm: threads, arenas
         try:
-            f(iter([p]), timeout=5)
+            f(iter([p]), timeout=5, metadata=m)
         except grpc.RpcError:
             pass
     entries, rss0 = len(serde._ENTRY_CACHE), _rss_mb()
     codes = {}
     for i in range(300):
-        for f, p in payloads:
+        for f, p, m in payloads:
             try:
-                ack = f(iter([p]), timeout=5)
+                ack = f(iter([p]), timeout=5, metadata=m)
                 key = ("result", serde.pb.UploadBatchAck.FromString(ack).results[0].code)
             except grpc.RpcError as e:
                 key = e.code()
             codes[key] = codes.get(key, 0) + 1
-    assert codes == {grpc.StatusCode.INVALID_ARGUMENT: 300,
+    assert codes == {grpc.StatusCode.UNAUTHENTICATED: 600,
                      ("result", grpc.StatusCode.UNAUTHENTICATED.value[0]): 600}, codes
     assert len(serde._ENTRY_CACHE) == entries and core._codecs == {} and core._folders == {}
     assert _rss_mb() - rss0 < 50
     ch.close()
+
+
+def test_token_less_bodies_are_never_received_or_parsed(live):
+    """Credentials are checked from the call's headers: a token-less request is refused before
+    gRPC receives its body, so a 7 MiB message (over the server's receive limit, which would be
+    RESOURCE_EXHAUSTED once received) and bytes that are no protobuf (INVALID_ARGUMENT once
+    parsed) both get UNAUTHENTICATED; bad credentials get the right status, with any client
+    input in the message cut short."""
+    core, server, port = live
+    ch = _channel(port)
+    raw = {m: (ch.stream_unary if m.startswith("Upload") else ch.unary_stream if m == "Download" else ch.unary_unary)(
+        f"/fedray.v1.Aggregation/{m}", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for m in ("Upload", "UploadBatch", "UploadPacked", "Download", "GetJob")}
+
+    def code(method: str, body: bytes, md=None):
+        try:
+            if method.startswith("Upload"):
+                raw[method](iter([body]), timeout=10, metadata=md)
+            elif method == "Download":
+                list(raw[method](body, timeout=10, metadata=md))
+            else:
+                raw[method](body, timeout=10, metadata=md)
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            return e.code(), e.details() or ""
+
+    huge, junk = bytes(7 << 20), b"\xff" * 1000
+    try:
+        assert code("Upload", huge, serde.credentials(JOB, 3, client_token(SECRET, JOB, 3)))[0] == \
+            grpc.StatusCode.RESOURCE_EXHAUSTED  # with credentials, gRPC reads the length prefix and refuses
+        assert code("Upload", junk, serde.credentials(JOB, 3, client_token(SECRET, JOB, 3)))[0] == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        forged = serde.credentials(JOB, 3, "9" * 12 + "." + "0" * 64)
+        for method in raw:
+            for body in (huge, junk):
+                for md in (None, forged, (("x-fedray-token", client_token(SECRET, JOB, 3)),)):
+                    assert code(method, body, md)[0] == grpc.StatusCode.UNAUTHENTICATED, (method, len(body), md)
+        # malformed credentials: UNAUTHENTICATED; another job: PERMISSION_DENIED; messages short
+        long_job = "j" * 6000  # under gRPC's metadata limit (8 KiB)
+        cases = [(serde.credentials(JOB, 3, "7" * 5000), grpc.StatusCode.UNAUTHENTICATED),  # (gRPC's client
+                 # library refuses non-ASCII header values itself)
+                 ((("x-fedray-job-id", JOB), ("x-fedray-client-id", "3" * 3000), ("x-fedray-token", "1.ab")),
+                  grpc.StatusCode.UNAUTHENTICATED),
+                 ((("x-fedray-job-id", JOB), ("x-fedray-client-id", "-3"), ("x-fedray-token", "1.ab")),
+                  grpc.StatusCode.UNAUTHENTICATED),
+                 (serde.credentials(long_job, 3, client_token(SECRET, long_job, 3)), grpc.StatusCode.PERMISSION_DENIED)]
+        for md, want in cases:
+            got, details = code("Upload", huge, md)
+            assert got == want and len(details) <= 1024, (md[1], got, details[:200])
+        # the body must name the metadata's client and job (the token is checked against them)
+        other = _update(4)[0]
+        other.ClearField("data")
+        got = code("Upload", other.SerializeToString(), serde.credentials(JOB, 3, client_token(SECRET, JOB, 3)))
+        assert got[0] == grpc.StatusCode.UNAUTHENTICATED
+        # nothing was converted or cached, no upload slot taken; Health needs no credentials
+        assert core._codecs == {} and core._folders == {} and core._per_client == {}
+        assert serde.call_health(ch).status == "SERVING"
+    finally:
+        ch.close()
 
 
 def test_tokens_are_scoped_expire_and_never_raise():
@@ -245,6 +313,9 @@ def test_tokens_are_scoped_expire_and_never_raise():
     assert not verify_token(SECRET, JOB, 3, f"{int(exp) + 10**6}.{mac}")  # a later expiry is not signed
     for bad in ("", "\u00e9" * 70, "x" * 10_000, "1.\u00e9", ".", "1e9." + mac, None):
         assert not verify_token(SECRET, JOB, 3, bad)
+    # any job name travels as a valid header value (percent-encoded) and comes back as it was
+    md = serde.credentials("j\u00f6b: 1/2%", 3, t)
+    assert all(v.isascii() for _, v in md) and serde._metadata_credentials(md) == ("j\u00f6b: 1/2%", 3, t)
 
 
 def test_declared_weight_is_capped():
