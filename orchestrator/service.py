@@ -15,6 +15,7 @@ allocation per upload).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -41,6 +42,7 @@ from fedray.workers.broadcast import Broadcast, decode_broadcast
 from fedray.workers.client import client_seed
 
 from .aggregation import RunningWeightedSum, clip_update
+from .heap import keep_freed_buffers
 from .privacy import DPSpec
 from .strategy import StrategySpec
 from .streams import StreamWatchdog
@@ -504,6 +506,7 @@ class AggregationCore:
         filled, nxt, decode_s, empty = 0, 0, 0.0, 0
         partial: np.ndarray | None = None  # the spanning tensor being assembled
         digest = serde.new_digest(h.digest_kind)
+        turn = _NO_TURN if fold else self._active
 
         def done(data) -> None:
             nonlocal nxt
@@ -523,7 +526,10 @@ class AggregationCore:
                 raise PayloadError(f"upload sends more than the {total} bytes its header declares")
             mv, c0, c1 = memoryview(data), filled, filled + n
             filled = c1
-            with self._active:  # CPU work only (per chunk): a slow stream never holds a turn
+            # CPU work only (per chunk): a slow stream never holds a turn. Fold mode takes none
+            # here: a digest pass is cheap, folds that decode take their own (_decode), and the
+            # adds run at commit under its turn; one turn fewer per chunk.
+            with turn:
                 t0 = time.perf_counter()
                 digest.update(data)
                 while nxt < len(spans) and spans[nxt][0] <= c1:
@@ -564,7 +570,11 @@ class AggregationCore:
     def _decode(self, t: serde.TensorEntry, data: memoryview, fold: bool, held: list):
         try:
             if fold:
-                return self._folder(t)(data, scratch=lambda: self._scratch.take(t.payload.numel, held))
+                plan = self._folder(t)
+                if getattr(plan, "views_only", False):  # a size check and a view (int8)
+                    return plan(data)
+                with self._active:  # the plan decodes (fold mode takes no turn per chunk: _receive)
+                    return plan(data, scratch=lambda: self._scratch.take(t.payload.numel, held))
             p = Payload(t.payload.codec, t.payload.version, t.payload.dtype, t.payload.shape, t.payload.params, data)
             codec = self._codec(p)
             out = self._scratch.take(p.numel, held) if p.numel else None
@@ -629,6 +639,7 @@ class _Stages(list):
             release()
 
 
+_NO_TURN = contextlib.nullcontext()
 # An upload has no reason to send empty chunks (one, for an update with no bytes); a stream of
 # them would keep an admitted upload alive without progress.
 _MAX_EMPTY_CHUNKS = 4
@@ -660,6 +671,7 @@ def create_server(
     Raises:
         RuntimeError: the address could not be bound.
     """
+    keep_freed_buffers()  # received chunks reuse freed pages, not fresh ones (heap.py)
     lim = core.limits
     workers = max_workers or lim.max_streams + 4
     header = lim.header_bytes(len(core.shapes))

@@ -11,6 +11,7 @@ rounds to 127. The decoder bounds every scale by FLT_MAX / 128, so no code (an i
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -173,6 +174,7 @@ class Int8(Codec):
             c = np.frombuffer(data, np.int8, n, 4)
             return lambda acc, alpha: add_scaled_(acc, c, alpha * scale)
 
+        prepare.views_only = True  # no pass over the bytes: a server runs it without a CPU turn
         return prepare
 
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
@@ -184,4 +186,4 @@ class Int8(Codec):
             np.multiply(o2, scales[g0 : g0 + nrow, None], out=o2)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
-        return 4 * self._rows(shape) + int(np.prod(shape, dtype=np.int64))
+        return 4 * self._rows(shape) + math.prod(shape)  # math.prod: ~1 us, np.prod ~10 (every upload)
