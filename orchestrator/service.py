@@ -144,6 +144,7 @@ class _RoundState:
     stripes: "queue.SimpleQueue | None" = None
     parts: tuple = ()
     pending: set[int] = field(default_factory=set)  # clients whose commit is adding right now
+    folds: list = field(default_factory=list)  # folded updates waiting for a stripe (_commit_folds)
     closing: bool = False  # close_round is waiting for `pending` to drain
 
 
@@ -434,16 +435,18 @@ class AggregationCore:
         try:
             fold = self._folds and not header.weights
             staged, received, decode_s = self._receive(header, chunks, fold, held)
+            weight = header.weight if self._max_weight is None else min(header.weight, self._max_weight)
+            if fold:  # no turn: at most one add per stripe runs at once, and stripes <= turns
+                self._commit(st, header, sub, staged, weight, received, decode_s, fold)
+                return header.round, received
             with self._active:  # CPU work only: a slow client's stream never holds a turn
-                weight = header.weight if self._max_weight is None else min(header.weight, self._max_weight)
-                if not fold:
-                    if header.weights:
-                        start = self._start(st)
-                        staged = {k: v - start[k] for k, v in staged.items()}
-                    if self._privacy is not None:  # DP: clip each update, weigh all equally (privacy.py)
-                        staged, _ = clip_update(staged, self._privacy.clip_norm)
-                        weight = 1.0
-                    staged = self._strategy.prepare_update(staged)
+                if header.weights:
+                    start = self._start(st)
+                    staged = {k: v - start[k] for k, v in staged.items()}
+                if self._privacy is not None:  # DP: clip each update, weigh all equally (privacy.py)
+                    staged, _ = clip_update(staged, self._privacy.clip_norm)
+                    weight = 1.0
+                staged = self._strategy.prepare_update(staged)
                 self._commit(st, header, sub, staged, weight, received, decode_s, fold)
         finally:
             with self._lock:
@@ -463,6 +466,8 @@ class AggregationCore:
             if cid in st.committed or cid in st.pending:
                 raise DuplicateUpdateError(f"client {cid} already uploaded for round {header.round}")
             st.pending.add(cid)
+        if fold:
+            return self._commit_folds(st, _Fold(header, staged, weight, received, decode_s))
         ok = False
         part = st.stripes.get()
         try:
@@ -485,8 +490,73 @@ class AggregationCore:
                     st.decode_s += decode_s
                     self._committed_total += 1
                     self._bytes_total += received
-                if st.closing:
+                if st.closing or st.folds:  # a close, or folds waiting for a free stripe
                     self._cond.notify_all()
+
+    def _commit_folds(self, st: _RoundState, item: "_Fold") -> None:
+        """Group commit of folded updates: the update joins the round's queue; a thread that finds
+        a free stripe adds up to `_GROUP` queued updates in one pass over the sum
+        (`add_folds_many`: each block of the float64 sum is read and written once per group, not
+        once per update) and wakes the others. Every thread returns once its own update is added
+        (or refused): the ack still means committed. The result is bit-identical to adding the
+        same updates one by one into that stripe."""
+        cond = self._cond
+        with cond:
+            st.folds.append(item)
+            while item.ok is None:
+                part = None
+                if st.folds:
+                    try:
+                        part = st.stripes.get_nowait()
+                    except queue.Empty:
+                        pass
+                if part is None:
+                    cond.wait()
+                    continue
+                batch = st.folds[:_GROUP]
+                del st.folds[:_GROUP]
+                cond.release()
+                try:
+                    self._add_group(part, batch)
+                finally:
+                    st.stripes.put(part)
+                    cond.acquire()
+                    for it in batch:
+                        st.pending.discard(it.header.client_id)
+                        if it.ok is True:
+                            cid = it.header.client_id
+                            st.committed.add(cid)
+                            if is_aggregate_id(cid):  # a worker's partial sum stands for several clients
+                                st.represented += max(int(it.header.metrics.get(CLIENTS_METRIC, 1)), 1) - 1
+                            st.bytes_received += it.received
+                            st.decode_s += it.decode_s
+                            self._committed_total += 1
+                            self._bytes_total += it.received
+                        elif it.ok is None:  # the add raised before reaching this one
+                            it.ok = RuntimeError("the group this update was added with failed")
+                    cond.notify_all()
+        if item.ok is not True:
+            raise item.ok
+
+    @staticmethod
+    def _add_group(part, batch: list["_Fold"]) -> None:
+        """Add `batch` into `part`, all at once where possible; mark each update added or not."""
+        many = getattr(part, "add_folds_many", None)
+        if many is not None and len(batch) > 1:
+            try:
+                many([(it.staged, it.weight) for it in batch])  # checks all before adding any
+            except ValueError:
+                pass  # one of them is refused: add one by one below, to refuse only that one
+            else:
+                for it in batch:
+                    it.ok = True
+                return
+        for it in batch:
+            try:
+                part.add_folds(it.staged, it.weight)
+                it.ok = True
+            except Exception as e:
+                it.ok = e
 
     def _receive(self, h: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], fold: bool, held: list):
         """Read the stream; validate (and fold or decode) each tensor as soon as its bytes are in.
@@ -640,6 +710,21 @@ class _Stages(list):
 
 
 _NO_TURN = contextlib.nullcontext()
+_GROUP = 8  # folded updates added in one pass over a stripe, at most
+
+
+@dataclass(eq=False)
+class _Fold:
+    """A folded update waiting in its round's queue (`_commit_folds`); `ok` is None until it was
+    added, then True or the exception that refused it."""
+
+    header: serde.UpdateHeader
+    staged: dict
+    weight: float
+    received: int
+    decode_s: float
+    ok: object = None
+
 # An upload has no reason to send empty chunks (one, for an update with no bytes); a stream of
 # them would keep an admitted upload alive without progress.
 _MAX_EMPTY_CHUNKS = 4
