@@ -490,37 +490,47 @@ class AggregationCore:
                     st.decode_s += decode_s
                     self._committed_total += 1
                     self._bytes_total += received
-                if st.closing or st.folds:  # a close, or folds waiting for a free stripe
+                if st.folds:  # folded updates wait for a stripe: the first one's thread adds
+                    st.folds[0].wake_up()
+                if st.closing:
                     self._cond.notify_all()
 
     def _commit_folds(self, st: _RoundState, item: "_Fold") -> None:
         """Group commit of folded updates: the update joins the round's queue; a thread that finds
         a free stripe adds up to `_GROUP` queued updates in one pass over the sum
         (`add_folds_many`: each block of the float64 sum is read and written once per group, not
-        once per update) and wakes the others. Every thread returns once its own update is added
-        (or refused): the ack still means committed. The result is bit-identical to adding the
-        same updates one by one into that stripe."""
+        once per update). Every thread returns once its own update is added (or refused): the
+        ack still means committed. The result is bit-identical to adding the same updates one by
+        one into that stripe. Wake-ups are per update (`_Fold.wake`): the threads of a finished
+        group, and the first queued update's thread when a stripe comes free while updates wait
+        (it adds the next group); never all waiting threads at once (a burst has dozens)."""
         cond = self._cond
+        item.wake.acquire()  # held while armed: the thread waits on it until woken
         with cond:
             st.folds.append(item)
-            while item.ok is None:
+        while True:
+            with cond:
+                if item.ok is not None:
+                    break
                 part = None
                 if st.folds:
                     try:
                         part = st.stripes.get_nowait()
                     except queue.Empty:
                         pass
-                if part is None:
-                    cond.wait()
-                    continue
-                batch = st.folds[:_GROUP]
-                del st.folds[:_GROUP]
-                cond.release()
-                try:
-                    self._add_group(part, batch)
-                finally:
-                    st.stripes.put(part)
-                    cond.acquire()
+                if part is not None:
+                    batch = st.folds[:_GROUP]
+                    del st.folds[:_GROUP]
+            if part is None:
+                item.wake.acquire()  # until a group with this update ends or a stripe comes free
+                with cond:
+                    item.armed = True
+                continue
+            try:
+                self._add_group(part, batch)
+            finally:
+                st.stripes.put(part)
+                with cond:
                     for it in batch:
                         st.pending.discard(it.header.client_id)
                         if it.ok is True:
@@ -534,7 +544,12 @@ class AggregationCore:
                             self._bytes_total += it.received
                         elif it.ok is None:  # the add raised before reaching this one
                             it.ok = RuntimeError("the group this update was added with failed")
-                    cond.notify_all()
+                        if it is not item:
+                            it.wake_up()
+                    if st.folds:  # the stripe is free again: the next queued update's thread adds
+                        st.folds[0].wake_up()
+                    if st.closing:
+                        cond.notify_all()
         if item.ok is not True:
             raise item.ok
 
@@ -716,7 +731,8 @@ _GROUP = 8  # folded updates added in one pass over a stripe, at most
 @dataclass(eq=False)
 class _Fold:
     """A folded update waiting in its round's queue (`_commit_folds`); `ok` is None until it was
-    added, then True or the exception that refused it."""
+    added, then True or the exception that refused it. Its thread waits on `wake` (a lock held
+    while `armed`); `wake_up` (under the core's lock) releases it at most once per arming."""
 
     header: serde.UpdateHeader
     staged: dict
@@ -724,6 +740,13 @@ class _Fold:
     received: int
     decode_s: float
     ok: object = None
+    wake: threading.Lock = field(default_factory=threading.Lock)
+    armed: bool = True
+
+    def wake_up(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.wake.release()
 
 # An upload has no reason to send empty chunks (one, for an update with no bytes); a stream of
 # them would keep an admitted upload alive without progress.
