@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["ScaledAdd", "add_scaled_", "add_scaled_many_", "readonly_tensor"]
+__all__ = ["ADD_BLOCK", "ScaledAdd", "add_scaled_", "add_scaled_many_", "readonly_tensor"]
 
 _ADD_CHUNK = 1 << 18  # 2 MiB of float64: measured fastest here (0.5 ms per 1M int8 codes, 0.63 at 64K)
+ADD_BLOCK = _ADD_CHUNK  # tensors over this many values add block by block (and in groups: add_scaled_many_)
 # Idle float64 blocks for the widening, last used last: a server's many handler threads take the
 # one most recently written (still in cache), not one per thread (up to 70 x 2 MiB, cold).
 # list.pop and list.append are atomic; the list holds at most one block per concurrent add.

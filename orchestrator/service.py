@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fedray.compression import PayloadError, decode_checked, get_codec
+from fedray.compression.accumulate import ADD_BLOCK
 from fedray.compression.codec import Codec, UnknownCodecError
 from fedray.compression.payload import Payload
 from fedray.proto import serde
@@ -466,7 +467,8 @@ class AggregationCore:
             if cid in st.committed or cid in st.pending:
                 raise DuplicateUpdateError(f"client {cid} already uploaded for round {header.round}")
             st.pending.add(cid)
-        if fold:
+        if fold and max((t.payload.numel for t in header.tensors), default=0) > ADD_BLOCK:
+            # only where a group is added in one pass (add_scaled_many_); small ones add at once
             return self._commit_folds(st, _Fold(header, staged, weight, received, decode_s))
         ok = False
         part = st.stripes.get()

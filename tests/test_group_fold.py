@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from fedray.compression import get_codec
-from fedray.compression.accumulate import _ADD_CHUNK, ScaledAdd, add_scaled_, add_scaled_many_
+from fedray.compression.accumulate import ADD_BLOCK, ScaledAdd, add_scaled_, add_scaled_many_
 from fedray.orchestrator.aggregation import RunningWeightedSum
 from fedray.orchestrator.service import AggregationCore, ServiceLimits
 from fedray.proto import serde
 from fedray.proto.auth import client_token
 
-N = _ADD_CHUNK + 12_345  # over one block, with a short last block
+N = ADD_BLOCK + 12_345  # over one block, with a short last block
 
 
 def test_add_scaled_many_is_bit_identical_to_one_by_one():
