@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 import numpy as np
 import torch
 
-from .accumulate import add_scaled_
+from .accumulate import ScaledAdd
 from .payload import Payload, PayloadError, check_shape
 
 __all__ = [
@@ -122,7 +122,7 @@ class Codec(abc.ABC):
         y = decode_checked(self, p, ctx, out=scratch() if scratch is not None else None).reshape(-1)
         if p.dtype in _NARROW:  # the values the client's tensor held: rounded to its dtype
             y = y.to(_NARROW[p.dtype]).to(torch.float32)
-        return lambda acc, alpha: add_scaled_(acc.view(-1), y, alpha)
+        return ScaledAdd(y)
 
     def folder(self, meta: Payload) -> Callable[..., Callable[[torch.Tensor, float], None]]:
         """`fold` in two steps, for a server that sees the same tensor metadata on every upload:

@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Protocol, Union
 import torch
 
 from fedray.compression import add_scaled_
+from fedray.compression.accumulate import ScaledAdd, add_scaled_many_
 
 __all__ = [
     "BufferFullError",
@@ -94,6 +95,30 @@ class RunningWeightedSum:
             add(flat[k], weight)
         self.total_weight += weight
         self.count += 1
+
+    def add_folds_many(self, updates: list[tuple[Mapping[str, Callable[[torch.Tensor, float], None]], float]]) -> None:
+        """`add_folds(folds, weight)` for each update, in order, with each tensor's sum read and
+        written once for all of them where the folds are `ScaledAdd`s (`add_scaled_many_`);
+        bit-identical to the calls one by one. All updates are checked before any is added.
+
+        Raises:
+            ValueError: as `add_folds`, for any of the updates (then none is added).
+        """
+        for folds, weight in updates:
+            if not weight > 0 or not math.isfinite(weight):
+                raise ValueError(f"update weight must be finite and > 0, got {weight}")
+            if set(folds) != set(self._shapes):
+                raise ValueError(f"update tensors {sorted(folds)} != expected {sorted(self._shapes)}")
+        for k, acc in self._flat.items():
+            adds = [(folds[k], weight) for folds, weight in updates]
+            if all(type(f) is ScaledAdd for f, _ in adds):
+                add_scaled_many_(acc, [(f.src, w * f.scale) for f, w in adds])
+            else:
+                for f, w in adds:
+                    f(acc, w)
+        for _, weight in updates:
+            self.total_weight += weight
+            self.count += 1
 
     def __getstate__(self) -> dict:
         # The sums travel as numpy arrays: Ray's pickle 5 writes those straight into the object

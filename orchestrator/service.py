@@ -15,6 +15,7 @@ allocation per upload).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from fedray.compression import PayloadError, decode_checked, get_codec
+from fedray.compression.accumulate import ADD_BLOCK
 from fedray.compression.codec import Codec, UnknownCodecError
 from fedray.compression.payload import Payload
 from fedray.proto import serde
@@ -41,6 +43,7 @@ from fedray.workers.broadcast import Broadcast, decode_broadcast
 from fedray.workers.client import client_seed
 
 from .aggregation import RunningWeightedSum, clip_update
+from .heap import keep_freed_buffers
 from .privacy import DPSpec
 from .strategy import StrategySpec
 from .streams import StreamWatchdog
@@ -142,6 +145,7 @@ class _RoundState:
     stripes: "queue.SimpleQueue | None" = None
     parts: tuple = ()
     pending: set[int] = field(default_factory=set)  # clients whose commit is adding right now
+    folds: list = field(default_factory=list)  # folded updates waiting for a stripe (_commit_folds)
     closing: bool = False  # close_round is waiting for `pending` to drain
 
 
@@ -435,16 +439,18 @@ class AggregationCore:
         try:
             fold = self._folds and not header.weights
             staged, received, decode_s = self._receive(header, chunks, fold, held)
+            weight = header.weight if self._max_weight is None else min(header.weight, self._max_weight)
+            if fold:  # no turn: at most one add per stripe runs at once, and stripes <= turns
+                self._commit(st, header, sub, staged, weight, received, decode_s, fold)
+                return header.round, received
             with self._active:  # CPU work only: a slow client's stream never holds a turn
-                weight = header.weight if self._max_weight is None else min(header.weight, self._max_weight)
-                if not fold:
-                    if header.weights:
-                        start = self._start(st)
-                        staged = {k: v - start[k] for k, v in staged.items()}
-                    if self._privacy is not None:  # DP: clip each update, weigh all equally (privacy.py)
-                        staged, _ = clip_update(staged, self._privacy.clip_norm)
-                        weight = 1.0
-                    staged = self._strategy.prepare_update(staged)
+                if header.weights:
+                    start = self._start(st)
+                    staged = {k: v - start[k] for k, v in staged.items()}
+                if self._privacy is not None:  # DP: clip each update, weigh all equally (privacy.py)
+                    staged, _ = clip_update(staged, self._privacy.clip_norm)
+                    weight = 1.0
+                staged = self._strategy.prepare_update(staged)
                 self._commit(st, header, sub, staged, weight, received, decode_s, fold)
         finally:
             with self._lock:
@@ -464,6 +470,9 @@ class AggregationCore:
             if cid in st.committed or cid in st.pending:
                 raise DuplicateUpdateError(f"client {cid} already uploaded for round {header.round}")
             st.pending.add(cid)
+        if fold and max((t.payload.numel for t in header.tensors), default=0) > ADD_BLOCK:
+            # only where a group is added in one pass (add_scaled_many_); small ones add at once
+            return self._commit_folds(st, _Fold(header, staged, weight, received, decode_s))
         ok = False
         part = st.stripes.get()
         try:
@@ -486,8 +495,88 @@ class AggregationCore:
                     st.decode_s += decode_s
                     self._committed_total += 1
                     self._bytes_total += received
+                if st.folds:  # folded updates wait for a stripe: the first one's thread adds
+                    st.folds[0].wake_up()
                 if st.closing:
                     self._cond.notify_all()
+
+    def _commit_folds(self, st: _RoundState, item: "_Fold") -> None:
+        """Group commit of folded updates: the update joins the round's queue; a thread that finds
+        a free stripe adds up to `_GROUP` queued updates in one pass over the sum
+        (`add_folds_many`: each block of the float64 sum is read and written once per group, not
+        once per update). Every thread returns once its own update is added (or refused): the
+        ack still means committed. The result is bit-identical to adding the same updates one by
+        one into that stripe. Wake-ups are per update (`_Fold.wake`): the threads of a finished
+        group, and the first queued update's thread when a stripe comes free while updates wait
+        (it adds the next group); never all waiting threads at once (a burst has dozens)."""
+        cond = self._cond
+        item.wake.acquire()  # held while armed: the thread waits on it until woken
+        with cond:
+            st.folds.append(item)
+        while True:
+            with cond:
+                if item.ok is not None:
+                    break
+                part = None
+                if st.folds:
+                    try:
+                        part = st.stripes.get_nowait()
+                    except queue.Empty:
+                        pass
+                if part is not None:
+                    batch = st.folds[:_GROUP]
+                    del st.folds[:_GROUP]
+            if part is None:
+                item.wake.acquire()  # until a group with this update ends or a stripe comes free
+                with cond:
+                    item.armed = True
+                continue
+            try:
+                self._add_group(part, batch)
+            finally:
+                st.stripes.put(part)
+                with cond:
+                    for it in batch:
+                        st.pending.discard(it.header.client_id)
+                        if it.ok is True:
+                            cid = it.header.client_id
+                            st.committed.add(cid)
+                            if is_aggregate_id(cid):  # a worker's partial sum stands for several clients
+                                st.represented += max(int(it.header.metrics.get(CLIENTS_METRIC, 1)), 1) - 1
+                            st.bytes_received += it.received
+                            st.decode_s += it.decode_s
+                            self._committed_total += 1
+                            self._bytes_total += it.received
+                        elif it.ok is None:  # the add raised before reaching this one
+                            it.ok = RuntimeError("the group this update was added with failed")
+                        if it is not item:
+                            it.wake_up()
+                    if st.folds:  # the stripe is free again: the next queued update's thread adds
+                        st.folds[0].wake_up()
+                    if st.closing:
+                        cond.notify_all()
+        if item.ok is not True:
+            raise item.ok
+
+    @staticmethod
+    def _add_group(part, batch: list["_Fold"]) -> None:
+        """Add `batch` into `part`, all at once where possible; mark each update added or not."""
+        many = getattr(part, "add_folds_many", None)
+        if many is not None and len(batch) > 1:
+            try:
+                many([(it.staged, it.weight) for it in batch])  # checks all before adding any
+            except ValueError:
+                pass  # one of them is refused: add one by one below, to refuse only that one
+            else:
+                for it in batch:
+                    it.ok = True
+                return
+        for it in batch:
+            try:
+                part.add_folds(it.staged, it.weight)
+                it.ok = True
+            except Exception as e:
+                it.ok = e
 
     def _receive(self, h: serde.UpdateHeader, chunks: Iterator[tuple[int, bytes]], fold: bool, held: list):
         """Read the stream; validate (and fold or decode) each tensor as soon as its bytes are in.
@@ -507,6 +596,7 @@ class AggregationCore:
         filled, nxt, decode_s, empty = 0, 0, 0.0, 0
         partial: np.ndarray | None = None  # the spanning tensor being assembled
         digest = serde.new_digest(h.digest_kind)
+        turn = _NO_TURN if fold else self._active
 
         def done(data) -> None:
             nonlocal nxt
@@ -526,7 +616,10 @@ class AggregationCore:
                 raise PayloadError(f"upload sends more than the {total} bytes its header declares")
             mv, c0, c1 = memoryview(data), filled, filled + n
             filled = c1
-            with self._active:  # CPU work only (per chunk): a slow stream never holds a turn
+            # CPU work only (per chunk): a slow stream never holds a turn. Fold mode takes none
+            # here: a digest pass is cheap, folds that decode take their own (_decode), and the
+            # adds run at commit under its turn; one turn fewer per chunk.
+            with turn:
                 t0 = time.perf_counter()
                 digest.update(data)
                 while nxt < len(spans) and spans[nxt][0] <= c1:
@@ -567,7 +660,11 @@ class AggregationCore:
     def _decode(self, t: serde.TensorEntry, data: memoryview, fold: bool, held: list):
         try:
             if fold:
-                return self._folder(t)(data, scratch=lambda: self._scratch.take(t.payload.numel, held))
+                plan = self._folder(t)
+                if getattr(plan, "views_only", False):  # a size check and a view (int8)
+                    return plan(data)
+                with self._active:  # the plan decodes (fold mode takes no turn per chunk: _receive)
+                    return plan(data, scratch=lambda: self._scratch.take(t.payload.numel, held))
             p = Payload(t.payload.codec, t.payload.version, t.payload.dtype, t.payload.shape, t.payload.params, data)
             codec = self._codec(p)
             out = self._scratch.take(p.numel, held) if p.numel else None
@@ -632,6 +729,30 @@ class _Stages(list):
             release()
 
 
+_NO_TURN = contextlib.nullcontext()
+_GROUP = 8  # folded updates added in one pass over a stripe, at most
+
+
+@dataclass(eq=False)
+class _Fold:
+    """A folded update waiting in its round's queue (`_commit_folds`); `ok` is None until it was
+    added, then True or the exception that refused it. Its thread waits on `wake` (a lock held
+    while `armed`); `wake_up` (under the core's lock) releases it at most once per arming."""
+
+    header: serde.UpdateHeader
+    staged: dict
+    weight: float
+    received: int
+    decode_s: float
+    ok: object = None
+    wake: threading.Lock = field(default_factory=threading.Lock)
+    armed: bool = True
+
+    def wake_up(self) -> None:
+        if self.armed:
+            self.armed = False
+            self.wake.release()
+
 # An upload has no reason to send empty chunks (one, for an update with no bytes); a stream of
 # them would keep an admitted upload alive without progress.
 _MAX_EMPTY_CHUNKS = 4
@@ -663,6 +784,7 @@ def create_server(
     Raises:
         RuntimeError: the address could not be bound.
     """
+    keep_freed_buffers()  # received chunks reuse freed pages, not fresh ones (heap.py)
     lim = core.limits
     workers = max_workers or lim.max_streams + 4
     header = lim.header_bytes(len(core.shapes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..accumulate import add_scaled_
+from ..accumulate import ScaledAdd
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError
 from ._buf import all_finite, expect_nbytes, readonly_tensor, view
@@ -32,8 +32,7 @@ class Identity(Codec):
         vals = view(expect_nbytes(p, 4 * n), np.float32, n, 0)
         if not all_finite(vals):
             raise PayloadError("identity: payload holds NaN or infinity")
-        t = readonly_tensor(vals)
-        return lambda acc, alpha: add_scaled_(acc.view(-1), t, alpha)
+        return ScaledAdd(readonly_tensor(vals))
 
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
         np.copyto(out, view(expect_nbytes(p, 4 * n), np.float32, n, 0))

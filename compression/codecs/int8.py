@@ -11,12 +11,13 @@ rounds to 127. The decoder bounds every scale by FLT_MAX / 128, so no code (an i
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 import torch
 
-from ..accumulate import add_scaled_
+from ..accumulate import ScaledAdd
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError, param
 from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, readonly_tensor, view
@@ -151,8 +152,7 @@ class Int8(Codec):
         rows, scales, codes = self._parts(p, n)
         if rows != 1 or p.dtype != "float32":  # a declared narrower dtype is checked by decoding
             return super().fold(p, ctx, scratch=scratch)
-        scale, c = float(scales[0]), readonly_tensor(codes)
-        return lambda acc, alpha: add_scaled_(acc.view(-1), c, alpha * scale)
+        return ScaledAdd(readonly_tensor(codes), float(scales[0]))
 
     def folder(self, meta: Payload):
         """One scale per tensor: metadata checked once; per upload only the size, the scale's
@@ -170,9 +170,9 @@ class Int8(Codec):
             scale = _F32.unpack_from(data)[0]
             if not 0.0 <= scale <= _MAX_SCALE:  # False for NaN too
                 raise PayloadError(f"int8: scales must be finite, non-negative and at most {_MAX_SCALE:.3e}")
-            c = np.frombuffer(data, np.int8, n, 4)
-            return lambda acc, alpha: add_scaled_(acc, c, alpha * scale)
+            return ScaledAdd(np.frombuffer(data, np.int8, n, 4), scale)
 
+        prepare.views_only = True  # no pass over the bytes: a server runs it without a CPU turn
         return prepare
 
     def _decode_flat(self, p: Payload, n: int, out: np.ndarray, ctx: CodecContext) -> None:
@@ -184,4 +184,4 @@ class Int8(Codec):
             np.multiply(o2, scales[g0 : g0 + nrow, None], out=o2)
 
     def wire_bytes(self, shape: tuple[int, ...]) -> int:
-        return 4 * self._rows(shape) + int(np.prod(shape, dtype=np.int64))
+        return 4 * self._rows(shape) + math.prod(shape)  # math.prod: ~1 us, np.prod ~10 (every upload)

@@ -1,0 +1,47 @@
+"""The C heap of a process that receives uploads: freed megabyte buffers are kept for reuse.
+
+gRPC hands each ~1 MB upload chunk to Python as a fresh buffer, which is freed once the chunk
+is folded. glibc's default policy returns such memory to the kernel soon after (an `mmap` per
+large block, or trimming a thread arena's top past 2x the last freed size), so the next chunk
+page-faults its 256 pages back in: on the development machine about a quarter of a plain gRPC
+server's CPU per 1 MB message (benchmarks/aggregation_load.py, docs/performance.md). Raising
+the mmap and trim thresholds keeps those pages mapped and reused instead.
+
+Cost: up to `trim_bytes` of freed memory stays mapped per malloc arena (glibc makes at most 8
+per core), only after the process once used it; blocks over `mmap_bytes` are mapped and
+unmapped as before. A no-op where the C library is not glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+
+__all__ = ["keep_freed_buffers"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DONE: set[tuple[int, int]] = set()
+_LOCK = threading.Lock()
+
+
+def keep_freed_buffers(mmap_bytes: int = 16 << 20, trim_bytes: int = 64 << 20) -> bool:
+    """Keep freed heap blocks under `mmap_bytes` in the process, and an arena's free top up to
+    `trim_bytes` (glibc `mallopt`); once per process per setting. Returns whether it applied."""
+    key = (int(mmap_bytes), int(trim_bytes))
+    with _LOCK:
+        if key in _DONE:
+            return True
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name)
+            mallopt = libc.mallopt
+            libc.gnu_get_libc_version  # glibc only: other C libraries have other knobs
+        except (OSError, AttributeError, TypeError):
+            return False
+        mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+        # glibc caps the mmap threshold at 32 MiB (64-bit); mallopt returns 0 when it refuses
+        ok = bool(mallopt(_M_MMAP_THRESHOLD, key[0])) and bool(mallopt(_M_TRIM_THRESHOLD, key[1]))
+        if ok:
+            _DONE.add(key)
+        return ok

@@ -1,0 +1,96 @@
+"""Several folded updates added in one pass over the float64 sum: the same bits as one by one."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from fedray.compression import get_codec
+from fedray.compression.accumulate import ADD_BLOCK, ScaledAdd, add_scaled_, add_scaled_many_
+from fedray.orchestrator.aggregation import RunningWeightedSum
+from fedray.orchestrator.service import AggregationCore, ServiceLimits
+from fedray.proto import serde
+from fedray.proto.auth import client_token
+
+N = ADD_BLOCK + 12_345  # over one block, with a short last block
+
+
+def test_add_scaled_many_is_bit_identical_to_one_by_one():
+    rng = np.random.default_rng(3)
+    start = torch.from_numpy(rng.standard_normal(N) * 1e3)  # values whose sums round
+    terms = [(rng.integers(-127, 128, N).astype(np.int8), float(rng.uniform(1e-4, 3.0))) for _ in range(3)]
+    terms.append((torch.from_numpy(rng.standard_normal(N).astype(np.float32)), 0.1))
+    one, many = start.clone(), start.clone()
+    for src, alpha in terms:
+        add_scaled_(one, src, alpha)
+    add_scaled_many_(many, terms)
+    assert torch.equal(one, many)
+    assert not torch.equal(many, start)
+
+
+def _folds(codec, rng, shapes):
+    out = {}
+    for k, s in shapes.items():
+        p = codec.encode(torch.from_numpy(rng.standard_normal(s).astype(np.float32)))
+        out[k] = codec.fold(p)
+    return out
+
+
+def test_add_folds_many_equals_add_folds_in_order_and_checks_all_first():
+    rng = np.random.default_rng(4)
+    shapes = {"w": (N // 100, 100), "b": (7,)}
+    codec = get_codec("int8")
+    ups = [(_folds(codec, rng, shapes), float(rng.uniform(0.5, 40.0))) for _ in range(5)]
+    assert all(isinstance(f, ScaledAdd) for f in ups[0][0].values())
+    one, many = RunningWeightedSum(shapes), RunningWeightedSum(shapes)
+    for folds, w in ups:
+        one.add_folds(folds, w)
+    many.add_folds_many(ups)
+    for k in shapes:
+        assert torch.equal(one.sums[k], many.sums[k]), k
+    assert (one.total_weight, one.count) == (many.total_weight, many.count)
+    before = {k: v.clone() for k, v in many.sums.items()}
+    with pytest.raises(ValueError, match="weight"):
+        many.add_folds_many([ups[0], (ups[1][0], float("nan"))])
+    assert all(torch.equal(before[k], many.sums[k]) for k in shapes) and many.count == 5
+
+
+def test_concurrent_folded_uploads_all_count_once():
+    """Sixteen uploads commit at once through one stripe (max_active=1), so they queue and add in
+    groups; every one is acked, counted once and in the sum. Weights 1 and int8 codes make every
+    partial sum exact in float64, so the sum equals the one-by-one reference whatever the order."""
+    shapes = {"w": (N // 100, 100)}
+    job, secret = "group", "s"
+    core = AggregationCore(job_id=job, secret=secret, shapes=shapes, limits=ServiceLimits(max_active=1))
+    core.open_round(1)
+    codec = get_codec("int8")
+    rng = np.random.default_rng(5)
+    xs = [torch.from_numpy(rng.standard_normal(shapes["w"]).astype(np.float32)) for _ in range(16)]
+    errors: list[BaseException] = []
+    go = threading.Barrier(len(xs))
+
+    def send(cid: int) -> None:
+        try:
+            msgs = serde.upload_messages(job_id=job, round=1, client_id=cid, weight=1.0,
+                                         tensors=[("w", codec.encode(xs[cid]))])
+            go.wait(timeout=30)
+            core.upload(serde._header(msgs[0].header), ((m.offset, m.data) for m in msgs),
+                        client_token(secret, job, cid))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    part = core.close_round(1)
+    assert part["count"] == len(xs) and part["total_weight"] == float(len(xs))
+    ref = RunningWeightedSum(shapes)
+    for x in xs:
+        ref.add_folds({"w": codec.fold(codec.encode(x))}, 1.0)
+    assert torch.equal(part["sums"]["w"], ref.sums["w"])
