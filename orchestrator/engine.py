@@ -48,6 +48,9 @@ from .subnet_bytes import subnet_bytes_down
 __all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "driver_threads", "ensure_ray", "format_summary", "run_job", "sample_clients"]
 
 
+_INLINE_BROADCAST_BYTES = 64 << 10  # below Ray's 100 KiB limit for arguments passed inline
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     round: int
@@ -400,7 +403,11 @@ class JobRuntime:
         self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap, log=self.log)
         setup = TrainerSetup.from_spec(spec, job_id=self.job_id, secret=self.secret)
         workers = res.num_workers or default_num_workers()
-        per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
+        # Two calls per worker keep a worker busy while the driver handles a result; with partial
+        # sums one call per worker and round: each call costs a worker ~3 ms of CPU (Ray's call,
+        # the upload) whatever its size, and its results are small (docs/performance.md).
+        calls = workers if res.worker_reduce else 2 * workers
+        per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / calls)))
         cpus = res.cpus_per_worker
         if cpus is None:  # more workers than CPUs share them (uploads leave a worker idle part of a call)
             cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / workers)
@@ -440,6 +447,7 @@ class JobRuntime:
             raise
         finally:
             torch.set_num_threads(threads)
+            self.metrics.flush()
             if self.pool is not None:
                 self.pool.shutdown()
             if self.shards is not None:
@@ -496,7 +504,9 @@ class JobRuntime:
             encoded_bytes=lambda sub: make_broadcast(  # each client downloads only its sub-model
                 sub, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r, omc_cfg=self.omc_cfg,
                 quantized=self.quantized, sparse=sparse).bytes_used())
-        bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
+        # once per round; every worker and every shard read this one copy. A small model travels
+        # inside the calls instead: a put and each reader's fetch cost more than ~3 copies of it.
+        bref = bcast if bcast.bytes_used() <= _INLINE_BROADCAST_BYTES else ray.put(bcast)
         # The workers start without waiting for the shards' answers to the open: a shard holds an
         # upload for the round it is about to open until the open lands (AggregationCore.upload).
         opening = [a.open_round.remote(r, bref) for a in self.shards.actors]
