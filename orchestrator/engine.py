@@ -415,6 +415,7 @@ class JobRuntime:
             setup, self.task, num_workers=workers, clients_per_call=per_call, num_cpus=cpus,
             num_gpus=res.gpus_per_worker, job_name=self.job_id, max_attempts=res.max_attempts,
         )
+        self.metrics.wait_ready()
         self._driver_threads = driver_threads(ray.cluster_resources().get("CPU", 0) - workers * cpus)
 
     def run(self, *, on_round=None, resume: bool = False) -> JobResult:

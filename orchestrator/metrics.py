@@ -47,6 +47,14 @@ class JobMetrics:
         if time.monotonic() - self._sent >= self._interval:
             self.flush()
 
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Wait (at most `timeout_s`) until the exporter serves: started with the job, its process
+        start-up otherwise takes the CPU from the job's first rounds. A lost exporter is no error."""
+        try:
+            ray_get(self._exporter.__ray_ready__.remote(), timeout=timeout_s)
+        except Exception:
+            pass
+
     def flush(self) -> None:
         """Send the rounds not sent yet (the job calls it when it ends)."""
         if not self._pending:
@@ -59,6 +67,12 @@ class JobMetrics:
         except AttributeError:  # a cluster's exporter from a fedray before record_rounds
             for row in rows:
                 self._exporter.record_round.remote(job=self._job, codec=self._codec, **row)
+
+
+def ray_get(ref, timeout: float):
+    import ray
+
+    return ray.get(ref, timeout=timeout)
 
 
 def _exporter():
