@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -123,6 +123,18 @@ class Codec(abc.ABC):
         if p.dtype in _NARROW:  # the values the client's tensor held: rounded to its dtype
             y = y.to(_NARROW[p.dtype]).to(torch.float32)
         return ScaledAdd(y)
+
+    def fold_many(self, payloads: Sequence[Payload], alphas: Sequence[float], acc: torch.Tensor) -> None:
+        """Add sum_i alphas[i] * decode(payloads[i]) into `acc` (float64, the payloads' element
+        count), in order: the same sum as `fold(p)(acc, alpha)` one payload after the other.
+        Every payload is checked before anything is added (a worker folding its own clients'
+        updates, `resources.worker_reduce`). Codecs override it to add all of them in a few passes.
+
+        Raises:
+            PayloadError: a payload is malformed or decodes to NaN or infinity.
+        """
+        for add, alpha in [(self.fold(p), a) for p, a in zip(payloads, alphas)]:
+            add(acc, alpha)
 
     def folder(self, meta: Payload) -> Callable[..., Callable[[torch.Tensor, float], None]]:
         """`fold` in two steps, for a server that sees the same tensor metadata on every upload:

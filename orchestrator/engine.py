@@ -45,7 +45,10 @@ from .spec import JobSpec
 from .state import JobError, JobState, JobStateMachine
 from .subnet_bytes import subnet_bytes_down
 
-__all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "ensure_ray", "format_summary", "run_job", "sample_clients"]
+__all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "driver_threads", "ensure_ray", "format_summary", "run_job", "sample_clients"]
+
+
+_INLINE_BROADCAST_BYTES = 64 << 10  # below Ray's 100 KiB limit for arguments passed inline
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,16 @@ def sample_clients(num_clients: int, k: int, seed: int, round: int) -> np.ndarra
     all): a billion-client population samples as fast as a thousand-client one."""
     rng = np.random.default_rng([seed, round, 0x5A3])
     return np.sort(rng.choice(num_clients, size=k, replace=False))
+
+
+def driver_threads(free_cpus: float) -> int:
+    """The driver's torch threads while a job runs (evaluation, the strategy's step): the CPUs that
+    the job's worker actors leave free, at least one and at most torch's default.
+
+    Where the workers hold every CPU (a local Ray: one worker per CPU), more threads only fight
+    them: on 2 busy cores the digits test set took 8-20 ms to evaluate with 2 threads, 0.13 ms
+    with one (docs/performance.md)."""
+    return max(1, min(torch.get_num_threads(), int(free_cpus)))
 
 
 def ensure_ray(num_cpus: int | None = None, *, include_dashboard: bool = False) -> bool:
@@ -390,7 +403,11 @@ class JobRuntime:
         self.shards = _Shards(spec, self.job_id, self.secret, self.shapes, self.layout, max_weight=cap, log=self.log)
         setup = TrainerSetup.from_spec(spec, job_id=self.job_id, secret=self.secret)
         workers = res.num_workers or default_num_workers()
-        per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / (2 * workers))))
+        # Two calls per worker keep a worker busy while the driver handles a result; with partial
+        # sums one call per worker and round: each call costs a worker ~3 ms of CPU (Ray's call,
+        # the upload) whatever its size, and its results are small (docs/performance.md).
+        calls = workers if res.worker_reduce else 2 * workers
+        per_call = res.clients_per_call or min(256, max(1, math.ceil(tr.clients_per_round / calls)))
         cpus = res.cpus_per_worker
         if cpus is None:  # more workers than CPUs share them (uploads leave a worker idle part of a call)
             cpus = min(1.0, ray.cluster_resources().get("CPU", 1) / workers)
@@ -398,6 +415,8 @@ class JobRuntime:
             setup, self.task, num_workers=workers, clients_per_call=per_call, num_cpus=cpus,
             num_gpus=res.gpus_per_worker, job_name=self.job_id, max_attempts=res.max_attempts,
         )
+        self.metrics.wait_ready()
+        self._driver_threads = driver_threads(ray.cluster_resources().get("CPU", 0) - workers * cpus)
 
     def run(self, *, on_round=None, resume: bool = False) -> JobResult:
         spec, tr = self.spec, self.spec.training
@@ -409,8 +428,10 @@ class JobRuntime:
             first = ck["round"] + 1
             self.log(f"resuming {spec.name} after round {ck['round']} from {spec.checkpoint_dir}")
         self.state.to(JobState.RUNNING)
+        threads = torch.get_num_threads()
         try:
             self._start()
+            torch.set_num_threads(self._driver_threads)
             self.log(f"fedray job {self.job_id}: {self.num_clients} clients on {self.task.describe()}, "
                      f"{tr.clients_per_round} per round, {tr.rounds} rounds, codec {spec.compression.codec}, "
                      f"aggregation service at {', '.join(self.shards.addresses)}"
@@ -426,6 +447,8 @@ class JobRuntime:
             self.state.to(JobState.STOPPED if isinstance(e, KeyboardInterrupt) else JobState.FAILED, str(e))
             raise
         finally:
+            torch.set_num_threads(threads)
+            self.metrics.flush()
             if self.pool is not None:
                 self.pool.shutdown()
             if self.shards is not None:
@@ -482,7 +505,9 @@ class JobRuntime:
             encoded_bytes=lambda sub: make_broadcast(  # each client downloads only its sub-model
                 sub, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r, omc_cfg=self.omc_cfg,
                 quantized=self.quantized, sparse=sparse).bytes_used())
-        bref = ray.put(bcast)  # once per round; every worker and every shard read this one copy
+        # once per round; every worker and every shard read this one copy. A small model travels
+        # inside the calls instead: a put and each reader's fetch cost more than ~3 copies of it.
+        bref = bcast if bcast.bytes_used() <= _INLINE_BROADCAST_BYTES else ray.put(bcast)
         # The workers start without waiting for the shards' answers to the open: a shard holds an
         # upload for the round it is about to open until the open lands (AggregationCore.upload).
         opening = [a.open_round.remote(r, bref) for a in self.shards.actors]

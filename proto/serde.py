@@ -53,6 +53,7 @@ __all__ = [
     "WireChunk",
     "WireUpload",
     "encode_upload",
+    "upload_nbytes_many",
     "wire_nbytes",
     "payload_from_meta",
     "upload_messages",
@@ -571,6 +572,30 @@ def encode_upload(
         chunks.append(data)
     header.digest, header.digest_kind = h.digest(), DIGEST_CRC32C
     return WireUpload(header, tuple(chunks))
+
+
+def upload_nbytes_many(
+    *, job_id: str, round: int, attempt: int, tensors: list[tuple[str, Payload]],
+    clients: Iterable[tuple[int, float, Mapping[str, float]]], chunk_bytes: int = CHUNK_BYTES,
+) -> list[int]:
+    """`encode_upload(...).nbytes` of many clients' updates that share `tensors`' metadata and
+    payload sizes, one per (client id, weight, metrics), without digesting or copying anything:
+    one header is built and only the fields that differ between clients are set again."""
+    header = pb.UpdateHeader(job_id=job_id, round=round, attempt=attempt, keep_rate=1.0)
+    header.tensors.MergeFrom(_metas(tensors))
+    header.digest, header.digest_kind = new_digest().digest(), DIGEST_CRC32C  # a digest's size is fixed
+    sizes, total, offset = [], sum(p.nbytes for _, p in tensors), 0
+    while offset < total or not sizes:
+        sizes.append(min(chunk_bytes, total - offset))
+        offset += sizes[-1]
+    rest = sum(_framed_len(n, i * chunk_bytes) for i, n in enumerate(sizes) if i)
+    out = []
+    for cid, weight, metrics in clients:
+        header.client_id, header.weight = cid, weight
+        header.metrics.clear()
+        header.metrics.update(metrics)
+        out.append(_framed_len(sizes[0], 0, header.ByteSize()) + rest)
+    return out
 
 
 def _wire(update, token: str | None = None) -> Iterable:

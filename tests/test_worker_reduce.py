@@ -109,3 +109,52 @@ def test_spec_refuses_what_partial_sums_cannot_serve(extra, named):
     d.update(extra)
     with pytest.raises(SpecError, match=r"resources\.worker_reduce.*" + named.replace(".", r"\.")):
         JobSpec(**d)
+
+
+def test_int8_fold_many_equals_folding_one_by_one():
+    """A worker folds all its clients' int8 payloads of a tensor at once (`Codec.fold_many`):
+    bit for bit the float64 sum the shard's one-by-one `fold` gives, from a non-zero sum too;
+    a bad scale is refused before anything is added."""
+    from fedray.compression import get_codec
+
+    codec = get_codec("int8")
+    gen = torch.Generator().manual_seed(3)
+    xs = {"w": torch.randn(9, 33, 7, generator=gen), "b": torch.randn(9, 5, generator=gen) * 1e-3}
+    xs["b"][4] = 0.0  # a zero tensor: scale 0
+    per = codec.encode_batch(xs)
+    alphas = [float(a) for a in torch.randint(1, 60, (9,), generator=gen)]
+    for k, ps in per.items():
+        start = torch.randn(ps[0].shape, generator=gen, dtype=torch.float64).reshape(-1)
+        one, many = start.clone(), start.clone()
+        for p, a in zip(ps, alphas):
+            codec.fold(p)(one, a)
+        codec.fold_many(ps, alphas, many)
+        assert torch.equal(one, many), k
+    bad = bytearray(bytes(memoryview(per["b"][2].data)))
+    bad[:4] = bytes(memoryview(torch.tensor([float("nan")]).numpy()))
+    from dataclasses import replace
+
+    from fedray.compression.payload import PayloadError
+
+    acc = torch.zeros(5, dtype=torch.float64)
+    with pytest.raises(PayloadError, match="scales"):
+        codec.fold_many([per["b"][0], replace(per["b"][2], data=bytes(bad))], [1.0, 1.0], acc)
+    assert torch.equal(acc, torch.zeros(5, dtype=torch.float64))
+
+
+def test_upload_nbytes_many_equals_each_upload():
+    """The bytes each client is charged under `worker_reduce` equal its own upload's on the wire,
+    whatever its id, weight and metrics, in one chunk or several."""
+    from fedray.compression import get_codec
+
+    per = get_codec("int8").encode_batch({"a": torch.randn(6, 40, 30), "c": torch.randn(6, 10)})
+    clients = [(0, 1.0, {"loss": 0.5, "train_s": 1e-4}), (300, 2.0, {"loss": 0.0, "train_s": 0.0}),
+               (2**40, 3.5, {"loss": float("nan"), "train_s": 2.0}), (127, 0.0, {"loss": 1.0}),
+               (128, 1e300, {}), (5, 1.0, {"loss": -0.0, "train_s": 1.0})]
+    for chunk in (serde.CHUNK_BYTES, 1000, 1204):
+        got = serde.upload_nbytes_many(job_id="job-x", round=17, attempt=2, tensors=[(k, ps[0]) for k, ps in per.items()],
+                                       clients=clients, chunk_bytes=chunk)
+        want = [serde.encode_upload(job_id="job-x", round=17, client_id=cid, weight=w, attempt=2, metrics=m,
+                                    tensors=[(k, ps[i]) for k, ps in per.items()], chunk_bytes=chunk).nbytes
+                for i, (cid, w, m) in enumerate(clients)]
+        assert got == want, chunk

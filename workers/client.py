@@ -20,7 +20,7 @@ from .batched import batching_pays, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import as_arrays
 from .models import set_params
-from .reduce import partial_sums, upload_partial
+from .reduce import partial_sums, partial_sums_many, upload_partial
 from .step import ClientError, ClientStep, client_seed, train_config
 from .train import TrainConfig, pick_device
 
@@ -177,6 +177,8 @@ class ClientTrainer:
             except Exception as e:
                 out.update({c: ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in ok})
                 return [out[c] for c in cids]
+            if s.worker_reduce:  # one partial sum per shard: no client's own upload is built
+                return self._reduced_many(round, cids, ok, trained, per, servers, attempt, train_s, mem, evals, out)
             for i, (cid, stats) in enumerate(zip(ok, trained)):
                 msgs = serde.encode_upload(
                     job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples),
@@ -222,6 +224,41 @@ class ClientTrainer:
                 continue
             for cid in part.clients:
                 yield cid, wire[cid], None
+
+    def _reduced_many(self, round: int, cids: list[int], ok: list[int], trained, per: dict, servers, attempt: int,
+                      train_s: float, mem: int, evals: dict, out: dict) -> list[ClientResult]:
+        """`_reduced` for updates encoded column-wise (`Codec.encode_batch`): each shard's
+        clients folded tensor by tensor at once, each client charged its own upload's exact wire
+        bytes (`serde.upload_nbytes_many`), one upload per shard."""
+        s, names = self.setup, list(per)
+        weights, losses = [float(st.examples) for st in trained], [st.loss for st in trained]
+        try:
+            wire = serde.upload_nbytes_many(
+                job_id=s.job_id, round=round, attempt=attempt, tensors=[(k, per[k][0]) for k in names],
+                clients=[(c, w, {"loss": loss, "train_s": train_s}) for c, w, loss in zip(ok, weights, losses)])
+            parts = partial_sums_many(self.codec, ok, weights, losses, per, len(servers))
+        except Exception as e:
+            out.update({c: ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in ok})
+            return [out[c] for c in cids]
+        nbytes, stats = dict(zip(ok, wire)), dict(zip(ok, trained))
+        flops = {}
+        for shard, part in parts.items():
+            try:
+                upload_partial(self._chan(servers[shard]), part, shard=shard, num_shards=len(servers), first_client=min(cids),
+                               job_id=s.job_id, secret=s.secret, round=round, attempt=attempt, upload=upload_with_retry)
+                err = None
+            except Exception as e:
+                err = e
+            for cid in part.clients:
+                st = stats[cid]
+                if err is not None:
+                    out[cid] = ClientResult(cid, round, error=str(ClientError("upload", cid, round, err)))
+                    continue
+                if st.examples not in flops:
+                    flops[st.examples] = self.step.flops(None, st.examples)
+                out[cid] = ClientResult(cid, round, st.examples, st.loss, train_s, nbytes[cid], flops=flops[st.examples],
+                                        param_memory_bytes=mem, **_eval_fields(evals.get(cid)))
+        return [out[c] for c in cids]
 
     def _upload_many(self, round: int, updates: list[tuple[int, list]], servers, attempt: int):
         """Upload many clients' updates: one UploadBatch stream per shard (the per-call gRPC cost is

@@ -142,13 +142,15 @@ class RayPool(WorkerPool):
         out: list[ClientResult] = []
         servers = tuple(servers)
 
-        def fill():
-            for slot in sorted(self._slots, key=lambda s: s.inflight):
-                while todo and slot.inflight < 2:
-                    b = todo.pop()
-                    ref = slot.actor.train_clients.remote(round, broadcast_ref, b.client_ids, servers, b.attempt)
-                    pending[ref] = (slot, b, slot.actor)
-                    slot.inflight += 1
+        def fill():  # the least busy actor first: every actor has a call before any has two
+            while todo:
+                slot = min(self._slots, key=lambda s: s.inflight)
+                if slot.inflight >= 2:
+                    return
+                b = todo.pop()
+                ref = slot.actor.train_clients.remote(round, broadcast_ref, b.client_ids, servers, b.attempt)
+                pending[ref] = (slot, b, slot.actor)
+                slot.inflight += 1
 
         fill()
         while pending:

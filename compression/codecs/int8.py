@@ -17,7 +17,7 @@ import struct
 import numpy as np
 import torch
 
-from ..accumulate import ScaledAdd
+from ..accumulate import _ADD_CHUNK, ScaledAdd
 from ..codec import Codec, CodecContext, register_codec
 from ..payload import Payload, PayloadError, param
 from ._buf import BIG_CHUNK, TINY, chunks, expect_nbytes, flat32, readonly_tensor, view
@@ -28,6 +28,7 @@ _GRANULARITIES = ("tensor", "channel")
 _MAX_SCALE = float(np.finfo(np.float32).max / 128)
 _F32 = struct.Struct("<f")
 _ROUND = np.float32(1.5 * 2**23)  # x + _ROUND rounds x to an integer, half to even, for |x| < 2**22
+_MANY_VALUES = 1 << 22  # fold_many: at most 32 MiB of float64 rows at once
 
 
 @register_codec("int8")
@@ -153,6 +154,30 @@ class Int8(Codec):
         if rows != 1 or p.dtype != "float32":  # a declared narrower dtype is checked by decoding
             return super().fold(p, ctx, scratch=scratch)
         return ScaledAdd(readonly_tensor(codes), float(scales[0]))
+
+    def fold_many(self, payloads, alphas, acc) -> None:
+        """One scale per tensor and small tensors (the numpy path of `add_scaled_`): every
+        payload's codes widened and scaled in one multiply, then `acc` and those rows summed in
+        one reduction over the leading axis, which numpy adds row after row: bit for bit the sum
+        of folding the payloads one by one. Other cases take the default."""
+        p0 = payloads[0] if payloads else None
+        n = self._check(p0) if p0 is not None else 0
+        meta = None if p0 is None else (p0.codec, p0.version, p0.dtype, p0.shape, p0.params)
+        if (p0 is None or p0.dtype != "float32" or param(p0, "rows", int, 1, max(n, 1)) != 1
+                or n > _ADD_CHUNK or (len(payloads) + 1) * n > _MANY_VALUES
+                or any((p.codec, p.version, p.dtype, p.shape, p.params) != meta for p in payloads)):
+            return super().fold_many(payloads, alphas, acc)
+        rows = np.empty((len(payloads), 4 + n), np.uint8)
+        for i, p in enumerate(payloads):
+            rows[i] = expect_nbytes(p, 4 + n)
+        scales = rows[:, :4].copy().view(np.float32)[:, 0].astype(np.float64)
+        if not ((scales >= 0) & (scales <= _MAX_SCALE)).all():  # False for NaN too
+            raise PayloadError(f"int8: scales must be finite, non-negative and at most {_MAX_SCALE:.3e}")
+        stack = np.empty((len(payloads) + 1, n), np.float64)
+        a = acc.numpy().reshape(-1)
+        stack[0] = a
+        np.multiply(rows[:, 4:].view(np.int8), (np.asarray(alphas, np.float64) * scales)[:, None], out=stack[1:])
+        np.add.reduce(stack, axis=0, out=a)
 
     def folder(self, meta: Payload):
         """One scale per tensor: metadata checked once; per upload only the size, the scale's

@@ -267,7 +267,7 @@ class ResourceSpec(Section):
 
     _section = "resources"
     num_workers: NonNegInt = 0  # 0: one per CPU Ray reports
-    clients_per_call: NonNegInt = 0  # 0: about two calls per worker per round (fewer calls, batched training)
+    clients_per_call: NonNegInt = 0  # 0: about two calls per worker per round, one with worker_reduce
     cpus_per_worker: NonNegFloat | None = None  # None: the cluster's CPUs shared by num_workers, at most 1
     gpus_per_worker: NonNegFloat = 0.0
     num_cpus: PosInt | None = None  # for an embedded local Ray only
