@@ -9,9 +9,11 @@ import ray
 from fedray.proto.serde import TLSConfig
 from fedray.workers.pool import freeze_heap
 
+from .aggregation import RunningWeightedSum
 from .privacy import DPSpec
-from .service import AggregationCore, ServiceLimits, create_server
+from .service import AggregationCore, RoundClosedError, ServiceLimits, create_server
 from .strategy import StrategySpec
+from .sum_stream import piece_elements, pieces
 
 __all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold"]
 
@@ -87,6 +89,7 @@ class AggregationShard:
                 "service.port must be free there; TLS files must exist on that node"
             ) from None
         self._address = advertised_address(bound, node_ip, self._port)
+        self._closed: tuple[int, RunningWeightedSum] | None = None  # the last closed round's sum (stream_sum)
         freeze_heap()  # as the worker actors do
 
     def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)
@@ -96,12 +99,41 @@ class AggregationShard:
         return self._address
 
     def open_round(self, round: int, broadcast) -> None:
+        self._closed = None  # the last round's sum, if the driver did not release it: freed first
         self._core.open_round(round, broadcast)
 
     def close_round(self, round: int) -> dict:
+        """Close the round. A running sum (the FedAvg family) stays here: the answer carries its
+        counters, `total_weight`, `sum_count` and `shapes`, with `agg` None and `streamed` True,
+        and the driver takes the mean in pieces (`stream_sum`); any other collector is returned
+        whole under `agg`."""
         part = self._core.close_round(round)
-        part.pop("sums", None)  # the same tensors as part["agg"].sums: sent once, out of band (RunningWeightedSum)
+        part.pop("sums", None)  # the same tensors as part["agg"].sums
+        agg = part["agg"]
+        if type(agg) is RunningWeightedSum:
+            self._closed = (round, agg)
+            part.update(agg=None, streamed=True, sum_count=agg.count,
+                        shapes={k: tuple(v.shape) for k, v in agg.sums.items()})
         return part
+
+    def stream_sum(self, round: int, total_weight: float):
+        """Generator: round `round`'s closed sum / `total_weight` (all shards' weight) as float32
+        pieces small enough to travel inline (orchestrator/sum_stream.py); call it with
+        `.options(num_returns="streaming")`. The sum is kept until `release_round` or the next open.
+
+        Raises:
+            RoundClosedError: round `round` was not closed here with a running sum, or was released.
+        """
+        closed = self._closed
+        if closed is None or closed[0] != round:
+            raise RoundClosedError(f"round {round}: no closed running sum is held (closed or released?)")
+        yield from pieces(closed[1].sums, total_weight, piece_elements())
+
+    def release_round(self, round: int) -> None:
+        """Free round `round`'s closed sum (the driver has its mean)."""
+        closed = self._closed
+        if closed is not None and closed[0] == round:
+            self._closed = None
 
     def set_addresses(self, addresses) -> None:
         self._core.set_addresses(tuple(addresses))
@@ -110,6 +142,7 @@ class AggregationShard:
         return self._core.committed(round)
 
     def finish(self) -> None:
+        self._closed = None
         self._core.finish()
 
     def ping(self) -> bool:
