@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Mapping
 
 import ray
@@ -15,7 +17,7 @@ from .service import AggregationCore, RoundClosedError, ServiceLimits, create_se
 from .strategy import StrategySpec
 from .sum_stream import piece_elements, pieces
 
-__all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold"]
+__all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold", "trim_heap"]
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]")
 
@@ -38,12 +40,14 @@ def advertised_address(bound: str, node_ip: str, port: int) -> str:
 
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+def fix_mmap_threshold(nbytes: int = 256 << 10) -> None:
     """Make glibc serve every block of `nbytes` or more from its own mapping, given back on free.
 
     By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
     which the next round's float64 sums and upload buffers come from the heap, which keeps them:
-    a 100M-parameter model's shard grew by about 2x fp32 a round (benchmarks/big_model.py).
+    a 100M-parameter model's shard grew by about 2x fp32 a round (benchmarks/big_model.py). At
+    256 KiB the per-tensor buffers of an upload (a 768 x 768 int8 tensor is 576 KiB) are mapped
+    too, instead of fragmenting the heaps of the gRPC threads that receive them.
     No-op where libc has no `mallopt`.
     """
     try:
@@ -52,6 +56,49 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def trim_heap() -> None:
+    """Give the free pages of every glibc heap back to the system (`malloc_trim`): what a
+    round's uploads left free between live blocks. No-op where libc has no `malloc_trim`."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def start_heap_trimmer(stop: threading.Event, *, period_s: float = 0.5, step: int = 32 << 20,
+                       max_checks: int = 100_000_000) -> threading.Thread:
+    """A daemon thread that calls `trim_heap` when the resident set has grown by `step` bytes
+    since the last trim (checked every `period_s`), until `stop` is set: uploads arrive on many
+    gRPC threads, whose heaps otherwise keep what a round's uploads freed (about 0.25x fp32 over
+    a round of 8 clients of a 100M-parameter model, benchmarks/big_model.py)."""
+
+    def run() -> None:
+        last = _rss_bytes()
+        for _ in range(max_checks):
+            if stop.wait(period_s):
+                return
+            now = _rss_bytes()
+            if now - last >= step:  # grown since the last trim: hand back what is free
+                trim_heap()
+                last = _rss_bytes()
+            elif now < last:
+                last = now
+
+    t = threading.Thread(target=run, name="fedray-heap-trim", daemon=True)
+    t.start()
+    return t
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)
@@ -90,6 +137,8 @@ class AggregationShard:
             ) from None
         self._address = advertised_address(bound, node_ip, self._port)
         self._closed: tuple[int, RunningWeightedSum] | None = None  # the last closed round's sum (stream_sum)
+        self._stopping = threading.Event()
+        start_heap_trimmer(self._stopping)
         freeze_heap()  # as the worker actors do
 
     def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)
@@ -99,7 +148,9 @@ class AggregationShard:
         return self._address
 
     def open_round(self, round: int, broadcast) -> None:
-        self._closed = None  # the last round's sum, if the driver did not release it: freed first
+        if self._closed is not None:  # the last round's sum, if the driver did not release it: freed first
+            self._closed = None
+            trim_heap()
         self._core.open_round(round, broadcast)
 
     def close_round(self, round: int) -> dict:
@@ -133,7 +184,8 @@ class AggregationShard:
         """Free round `round`'s closed sum (the driver has its mean)."""
         closed = self._closed
         if closed is not None and closed[0] == round:
-            self._closed = None
+            self._closed = closed = None
+            trim_heap()
 
     def set_addresses(self, addresses) -> None:
         self._core.set_addresses(tuple(addresses))
@@ -149,4 +201,5 @@ class AggregationShard:
         return True
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.stop(grace=1.0)
