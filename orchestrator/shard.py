@@ -15,7 +15,7 @@ from .aggregation import RunningWeightedSum
 from .privacy import DPSpec
 from .service import AggregationCore, RoundClosedError, ServiceLimits, create_server
 from .strategy import StrategySpec
-from .sum_stream import piece_elements, pieces
+from .sum_stream import STREAM_MIN_BYTES, piece_elements, pieces
 
 __all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold", "trim_heap"]
 
@@ -154,14 +154,14 @@ class AggregationShard:
         self._core.open_round(round, broadcast)
 
     def close_round(self, round: int) -> dict:
-        """Close the round. A running sum (the FedAvg family) stays here: the answer carries its
-        counters, `total_weight`, `sum_count` and `shapes`, with `agg` None and `streamed` True,
-        and the driver takes the mean in pieces (`stream_sum`); any other collector is returned
-        whole under `agg`."""
+        """Close the round. A running sum (the FedAvg family) of a model of `STREAM_MIN_BYTES` or
+        more stays here: the answer carries its counters, `total_weight`, `sum_count` and
+        `shapes`, with `agg` None and `streamed` True, and the driver takes the mean in pieces
+        (`stream_sum`); any other collector is returned whole under `agg`."""
         part = self._core.close_round(round)
         part.pop("sums", None)  # the same tensors as part["agg"].sums
         agg = part["agg"]
-        if type(agg) is RunningWeightedSum:
+        if type(agg) is RunningWeightedSum and 4 * sum(v.numel() for v in agg.sums.values()) >= STREAM_MIN_BYTES:
             self._closed = (round, agg)
             part.update(agg=None, streamed=True, sum_count=agg.count,
                         shapes={k: tuple(v.shape) for k, v in agg.sums.items()})

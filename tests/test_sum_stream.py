@@ -12,7 +12,7 @@ import torch
 
 from fedray.orchestrator.aggregation import RunningWeightedSum
 from fedray.orchestrator.shard import AggregationShard
-from fedray.orchestrator.sum_stream import piece_elements, pieces, receive
+from fedray.orchestrator.sum_stream import STREAM_MIN_BYTES, piece_elements, pieces, receive
 
 SHAPES = {"w": (37, 29), "b": (1000,), "e": (0,)}
 
@@ -67,7 +67,12 @@ def _shm_kib(pid: int) -> int:
 
 
 def test_shard_actor_streams_its_sum_inline_and_frees_it(ray_session):
-    numel = 4_000_000  # 16 MB of float32 pieces
+    small = AggregationShard.remote(job_id="small", secret="s", shapes={"w": (1000,)})
+    ray.get(small.open_round.remote(1, None))
+    part = ray.get(small.close_round.remote(1))  # a small model's sum comes back whole, as before
+    assert not part.get("streamed") and isinstance(part["agg"], RunningWeightedSum)
+    ray.kill(small)
+    numel = STREAM_MIN_BYTES // 4  # 16 MiB of float32 pieces
     shard = AggregationShard.remote(job_id="stream", secret="s", shapes={"w": (numel,)})
     pid = ray.get(shard.__ray_call__.remote(lambda self: os.getpid()))
     ray.get(shard.open_round.remote(1, None))
@@ -93,3 +98,21 @@ def test_shard_actor_streams_its_sum_inline_and_frees_it(ray_session):
             ray.get(ref)
     ray.get(shard.stop.remote())
     ray.kill(shard)
+
+
+def test_a_streamed_job_over_two_shards_matches_one_shard(ray_session):
+    from fedray.orchestrator.engine import run_job
+    from fedray.orchestrator.spec import DataSpec, JobSpec, ModelSpec, ResourceSpec, TrainingSpec
+
+    def spec(shards: int) -> JobSpec:  # 4.3M parameters (17 MB fp32): over STREAM_MIN_BYTES
+        return JobSpec(name="stream", seed=3, data=DataSpec(dataset="digits", num_clients=12),
+                       model=ModelSpec(kind="mlp", hidden=(2048, 2048)),
+                       training=TrainingSpec(rounds=2, clients_per_round=4, local_epochs=1, batch_size=32, lr=0.05),
+                       resources=ResourceSpec(num_workers=2, shards=shards))
+
+    one, two = (run_job(spec(n), progress=False, log=lambda s: None) for n in (1, 2))
+    assert 4 * sum(v.numel() for v in one.params.values()) >= STREAM_MIN_BYTES
+    assert [r.clients for r in one.rounds] == [r.clients for r in two.rounds] == [4, 4]
+    for k, v in one.params.items():
+        torch.testing.assert_close(two.params[k], v, rtol=1e-4, atol=1e-5)  # round 2 trains on float32-rounded sums
+    assert one.rounds[-1].accuracy > one.rounds[0].accuracy - 0.05
