@@ -1,12 +1,15 @@
 """A 100M-parameter transformer through the whole system: memory is O(model), not O(clients x model).
 
     python benchmarks/big_model.py --json benchmarks/results/big_model.json [--rounds 3] [--clients 2 4]
+        [--max-inflight 2]
 
 Runs fedray's real path (`run_job`: Ray worker actors, the gRPC aggregation shard actor, int8
 uploads, a P2U broadcast) on `lm_task.LMTask`, a decoder-only transformer of 106.8M parameters
 (random init, 64-token sequences, one SGD step per client), once per entry of --clients (clients
 per round), and first once on a tiny transformer of the same shape family, whose shard peak is
-the fixed overhead (a Ray actor process with torch, grpc and fedray loaded).
+the fixed overhead (a Ray actor process with torch, grpc and fedray loaded). The shard admits
+--max-inflight uploads at once (`service.max_inflight`): each holds its int8 bytes (0.25x fp32)
+until it commits, so that, not the clients per round, bounds what uploads add to the shard.
 
 Measured per job: the shard actor's and the worker actors' peak RSS (VmHWM of their processes,
 read after every round; each job starts fresh actors), the driver's peak RSS (VmHWM of this
@@ -132,24 +135,25 @@ class _Sampler(threading.Thread):
         self.join(timeout=10)
 
 
-def job_spec(*, clients: int, rounds: int, workers: int, batch: int, seed: int) -> dict:
+def job_spec(*, clients: int, rounds: int, workers: int, batch: int, seed: int, max_inflight: int = 2) -> dict:
     return {
         "name": "big-model", "seed": seed,
         "training": {"rounds": rounds, "clients_per_round": clients, "local_epochs": 1, "batch_size": batch,
                      "lr": 0.05},
         "compression": {"codec": "int8", "broadcast": "p2u", "broadcast_params": P2U},
         "resources": {"num_workers": workers, "shards": 1},
+        "service": {"max_inflight": max_inflight},
     }
 
 
 def run_config(label: str, task: LMTask, *, clients: int, rounds: int, workers: int, seed: int = 0,
-               log=print) -> dict:
+               max_inflight: int = 2, log=print) -> dict:
     """Run one job through `run_job` on the connected Ray and return what it measured."""
     from fedray.orchestrator.engine import run_job
     from fedray.orchestrator.spec import JobSpec
 
     spec = JobSpec.from_dict(job_spec(clients=clients, rounds=rounds, workers=workers,
-                                      batch=task.samples_per_client, seed=seed))
+                                      batch=task.samples_per_client, seed=seed, max_inflight=max_inflight))
     numel = num_params(task.model())
     hwm_reset = _reset_own_hwm()
     driver_start = psutil.Process().memory_info().rss
@@ -241,10 +245,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker actors")
     ap.add_argument("--object-store-mb", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-inflight", type=int, default=2, help="service.max_inflight: uploads a shard holds at once")
     ap.add_argument("--skip-p2u-time", action="store_true")
     a = ap.parse_args(argv)
-    if a.rounds < 1 or a.workers < 1 or min(a.clients) < 1:
-        ap.error("--rounds, --workers and --clients must be >= 1")
+    if a.rounds < 1 or a.workers < 1 or min(a.clients) < 1 or a.max_inflight < 1:
+        ap.error("--rounds, --workers, --clients and --max-inflight must be >= 1")
 
     import ray
 
@@ -257,10 +262,12 @@ def main(argv=None) -> int:
     jobs = []
     try:
         tiny = LMTask(**TINY, num_clients=n, samples_per_client=4, seed=a.seed)
-        jobs.append(run_config("tiny", tiny, clients=n, rounds=a.rounds, workers=a.workers, seed=a.seed))
+        jobs.append(run_config("tiny", tiny, clients=n, rounds=a.rounds, workers=a.workers, seed=a.seed,
+                               max_inflight=a.max_inflight))
         big = LMTask(**BIG, num_clients=n, samples_per_client=4, seed=a.seed)
         for c in a.clients:
-            jobs.append(run_config(f"100M x{c}", big, clients=c, rounds=a.rounds, workers=a.workers, seed=a.seed))
+            jobs.append(run_config(f"100M x{c}", big, clients=c, rounds=a.rounds, workers=a.workers, seed=a.seed,
+                                   max_inflight=a.max_inflight))
     finally:
         ray.shutdown()
     p2u = None if a.skip_p2u_time else p2u_time(LMTask(**BIG, seed=a.seed), seed=a.seed)
@@ -283,7 +290,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join([os.path.relpath(__file__, Path(__file__).resolve().parents[1]), *sys.argv[1:]])
         if argv is None else "big_model.main(" + repr(argv) + ")",
         "model": {"big": BIG, "tiny": TINY},
-        "job": job_spec(clients=0, rounds=a.rounds, workers=a.workers, batch=4, seed=a.seed),
+        "job": job_spec(clients=0, rounds=a.rounds, workers=a.workers, batch=4, seed=a.seed, max_inflight=a.max_inflight),
         "fixed_overhead_bytes": fixed,
         "jobs": jobs,
         "p2u_time": p2u,

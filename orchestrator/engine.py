@@ -44,6 +44,7 @@ from .shard import AggregationShard
 from .spec import JobSpec
 from .state import JobError, JobState, JobStateMachine
 from .subnet_bytes import subnet_bytes_down
+from .sum_stream import StreamedMean, receive
 
 __all__ = ["JobError", "JobResult", "JobRuntime", "RoundRecord", "driver_threads", "ensure_ray", "format_summary", "run_job", "sample_clients"]
 
@@ -534,6 +535,7 @@ class JobRuntime:
             self.accountant.step()
             epsilon = self.accountant.epsilon(spec.privacy.delta)
         self.params = self.strategy.step(self.params, delta)
+        del agg, delta  # the round's mean (1x fp32) is not needed past the step
         stages = self._p2u_curve(bcast) if len(bcast.stages) > 1 else None
         set_params(self.model, self.params)
         metrics = self._evaluate()
@@ -598,8 +600,10 @@ class JobRuntime:
         out, cum = [], 0
         for k, nbytes in enumerate(b.stage_bytes()):
             cum += nbytes
-            set_params(self.model, decode_broadcast(b, k + 1))
-            acc = self._evaluate().get("accuracy", math.nan)
+            acc = math.nan
+            if self.test is not None:  # without test data there is nothing to measure: no decode (1x fp32 each)
+                set_params(self.model, decode_broadcast(b, k + 1))
+                acc = self._evaluate().get("accuracy", math.nan)
             out.append({"stage": k, "cumulative_bytes": cum, "accuracy": acc})
         return out
 
@@ -640,24 +644,55 @@ class JobRuntime:
 
     def _close(self, r: int, bref, ids, results: dict) -> tuple[object, float, int]:
         """Close the round on every shard and merge their partial sums; a shard that died is
-        restarted and its clients trained again (nothing was committed anywhere else)."""
-        agg, decode_s, count = None, 0.0, 0
-        for i in range(len(self.shards.actors)):
-            for _ in range(self.spec.resources.max_attempts):
-                try:
-                    part = ray.get(self.shards.actors[i].close_round.remote(r))
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    self._recover_shard(r, bref, ids, results, i, "died")
-            else:
-                raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times")
-            if agg is None:
-                agg = part["agg"]
-            else:
-                agg.merge(part["agg"])
-            decode_s += part["decode_s"]
-            count += part["count"]
-        return agg, decode_s, count
+        restarted and its clients trained again (nothing was committed anywhere else). Running
+        sums stay on the shards and come over as float32 pieces of the mean (`_stream_mean`)."""
+        parts = [self._close_shard(r, bref, ids, results, i) for i in range(len(self.shards.actors))]
+        if all(p.get("streamed") for p in parts):
+            agg = self._stream_mean(r, bref, ids, results, parts)
+        else:
+            agg = parts[0]["agg"]
+            for p in parts[1:]:
+                agg.merge(p["agg"])
+        return agg, sum(p["decode_s"] for p in parts), sum(p["count"] for p in parts)
+
+    def _close_shard(self, r: int, bref, ids, results: dict, i: int) -> dict:
+        for _ in range(self.spec.resources.max_attempts):
+            try:
+                return ray.get(self.shards.actors[i].close_round.remote(r))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._recover_shard(r, bref, ids, results, i, "died")
+        raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times")
+
+    def _stream_mean(self, r: int, bref, ids, results: dict, parts: list) -> StreamedMean:
+        """The round's weighted mean from the shards' closed running sums, received as float32
+        pieces into one buffer per tensor (orchestrator/sum_stream.py): the driver holds 1x the
+        fp32 model of it, and no copy of a sum passes through the object store. A shard that dies
+        mid-stream is restarted, its clients trained again, and the whole stream taken again."""
+        for _ in range(self.spec.resources.max_attempts):
+            total = sum(p["total_weight"] for p in parts if p["sum_count"])
+            count = sum(p["sum_count"] for p in parts)
+            shapes = next((p["shapes"] for p in parts if p["sum_count"]), {})
+            out = {k: torch.empty(s, dtype=torch.float32) for k, s in shapes.items()}
+            numel, first, i = sum(v.numel() for v in out.values()), True, 0
+            try:
+                for i, p in enumerate(parts):
+                    if not p["sum_count"]:
+                        continue  # an empty sum adds nothing
+                    gen = self.shards.actors[i].stream_sum.options(
+                        num_returns="streaming", _generator_backpressure_num_objects=256).remote(r, total)
+                    got = receive((ray.get(ref) for ref in gen), out, add=not first)
+                    if got != numel:
+                        raise JobError(f"round {r}: aggregation shard {i} sent {got} of {numel} sum elements")
+                    first = False
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._recover_shard(r, bref, ids, results, i, "died")
+                parts[i] = self._close_shard(r, bref, ids, results, i)
+        else:
+            raise JobError(f"round {r}: aggregation shard {i} failed {self.spec.resources.max_attempts} times")
+        for a in self.shards.actors:
+            a.release_round.remote(r)  # not awaited: the next open frees it too
+        return StreamedMean(out, total, count)
 
     def _check_outcome(self, r: int, sampled: int, failed: list, real: int, count: int) -> int:
         """Log the round's failed clients and missing real clients; raise JobError when the round

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Mapping
 
 import ray
@@ -9,11 +11,13 @@ import ray
 from fedray.proto.serde import TLSConfig
 from fedray.workers.pool import freeze_heap
 
+from .aggregation import RunningWeightedSum
 from .privacy import DPSpec
-from .service import AggregationCore, ServiceLimits, create_server
+from .service import AggregationCore, RoundClosedError, ServiceLimits, create_server
 from .strategy import StrategySpec
+from .sum_stream import STREAM_MIN_BYTES, piece_elements, pieces
 
-__all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold"]
+__all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold", "trim_heap"]
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]")
 
@@ -36,12 +40,14 @@ def advertised_address(bound: str, node_ip: str, port: int) -> str:
 
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
+def fix_mmap_threshold(nbytes: int = 256 << 10) -> None:
     """Make glibc serve every block of `nbytes` or more from its own mapping, given back on free.
 
     By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
     which the next round's float64 sums and upload buffers come from the heap, which keeps them:
-    a 100M-parameter model's shard grew by about 2x fp32 a round (benchmarks/big_model.py).
+    a 100M-parameter model's shard grew by about 2x fp32 a round (benchmarks/big_model.py). At
+    256 KiB the per-tensor buffers of an upload (a 768 x 768 int8 tensor is 576 KiB) are mapped
+    too, instead of fragmenting the heaps of the gRPC threads that receive them.
     No-op where libc has no `mallopt`.
     """
     try:
@@ -50,6 +56,49 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def trim_heap() -> None:
+    """Give the free pages of every glibc heap back to the system (`malloc_trim`): what a
+    round's uploads left free between live blocks. No-op where libc has no `malloc_trim`."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def start_heap_trimmer(stop: threading.Event, *, period_s: float = 0.5, step: int = 32 << 20,
+                       max_checks: int = 100_000_000) -> threading.Thread:
+    """A daemon thread that calls `trim_heap` when the resident set has grown by `step` bytes
+    since the last trim (checked every `period_s`), until `stop` is set: uploads arrive on many
+    gRPC threads, whose heaps otherwise keep what a round's uploads freed (about 0.25x fp32 over
+    a round of 8 clients of a 100M-parameter model, benchmarks/big_model.py)."""
+
+    def run() -> None:
+        last = _rss_bytes()
+        for _ in range(max_checks):
+            if stop.wait(period_s):
+                return
+            now = _rss_bytes()
+            if now - last >= step:  # grown since the last trim: hand back what is free
+                trim_heap()
+                last = _rss_bytes()
+            elif now < last:
+                last = now
+
+    t = threading.Thread(target=run, name="fedray-heap-trim", daemon=True)
+    t.start()
+    return t
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)
@@ -87,6 +136,9 @@ class AggregationShard:
                 "service.port must be free there; TLS files must exist on that node"
             ) from None
         self._address = advertised_address(bound, node_ip, self._port)
+        self._closed: tuple[int, RunningWeightedSum] | None = None  # the last closed round's sum (stream_sum)
+        self._stopping = threading.Event()
+        start_heap_trimmer(self._stopping)
         freeze_heap()  # as the worker actors do
 
     def __repr__(self) -> str:  # the Ray dashboard's Actors page shows it (column "Repr", filterable)
@@ -96,12 +148,44 @@ class AggregationShard:
         return self._address
 
     def open_round(self, round: int, broadcast) -> None:
+        if self._closed is not None:  # the last round's sum, if the driver did not release it: freed first
+            self._closed = None
+            trim_heap()
         self._core.open_round(round, broadcast)
 
     def close_round(self, round: int) -> dict:
+        """Close the round. A running sum (the FedAvg family) of a model of `STREAM_MIN_BYTES` or
+        more stays here: the answer carries its counters, `total_weight`, `sum_count` and
+        `shapes`, with `agg` None and `streamed` True, and the driver takes the mean in pieces
+        (`stream_sum`); any other collector is returned whole under `agg`."""
         part = self._core.close_round(round)
-        part.pop("sums", None)  # the same tensors as part["agg"].sums: sent once, out of band (RunningWeightedSum)
+        part.pop("sums", None)  # the same tensors as part["agg"].sums
+        agg = part["agg"]
+        if type(agg) is RunningWeightedSum and 4 * sum(v.numel() for v in agg.sums.values()) >= STREAM_MIN_BYTES:
+            self._closed = (round, agg)
+            part.update(agg=None, streamed=True, sum_count=agg.count,
+                        shapes={k: tuple(v.shape) for k, v in agg.sums.items()})
         return part
+
+    def stream_sum(self, round: int, total_weight: float):
+        """Generator: round `round`'s closed sum / `total_weight` (all shards' weight) as float32
+        pieces small enough to travel inline (orchestrator/sum_stream.py); call it with
+        `.options(num_returns="streaming")`. The sum is kept until `release_round` or the next open.
+
+        Raises:
+            RoundClosedError: round `round` was not closed here with a running sum, or was released.
+        """
+        closed = self._closed
+        if closed is None or closed[0] != round:
+            raise RoundClosedError(f"round {round}: no closed running sum is held (closed or released?)")
+        yield from pieces(closed[1].sums, total_weight, piece_elements())
+
+    def release_round(self, round: int) -> None:
+        """Free round `round`'s closed sum (the driver has its mean)."""
+        closed = self._closed
+        if closed is not None and closed[0] == round:
+            self._closed = closed = None
+            trim_heap()
 
     def set_addresses(self, addresses) -> None:
         self._core.set_addresses(tuple(addresses))
@@ -110,10 +194,12 @@ class AggregationShard:
         return self._core.committed(round)
 
     def finish(self) -> None:
+        self._closed = None
         self._core.finish()
 
     def ping(self) -> bool:
         return True
 
     def stop(self) -> None:
+        self._stopping.set()
         self._server.stop(grace=1.0)
