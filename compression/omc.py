@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from fedray.config import OMCConfig
 
 from .codec import Codec, CodecContext, get_codec, register_codec
-from .omc_kernels import Rounder, Workspace, dequantize_into
+from .omc_kernels import Rounder, Workspace, dequantize_into, update_range
 from .omc_layers import QEmbedding, RNNWeights, embedding_ok
 from .payload import Payload, PayloadError, param
 
@@ -290,9 +290,10 @@ class _QModule(nn.Module):
         self.block_rows = _block_rows(qweight.shape, block_bytes)
         # Linear at 8-bit int codes: blocks of input columns (a K-split keeps each GEMM as wide
         # as the layer: 2.3x faster than blocks of output rows on the Fashion-MNIST MLP).
-        cols = qweight.shape[1] if len(qweight.shape) == 2 else 0
-        self.block_cols = max(1, block_bytes // (4 * qweight.shape[0])) if isinstance(orig, nn.Linear) \
-            and qweight.cfg.bits == 8 and qweight.cfg.fmt == "int" and qweight.shape[0] else cols
+        self.codes_path = isinstance(orig, nn.Linear) and qweight.cfg.bits == 8 and qweight.cfg.fmt == "int" \
+            and len(qweight.shape) == 2 and qweight.shape[0] > 0
+        self.block_cols = max(1, block_bytes // (4 * qweight.shape[0])) if self.codes_path else 0
+        self._plan: tuple | None = None
         self.bias = orig.bias
         self.token = nn.Parameter(torch.zeros(()))  # makes autograd call backward even for the first layer
         self.linear = isinstance(orig, nn.Linear)
@@ -311,30 +312,60 @@ class _QModule(nn.Module):
 
     qbias: QuantizedParam | None = None
 
-    def _col_blocks(self) -> list[tuple[int, int]] | None:
-        cols, kb = self.qweight.shape[-1], self.block_cols
-        return None if not self.linear or kb >= cols else [(k, min(k + kb, cols)) for k in range(0, cols, kb)]
+    def _code_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """(k0, k1, codes, workspace) per block of input columns of an 8-bit Linear weight: the
+        codes as a (rows, k1 - k0) uint8 view of the stored buffer, the workspace as a float32
+        view of the same shape. Cached; rebuilt when the buffer or the workspace is replaced."""
+        qp, ws = self.qweight, self.ws
+        plan = self._plan
+        if plan is None or plan[0] is not qp.buf or plan[1] is not ws.buf:
+            rows, cols = qp.shape
+            kb = min(self.block_cols, cols)
+            wbuf = ws.get(rows * kb)
+            codes = torch.from_numpy(qp.buf).view(rows, cols)
+            blocks = [(k, min(k + kb, cols), codes[:, k : k + kb], wbuf[: rows * (min(k + kb, cols) - k)].view(rows, -1))
+                      for k in range(0, cols, kb)]
+            plan = self._plan = (qp.buf, ws.buf, blocks)
+        return plan[2]
 
-    def weight_cols(self, k0: int, k1: int) -> torch.Tensor:
-        """Columns k0..k1-1 of an 8-bit Linear weight, decompressed into the workspace."""
+    def _codes_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T + b with W = alpha * C + beta: the integer codes C (exact in float32) are
+        copied into the workspace block by block and the GEMMs carry alpha; beta adds
+        beta * rowsum(x) once."""
         qp = self.qweight
-        rows = qp.shape[0]
-        codes = torch.from_numpy(qp.buf).view(rows, -1)[:, k0:k1]
-        return dequantize_into(codes, qp.alpha, qp.beta, self.ws.get(rows * (k1 - k0)).view(rows, k1 - k0))
+        blocks = self._code_blocks()
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = x2.split(self.block_cols, 1) if len(blocks) > 1 else (x2,)
+        y = None
+        for xi, (_, _, c, w) in zip(xs, blocks):
+            w.copy_(c)
+            if y is not None:
+                y.addmm_(xi, w.t(), alpha=qp.alpha)
+            elif bias is not None:
+                y = torch.addmm(bias, xi, w.t(), alpha=qp.alpha)
+            else:
+                y = torch.mm(xi, w.t()).mul_(qp.alpha)
+        if qp.beta:
+            y.add_(x2.sum(1, keepdim=True), alpha=qp.beta)
+        return y.reshape(tuple(x.shape[:-1]) + (qp.shape[0],))
+
+    def _codes_input_grad(self, g2: torch.Tensor) -> torch.Tensor:
+        """g2 @ W for an 8-bit Linear weight, the same way as `_codes_forward`."""
+        qp = self.qweight
+        blocks = self._code_blocks()
+        gx = torch.empty(g2.shape[0], qp.shape[1])
+        for k0, k1, c, w in blocks:
+            w.copy_(c)
+            out = gx if len(blocks) == 1 else gx[:, k0:k1]
+            torch.addmm(out, g2, w, beta=0, alpha=qp.alpha, out=out)
+        if qp.beta:
+            gx.add_(g2.sum(1, keepdim=True), alpha=qp.beta)
+        return gx
 
     def apply_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, nb = self.qweight.shape[0], self.block_rows
-        kblocks = self._col_blocks()
-        if kblocks is not None:
-            x2 = x.reshape(-1, x.shape[-1])
-            y = None
-            for k0, k1 in kblocks:
-                w = self.weight_cols(k0, k1)
-                if y is None:
-                    y = torch.addmm(bias, x2[:, k0:k1], w.t()) if bias is not None else x2[:, k0:k1].mm(w.t())
-                else:
-                    y.addmm_(x2[:, k0:k1], w.t())
-            return y.reshape(tuple(x.shape[:-1]) + (rows,))
+        if self.codes_path:
+            return self._codes_forward(x, bias)
         if nb >= rows:
             return self.op(x, self.weight_block(0, rows), bias)
         y = torch.cat([self.op(x, self.weight_block(r0, min(r0 + nb, rows)), None) for r0 in range(0, rows, nb)],
@@ -342,6 +373,13 @@ class _QModule(nn.Module):
         if bias is not None:
             y = y + (bias if self.out_dim == -1 else bias.reshape((1, -1) + (1,) * (y.dim() - 2)))
         return y
+
+    def workspace_values(self) -> int:
+        """The most float32 values this layer decompresses at once."""
+        qp = self.qweight
+        if self.codes_path:
+            return qp.shape[0] * min(self.block_cols, qp.shape[1])
+        return min(self.block_rows, qp.shape[0]) * qp.row_numel
 
     def weight_block(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1-1 of the weight, decompressed into the shared workspace (valid until the
@@ -357,12 +395,8 @@ class _QModule(nn.Module):
             gw = g2.t().mm(x2)
             if not need_gx:
                 return None, gw
-            kblocks = self._col_blocks()
-            if kblocks is not None:
-                gx = torch.empty(x2.shape)
-                for k0, k1 in kblocks:
-                    gx[:, k0:k1] = g2.mm(self.weight_cols(k0, k1))
-                return gx.reshape(x.shape), gw
+            if self.codes_path:
+                return self._codes_input_grad(g2).reshape(x.shape), gw
             if nb >= rows:
                 return g2.mm(self.weight_block(0, rows)).reshape(x.shape), gw
             gx = torch.zeros(x2.shape)
@@ -444,7 +478,7 @@ class OMCModel:
         self.fp32_names = _pick_fp32(names, sizes, cfg.partial_fp32_fraction, seed)
         chosen = [n for n in names if n not in self.fp32_names]
         self.block_bytes = cfg.block_bytes or _auto_block_bytes(sum(sizes[n] for n in chosen))
-        self.ws = Workspace(self.tracker)
+        self.ws = Workspace(self.tracker, self.block_bytes // 4)
         tensors = {n: model.get_parameter(n) for n in chosen}
         if not cfg.weights_only:
             for n in chosen:
@@ -480,10 +514,15 @@ class OMCModel:
             orig.weight = nn.Parameter(torch.empty(0))  # no fp32 copy is held while training
         for mname, attrs in rnn.items():
             self._rnn.append(RNNWeights(model.get_submodule(mname), attrs, self.q, self.tracker))
+        # the workspace at its final size now: cached views of it stay valid
+        need = [m.workspace_values() for m in model.modules() if isinstance(m, _QModule)]
+        if need:
+            self.ws.get(max(need))
+        self._fp32 = [p for n, p in model.named_parameters() if not n.endswith("token")]
 
     def fp32_parameters(self) -> list[nn.Parameter]:
         """Parameters held in fp32 (biases, fp32-kept weights, other layers' parameters)."""
-        return [p for n, p in self.model.named_parameters() if not n.endswith("token")]
+        return list(self._fp32)
 
     def step(self, lr: float) -> None:
         """SGD step: fp32 parameters in place; each quantized variable that has a gradient is
@@ -491,7 +530,7 @@ class OMCModel:
         (stochastic if configured). Embedding tables update and re-quantize only the rows
         looked up since the last step (see `_sparse_step`)."""
         with torch.no_grad():
-            ps = [p for p in self.fp32_parameters() if p.grad is not None]
+            ps = [p for p in self._fp32 if p.grad is not None]
             if ps:
                 torch._foreach_add_(ps, [p.grad for p in ps], alpha=-lr)
                 for p in ps:
@@ -524,6 +563,10 @@ class OMCModel:
         # Pass 1 of 2: the range of the updated values, without holding a whole variable in fp32.
         lo, hi = math.inf, -math.inf
         for qp in qps:
+            if qp.fast:
+                umin, umax = update_range(_flat_codes(qp), _flat_grad(qp), -lr / qp.alpha, self.ws)
+                lo, hi = min(lo, qp.alpha * umin + qp.beta), max(hi, qp.alpha * umax + qp.beta)
+                continue
             for r0, r1 in self._blocks(qp):
                 mn, mx = torch.aminmax(self._updated(qp, r0, r1, lr))
                 lo, hi = min(lo, float(mn)), max(hi, float(mx))
@@ -532,41 +575,30 @@ class OMCModel:
 
     def _requantize(self, qp: QuantizedParam, lr: float, transform: tuple[float, float] | None) -> None:
         c = self.cfg
-        blocks = self._blocks(qp)
         if qp.grad is not None and not qp.grad.is_contiguous():  # e.g. LSTM gradients: flatten once
             qp.grad = qp.grad.contiguous()
-        if not qp.fast:
-            transform = transform or self._range([qp], lr)
-            gen = self._gen if c.stochastic else None
-            codes = np.empty(qp.n, dtype=np.int32)  # bookkeeping; packed right below
-            rn = qp.row_numel
-            for r0, r1 in blocks:
-                w = self._updated(qp, r0, r1, lr)
-                codes[r0 * rn : r1 * rn] = quantize(w, *transform, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits,
-                                                    generator=gen).numpy()
-            qp.buf, (qp.alpha, qp.beta), qp.grad = _pack(codes, c.bits), transform, None
+        if qp.fast:  # fused: range, then codes rewritten in place (omc_kernels)
+            codes, grad, k = _flat_codes(qp), _flat_grad(qp), -lr / qp.alpha
+            if transform is None:
+                umin, umax = update_range(codes, grad, k, self.ws)
+                transform = fit_transform(qp.alpha * umin + qp.beta, qp.alpha * umax + qp.beta, bits=c.bits,
+                                          fmt=c.fmt, exp_bits=c.exp_bits)
+            alpha, beta = transform
+            self._rounder.requantize(codes, grad, k, qp.alpha / alpha, (qp.beta - beta) / alpha, (1 << c.bits) - 1,
+                                     self.ws)
+            if c.bits != 8:
+                qp.buf = _pack(codes, c.bits)
+            qp.alpha, qp.beta, qp.grad = alpha, beta, None
             return
-        if transform is None and len(blocks) == 1:  # one block: range and codes from one decompression
-            w = self._updated(qp, 0, blocks[0][1], lr)
-            mn, mx = torch.aminmax(w)
-            transform = fit_transform(float(mn), float(mx), bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
-            self._write_codes(qp, [(0, blocks[0][1], w)], transform)
-        else:
-            transform = transform or self._range([qp], lr)
-            self._write_codes(qp, ((r0, r1, None) for r0, r1 in blocks), transform, lr)
-        qp.alpha, qp.beta = transform
-        qp.grad = None
-
-    def _write_codes(self, qp: QuantizedParam, blocks, transform: tuple[float, float], lr: float = 0.0) -> None:
-        """Pass 2: quantize each block (given, or recomputed from the old codes) into qp.buf."""
-        bits, rn = qp.cfg.bits, qp.row_numel
-        alpha, beta = transform
-        codes = qp.buf if bits == 8 else np.empty(qp.n, np.uint8)
-        for r0, r1, w in blocks:
-            w = self._updated(qp, r0, r1, lr) if w is None else w
-            self._rounder.quantize_into(w, beta, alpha, (1 << bits) - 1, codes[r0 * rn : r1 * rn])
-        if bits != 8:
-            qp.buf = _pack(codes, bits)
+        transform = transform or self._range([qp], lr)
+        gen = self._gen if c.stochastic else None
+        codes = np.empty(qp.n, dtype=np.int32)  # bookkeeping; packed right below
+        rn = qp.row_numel
+        for r0, r1 in self._blocks(qp):
+            w = self._updated(qp, r0, r1, lr)
+            codes[r0 * rn : r1 * rn] = quantize(w, *transform, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits,
+                                                generator=gen).numpy()
+        qp.buf, (qp.alpha, qp.beta), qp.grad = _pack(codes, c.bits), transform, None
 
     def _sparse_step(self, qp: QuantizedParam, lr: float) -> None:
         """Embedding rows: update the rows looked up and re-quantize them alone with the
@@ -685,6 +717,15 @@ class OMCModel:
             mname, attr = name.rsplit(".", 1) if "." in name else ("", name)
             setattr(self.model.get_submodule(mname), attr, nn.Parameter(values[name]))
         self._swapped, self._rnn = [], []
+
+
+def _flat_codes(qp: QuantizedParam) -> np.ndarray:
+    """A fast variable's codes as a flat uint8 array: its buffer at 8 bits, else unpacked."""
+    return qp.buf if qp.cfg.bits == 8 else _unpack(qp.buf, qp.cfg.bits, 0, qp.n).astype(np.uint8)
+
+
+def _flat_grad(qp: QuantizedParam) -> torch.Tensor | None:
+    return None if qp.grad is None else qp.grad.reshape(-1)
 
 
 def _densify(qp: QuantizedParam) -> None:
