@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from fedray.config import OMCConfig
 
 from .codec import Codec, CodecContext, get_codec, register_codec
-from .omc_kernels import Rounder, Workspace, dequantize_into, update_range
+from .omc_kernels import FlatStep, Rounder, Workspace, dequantize_into, update_range
 from .omc_layers import QEmbedding, RNNWeights, embedding_ok
 from .payload import Payload, PayloadError, param
 
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 _FORMATS = ("int", "float")
+_FLAT_MAX = 1 << 22  # the most 8-bit values stepped as one flat array (16 MiB of flat gradient)
 
 # --- the number formats (pure functions) --------------------------------------------------------
 
@@ -177,6 +178,7 @@ class QuantizedParam:
         self.buf, self.alpha, self.beta = buf, alpha, beta
         self.grad: torch.Tensor | None = None
         self.sgrad: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.gview: torch.Tensor | None = None  # where a layer writes `grad` (`omc_kernels.FlatStep`)
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, cfg: OMCConfig, *, generator: torch.Generator | None = None,
@@ -392,7 +394,8 @@ class _QModule(nn.Module):
         rows, nb = self.qweight.shape[0], self.block_rows
         if self.linear:
             g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-            gw = g2.t().mm(x2)
+            qp = self.qweight
+            gw = torch.mm(g2.t(), x2, out=qp.gview) if qp.grad is None and qp.gview is not None else g2.t().mm(x2)
             if not need_gx:
                 return None, gw
             if self.codes_path:
@@ -519,6 +522,8 @@ class OMCModel:
         if need:
             self.ws.get(max(need))
         self._fp32 = [p for n, p in model.named_parameters() if not n.endswith("token")]
+        self._tables = {n for n in chosen if isinstance(model.get_submodule(_mod_name(n)), QEmbedding)}
+        self._flat: FlatStep | None | bool = None  # False: does not apply
 
     def fp32_parameters(self) -> list[nn.Parameter]:
         """Parameters held in fp32 (biases, fp32-kept weights, other layers' parameters)."""
@@ -535,16 +540,33 @@ class OMCModel:
                 torch._foreach_add_(ps, [p.grad for p in ps], alpha=-lr)
                 for p in ps:
                     p.grad = None
+            flat = self._flat_step()
+            if flat is not None and flat.run(lr):
+                done = set(map(id, flat.qps))
+                qps = [qp for qp in self.q.values() if id(qp) not in done]
+            else:
+                qps = list(self.q.values())
             shared = None
             if not self.cfg.per_variable:
                 for qp in self.q.values():
                     _densify(qp)
                 shared = self._range(self.q.values(), lr)
-            for qp in self.q.values():
+            for qp in qps:
                 if qp.sgrad:
                     self._sparse_step(qp, lr)
                 elif qp.grad is not None or shared is not None:
                     self._requantize(qp, lr, shared)
+
+    def _flat_step(self) -> FlatStep | None:
+        """The flat step of a small model's 8-bit variables (not embedding tables: they step
+        by rows), built at the first step and again after `load_payloads`; None where it does
+        not apply (another format or width, a shared transform, over `_FLAT_MAX` values)."""
+        if self._flat is None:
+            c = self.cfg
+            qps = [qp for n, qp in self.q.items() if n not in self._tables]
+            ok = c.per_variable and c.fmt == "int" and c.bits == 8 and qps and sum(qp.n for qp in qps) <= _FLAT_MAX
+            self._flat = FlatStep(qps, self._rounder, self.ws) if ok else False
+        return self._flat or None
 
     def _blocks(self, qp: QuantizedParam) -> Iterable[tuple[int, int]]:
         nb = _block_rows(qp.shape, self.block_bytes)
@@ -693,6 +715,7 @@ class OMCModel:
 
     def _rebind(self, name: str, qp: QuantizedParam) -> None:
         self.q[name] = qp
+        self._flat = None  # rebuilt (with this variable's codes) at the next step
         mod = self.model.get_submodule(_mod_name(name))
         if isinstance(mod, nn.RNNBase):
             return  # looked up in self.q at every forward

@@ -12,6 +12,8 @@ these compute the same affine integer mapping with fewer passes and no block-siz
   codes = clamp(floor((w - lo) / alpha + r), 0, top). r is uniform on (0, 1) at 2**-16
   resolution (16 bits of SplitMix64 of a counter: four values per output, at the values'
   position in the rounder's stream, keyed by the seed), or 1/2 for round to nearest;
+- `FlatStep`: a small model's 8-bit variables in one flat code array and one flat gradient
+  array, so that the whole re-quantization is one numba call (`omc_numba.step_flat`);
 - `Workspace`: one growable float32 buffer per model for decompressed blocks, tracked as
   transient parameter memory for as long as it exists.
 
@@ -28,7 +30,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["Rounder", "Workspace", "dequantize_into", "numba_kernels", "random16_torch", "update_range"]
+__all__ = ["FlatStep", "Rounder", "Workspace", "dequantize_into", "numba_kernels", "random16_torch", "update_range"]
 
 _MASK64 = (1 << 64) - 1
 _G, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -197,3 +199,45 @@ class Workspace:
             self.buf = torch.empty(0)  # the old buffer is released (and untracked) first
             self.buf = self.tracker.track(torch.empty(n))
         return self.buf[:n]
+
+
+class FlatStep:
+    """The 8-bit variables `qps` (objects with buf, grad, alpha, beta, n, shape) moved into one
+    flat uint8 code array (each `buf` becomes a view of it) and given views `gview` of one flat
+    float32 gradient array (layers write their weight gradient there: no allocation per step).
+    `run` re-quantizes every variable that has a gradient in one numba call, in the order given;
+    it returns False, doing nothing, without numba (the caller then steps them one by one)."""
+
+    def __init__(self, qps: list, rounder: Rounder, ws: Workspace) -> None:
+        self.qps, self.rounder, self.ws = list(qps), rounder, ws
+        sizes = [qp.n for qp in self.qps]
+        self.starts = np.zeros(len(sizes) + 1, np.int64)
+        self.starts[1:] = np.cumsum(sizes)
+        self.codes = np.empty(int(self.starts[-1]), np.uint8)
+        self.grads = torch.zeros(int(self.starts[-1]))
+        self.has_grad = np.zeros(len(sizes), np.bool_)
+        self.alphas, self.betas = np.zeros(len(sizes)), np.zeros(len(sizes))
+        for qp, s, e in zip(self.qps, self.starts[:-1], self.starts[1:]):
+            self.codes[s:e] = qp.buf
+            qp.buf = self.codes[s:e]
+            qp.gview = self.grads[s:e].view(qp.shape)
+
+    def run(self, lr: float) -> bool:
+        nb = numba_kernels()
+        if nb is None:
+            return False
+        for i, qp in enumerate(self.qps):
+            g = qp.grad
+            self.has_grad[i] = g is not None
+            if g is not None and g is not qp.gview:
+                qp.gview.copy_(g)  # e.g. a convolution's or a recurrent layer's own gradient tensor
+            self.alphas[i], self.betas[i] = qp.alpha, qp.beta
+        r = self.rounder
+        scratch = self.ws.get(max(1, min(len(self.codes), _RANGE_CHUNK))).numpy()
+        c = nb.step_flat(self.codes, self.grads.numpy(), self.starts, self.has_grad, self.alphas, self.betas, float(lr),
+                         255.0, r.stochastic, np.uint64(r.key), np.uint64(r.counter), scratch)
+        r.counter = int(c)
+        for i, qp in enumerate(self.qps):
+            if self.has_grad[i]:
+                qp.alpha, qp.beta, qp.grad = float(self.alphas[i]), float(self.betas[i]), None
+        return True

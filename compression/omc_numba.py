@@ -10,7 +10,9 @@ Each kernel is one call over a whole variable's flat arrays and holds no fp32 co
 - `requantize(codes, grad, k, s, off, top, stochastic, key, counter)`: codes = clamp(floor(
   (codes + k * grad) * s + off + r), 0, top) in place;
 - `quantize(w, lo, inv_alpha, top, stochastic, key, counter, codes)`: codes = clamp(floor(
-  (w - lo) * inv_alpha + r), 0, top).
+  (w - lo) * inv_alpha + r), 0, top);
+- `step_flat(...)`: the two above for every variable of a flat code / gradient array in one
+  call (a small model's whole step).
 
 r is the stochastic-rounding offset, (b + 1/2) * 2**-16 with b 16 random bits: value i takes
 bits 16 (i % 4) .. 16 (i % 4) + 15 of SplitMix64 output number counter + i // 4 of the stream of
@@ -24,7 +26,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-__all__ = ["quantize", "requantize", "update_range"]
+__all__ = ["quantize", "requantize", "step_flat", "update_range"]
 
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -82,9 +84,8 @@ def _minmax_keys(v, lo, hi):  # noqa: ANN001
     return lo, hi
 
 
-@nb.njit(**_opts)
-def update_range(codes, grad, k, scratch):  # noqa: ANN001
-    kk = np.float32(k)
+@nb.njit(inline="always", **_opts)
+def _range(codes, grad, kk, scratch):  # noqa: ANN001
     n, c = codes.size, scratch.size
     keys = scratch.view(np.int32)
     lo, hi = np.int32(0x7FFFFFFF), np.int32(-0x80000000)
@@ -100,6 +101,11 @@ def update_range(codes, grad, k, scratch):  # noqa: ANN001
     out[1] = hi ^ ((hi >> _SIGN) & _MAG)
     f = out.view(np.float32)
     return float(f[0]), float(f[1])
+
+
+@nb.njit(**_opts)
+def update_range(codes, grad, k, scratch):  # noqa: ANN001
+    return _range(codes, grad, np.float32(k), scratch)
 
 
 @nb.njit(inline="always", **_opts)
@@ -121,9 +127,8 @@ def _quant_rand(w, codes, r16, ll, ia, tt):  # noqa: ANN001
         codes[i] = min(max((w[i] - ll) * ia + _offset(r16, i), _ZERO), tt)
 
 
-@nb.njit(**_opts)
-def requantize(codes, grad, k, s, off, top, stochastic, key, counter):  # noqa: ANN001
-    kk, ss, oo, tt = np.float32(k), np.float32(s), np.float32(off), np.float32(top)
+@nb.njit(inline="always", **_opts)
+def _requant(codes, grad, kk, ss, oo, tt, stochastic, key, counter):  # noqa: ANN001
     n = codes.size
     if not stochastic:
         if grad.size:
@@ -143,6 +148,39 @@ def requantize(codes, grad, k, s, off, top, stochastic, key, counter):  # noqa: 
             _requant_rand(codes[s0:e], grad[s0:e], r16[: e - s0], kk, ss, oo, tt)
         else:
             _requant_rand_nograd(codes[s0:e], r16[: e - s0], ss, oo, tt)
+
+
+@nb.njit(**_opts)
+def requantize(codes, grad, k, s, off, top, stochastic, key, counter):  # noqa: ANN001
+    _requant(codes, grad, np.float32(k), np.float32(s), np.float32(off), np.float32(top), stochastic, key, counter)
+
+
+@nb.njit(**_opts)
+def step_flat(codes, grads, starts, has_grad, alphas, betas, lr, top, stochastic, key, counter, scratch):  # noqa: ANN001
+    """SGD step of several variables held in one flat code array and one flat gradient array
+    (variable v at starts[v] .. starts[v + 1] - 1): for each one with has_grad[v], the range of
+    the update, a refitted transform (as `omc.fit_transform` for the int format: written back
+    into alphas / betas) and the codes rewritten, in order, each taking ceil(n / 4) outputs of
+    the random stream from `counter`. Returns the counter after the last."""
+    tt = np.float32(top)
+    for v in range(starts.size - 1):
+        if not has_grad[v]:
+            continue
+        s, e = starts[v], starts[v + 1]
+        alpha, beta = alphas[v], betas[v]
+        kk = np.float32(-lr / alpha)
+        lo, hi = _range(codes[s:e], grads[s:e], kk, scratch)
+        vmin, vmax = alpha * lo + beta, alpha * hi + beta
+        a2 = float(np.float32((vmax - vmin) / top))
+        if not (a2 > 0.0 and np.isfinite(a2)):
+            a2 = 1.0
+        b2 = float(np.float32(vmin))
+        _requant(codes[s:e], grads[s:e], kk, np.float32(alpha / a2), np.float32((beta - b2) / a2), tt, stochastic, key,
+                 counter)
+        if stochastic:
+            counter += np.uint64((e - s + 3) // 4)
+        alphas[v], betas[v] = a2, b2
+    return counter
 
 
 @nb.njit(**_opts)
