@@ -96,7 +96,7 @@ def update_range(codes: np.ndarray, grad: torch.Tensor | None, k: float, ws: "Wo
     n = codes.size
     if nb is not None:
         g = grad.numpy() if grad is not None else _EMPTY
-        return nb.update_range(codes, g, float(k), ws.get(max(1, min(n, _RANGE_CHUNK))).numpy())
+        return nb.update_range(codes, g, float(k), ws.scratch(n))
     ct, lo, hi, step = torch.from_numpy(codes), float("inf"), float("-inf"), ws.chunk()
     for s in range(0, n, step):
         e = min(n, s + step)
@@ -194,6 +194,11 @@ class Workspace:
         a block starts at a whole SplitMix64 output of the rounding stream)."""
         return max(4, (self.buf.numel() if self.buf.numel() >= 1024 else self.block) & ~3)
 
+    def scratch(self, n: int) -> np.ndarray:
+        """Float32 scratch for the numba range kernel: up to 1024 values, within the buffer as it
+        is (or one block), so that it never grows the workspace past the block size."""
+        return self.get(max(1, min(n, _RANGE_CHUNK, max(self.buf.numel(), self.block)))).numpy()
+
     def get(self, n: int) -> torch.Tensor:
         if self.buf.numel() < n:
             self.buf = torch.empty(0)  # the old buffer is released (and untracked) first
@@ -233,7 +238,7 @@ class FlatStep:
                 qp.gview.copy_(g)  # e.g. a convolution's or a recurrent layer's own gradient tensor
             self.alphas[i], self.betas[i] = qp.alpha, qp.beta
         r = self.rounder
-        scratch = self.ws.get(max(1, min(len(self.codes), _RANGE_CHUNK))).numpy()
+        scratch = self.ws.scratch(len(self.codes))
         c = nb.step_flat(self.codes, self.grads.numpy(), self.starts, self.has_grad, self.alphas, self.betas, float(lr),
                          255.0, r.stochastic, np.uint64(r.key), np.uint64(r.counter), scratch)
         r.counter = int(c)
