@@ -278,7 +278,7 @@ class _QOp(torch.autograd.Function):
         qp.grad = gw if qp.grad is None else qp.grad.add_(gw)
         gb = None
         if ctx.has_bias:
-            gb = gy.reshape(-1, gy.shape[-1]).sum(0) if mod.out_dim == -1 else gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
+            gb = (gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])).sum(0) if mod.out_dim == -1 else gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
         return gx, None, gb, None
 
 
@@ -354,13 +354,15 @@ class _QModule(nn.Module):
     def backward(self, x: torch.Tensor, gy: torch.Tensor, need_gx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         rows, nb = self.qweight.shape[0], self.block_rows
         if self.linear:
-            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
+            g2 = gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             qp = self.qweight
             gw = torch.mm(g2.t(), x2, out=qp.gview) if qp.grad is None and qp.gview is not None else g2.t().mm(x2)
             if not need_gx:
                 return None, gw
             if self.codes:
-                return self.codes.input_grad(qp, g2).reshape(x.shape), gw
+                gx = self.codes.input_grad(qp, g2)
+                return (gx if x.dim() == 2 else gx.reshape(x.shape)), gw
             if nb >= rows:
                 return g2.mm(self.weight_block(0, rows)).reshape(x.shape), gw
             gx = torch.zeros(x2.shape)
