@@ -2,13 +2,15 @@
 
 `OMCModel` wraps a model from `workers.models`: each quantized weight lives as bit-packed codes
 plus a per-variable (alpha, beta) transform (`QuantizedParam`). Linear and Conv layers run
-through custom autograd functions that dequantize the weight block by block (output rows or
-channels) into one reused workspace inside forward, and again inside backward for the input
-gradient only, so at most one block is held in fp32 and nothing fp32 of the weight is saved for
-backward. The weight gradient is dense fp32 (as any gradient); `step` applies SGD block by block
-and re-quantizes with a freshly fitted transform (`omc_kernels`: one pass per block, 16-bit
-stochastic rounding). Embedding tables and LSTM / GRU / RNN weights are held quantized too
-(`omc_layers`); Embedding steps touch only the rows looked up.
+through custom autograd functions that dequantize the weight block by block into one reused
+workspace inside forward, and again inside backward for the input gradient only, so at most one
+block is held in fp32 and nothing fp32 of the weight is saved for backward (8-bit Linear: blocks
+of input columns straight from the codes, `omc_linear`; otherwise output rows or channels). The
+weight gradient is dense fp32 (as any gradient); `step` applies SGD and re-quantizes with a
+freshly fitted transform, 16-bit stochastic rounding (`omc_kernels`: fused numba kernels, one
+call per variable or, for a small model, one for all its 8-bit variables; torch blocks without
+numba). Embedding tables and LSTM / GRU / RNN weights are held quantized too (`omc_layers`);
+Embedding steps touch only the rows looked up.
 
 Wire format of one quantized variable (codec "omc"): alpha and beta as float32, then
 ceil(n * bits / 8) bytes of little-endian packed codes.

@@ -15,7 +15,7 @@ from fedray.compression.omc import OMCConfig, OMCModel
 from fedray.workers.models import build_model
 
 nb = K.numba_kernels()
-needs_numba = pytest.mark.skipif(nb is None, reason="numba is not installed (the torch fallback runs alone)")
+needs_numba = pytest.mark.skipif(nb is None, reason="numba kernels unavailable (numba missing or FEDRAY_OMC_NUMBA=0)")
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_numba_and_torch_agree(stochastic, monkeypatch):
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_rounding_unbiased_seeded_and_in_range(backend, monkeypatch):
     if backend == "numba" and nb is None:
-        pytest.skip("numba is not installed")
+        pytest.skip("numba kernels unavailable")
     if backend == "torch":
         monkeypatch.setattr(K, "_nb", False)
     codes = np.full(100_000, 10, np.uint8)
@@ -126,7 +126,7 @@ def test_flat_step_equals_per_variable_step(monkeypatch):
 @pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_training_on_either_kernel_set_and_reload(backend, monkeypatch):
     if backend == "numba" and nb is None:
-        pytest.skip("numba is not installed")
+        pytest.skip("numba kernels unavailable")
     if backend == "torch":
         monkeypatch.setattr(K, "_nb", False)
     torch.manual_seed(0)
