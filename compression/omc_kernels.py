@@ -48,7 +48,7 @@ def numba_kernels():
                 from . import omc_numba
 
                 _nb = omc_numba
-            except ImportError:
+            except Exception:  # noqa: BLE001 - numba missing or unusable here: the torch path runs
                 pass
     return _nb or None
 
