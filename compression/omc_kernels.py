@@ -30,7 +30,8 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["FlatStep", "Rounder", "Workspace", "dequantize_into", "numba_kernels", "random16_torch", "update_range"]
+__all__ = ["FlatStep", "Rounder", "Workspace", "dequantize_into", "numba_kernels", "random16_torch", "splitmix64",
+           "update_range"]
 
 _MASK64 = (1 << 64) - 1
 _G, _M1, _M2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
