@@ -2,13 +2,15 @@
 
 `OMCModel` wraps a model from `workers.models`: each quantized weight lives as bit-packed codes
 plus a per-variable (alpha, beta) transform (`QuantizedParam`). Linear and Conv layers run
-through custom autograd functions that dequantize the weight block by block (output rows or
-channels) into one reused workspace inside forward, and again inside backward for the input
-gradient only, so at most one block is held in fp32 and nothing fp32 of the weight is saved for
-backward. The weight gradient is dense fp32 (as any gradient); `step` applies SGD block by block
-and re-quantizes with a freshly fitted transform (`omc_kernels`: one pass per block, 16-bit
-stochastic rounding). Embedding tables and LSTM / GRU / RNN weights are held quantized too
-(`omc_layers`); Embedding steps touch only the rows looked up.
+through custom autograd functions that dequantize the weight block by block into one reused
+workspace inside forward, and again inside backward for the input gradient only, so at most one
+block is held in fp32 and nothing fp32 of the weight is saved for backward (8-bit Linear: blocks
+of input columns straight from the codes, `omc_linear`; otherwise output rows or channels). The
+weight gradient is dense fp32 (as any gradient); `step` applies SGD and re-quantizes with a
+freshly fitted transform, 16-bit stochastic rounding (`omc_kernels`: fused numba kernels, one
+call per variable or, for a small model, one for all its 8-bit variables; torch blocks without
+numba). Embedding tables and LSTM / GRU / RNN weights are held quantized too (`omc_layers`);
+Embedding steps touch only the rows looked up.
 
 Wire format of one quantized variable (codec "omc"): alpha and beta as float32, then
 ceil(n * bits / 8) bytes of little-endian packed codes.
@@ -28,7 +30,8 @@ from torch.nn import functional as F
 from fedray.config import OMCConfig
 
 from .codec import Codec, CodecContext, get_codec, register_codec
-from .omc_kernels import Rounder, Workspace, dequantize_into
+from .omc_kernels import FlatStep, Rounder, Workspace, dequantize_into, update_range
+from .omc_linear import CodesLinear
 from .omc_layers import QEmbedding, RNNWeights, embedding_ok
 from .payload import Payload, PayloadError, param
 
@@ -45,6 +48,7 @@ __all__ = [
 ]
 
 _FORMATS = ("int", "float")
+_FLAT_MAX = 1 << 22  # the most 8-bit values stepped as one flat array (16 MiB of flat gradient)
 
 # --- the number formats (pure functions) --------------------------------------------------------
 
@@ -177,6 +181,7 @@ class QuantizedParam:
         self.buf, self.alpha, self.beta = buf, alpha, beta
         self.grad: torch.Tensor | None = None
         self.sgrad: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.gview: torch.Tensor | None = None  # where a layer writes `grad` (`omc_kernels.FlatStep`)
 
     @classmethod
     def from_tensor(cls, w: torch.Tensor, cfg: OMCConfig, *, generator: torch.Generator | None = None,
@@ -275,8 +280,19 @@ class _QOp(torch.autograd.Function):
         qp.grad = gw if qp.grad is None else qp.grad.add_(gw)
         gb = None
         if ctx.has_bias:
-            gb = gy.reshape(-1, gy.shape[-1]).sum(0) if mod.out_dim == -1 else gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
+            gb = (gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])).sum(0) if mod.out_dim == -1 else gy.sum(dim=[d for d in range(gy.dim()) if d != 1])
         return gx, None, gb, None
+
+
+# autograd's C entry point: Function.apply's Python wrapper only adds the functorch handling
+# (checked in _QModule.forward) and costs a few microseconds a layer on a millisecond step
+_qop_apply = super(torch.autograd.Function, _QOp).apply
+
+
+def codes_ok(orig: nn.Module, qp: QuantizedParam) -> bool:
+    """Whether a layer runs from its codes (`omc_linear.CodesLinear`): an 8-bit int Linear."""
+    return isinstance(orig, nn.Linear) and qp.cfg.bits == 8 and qp.cfg.fmt == "int" and len(qp.shape) == 2 \
+        and qp.shape[0] > 0
 
 
 class _QModule(nn.Module):
@@ -288,11 +304,16 @@ class _QModule(nn.Module):
         self.qweight, self.tracker = qweight, tracker
         self.ws = workspace or Workspace(tracker)
         self.block_rows = _block_rows(qweight.shape, block_bytes)
-        # Linear at 8-bit int codes: blocks of input columns (a K-split keeps each GEMM as wide
-        # as the layer: 2.3x faster than blocks of output rows on the Fashion-MNIST MLP).
-        cols = qweight.shape[1] if len(qweight.shape) == 2 else 0
-        self.block_cols = max(1, block_bytes // (4 * qweight.shape[0])) if isinstance(orig, nn.Linear) \
-            and qweight.cfg.bits == 8 and qweight.cfg.fmt == "int" and qweight.shape[0] else cols
+        # Linear at 8-bit int codes (`omc_linear`): blocks of input columns of equal width (a
+        # K-split keeps each GEMM as wide as the layer: 2.3x faster than blocks of output rows
+        # on the Fashion-MNIST MLP).
+        self.block_cols = 0
+        self.codes = None
+        if codes_ok(orig, qweight):
+            rows, cols = qweight.shape
+            n = -(-cols // max(1, block_bytes // (4 * rows)))
+            self.block_cols = -(-cols // n)
+            self.codes = CodesLinear(self.ws, self.block_cols)
         self.bias = orig.bias
         self.token = nn.Parameter(torch.zeros(()))  # makes autograd call backward even for the first layer
         self.linear = isinstance(orig, nn.Linear)
@@ -311,30 +332,10 @@ class _QModule(nn.Module):
 
     qbias: QuantizedParam | None = None
 
-    def _col_blocks(self) -> list[tuple[int, int]] | None:
-        cols, kb = self.qweight.shape[-1], self.block_cols
-        return None if not self.linear or kb >= cols else [(k, min(k + kb, cols)) for k in range(0, cols, kb)]
-
-    def weight_cols(self, k0: int, k1: int) -> torch.Tensor:
-        """Columns k0..k1-1 of an 8-bit Linear weight, decompressed into the workspace."""
-        qp = self.qweight
-        rows = qp.shape[0]
-        codes = torch.from_numpy(qp.buf).view(rows, -1)[:, k0:k1]
-        return dequantize_into(codes, qp.alpha, qp.beta, self.ws.get(rows * (k1 - k0)).view(rows, k1 - k0))
-
     def apply_op(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows, nb = self.qweight.shape[0], self.block_rows
-        kblocks = self._col_blocks()
-        if kblocks is not None:
-            x2 = x.reshape(-1, x.shape[-1])
-            y = None
-            for k0, k1 in kblocks:
-                w = self.weight_cols(k0, k1)
-                if y is None:
-                    y = torch.addmm(bias, x2[:, k0:k1], w.t()) if bias is not None else x2[:, k0:k1].mm(w.t())
-                else:
-                    y.addmm_(x2[:, k0:k1], w.t())
-            return y.reshape(tuple(x.shape[:-1]) + (rows,))
+        if self.codes:
+            return self.codes.forward(self.qweight, x, bias)
         if nb >= rows:
             return self.op(x, self.weight_block(0, rows), bias)
         y = torch.cat([self.op(x, self.weight_block(r0, min(r0 + nb, rows)), None) for r0 in range(0, rows, nb)],
@@ -342,6 +343,13 @@ class _QModule(nn.Module):
         if bias is not None:
             y = y + (bias if self.out_dim == -1 else bias.reshape((1, -1) + (1,) * (y.dim() - 2)))
         return y
+
+    def workspace_values(self) -> int:
+        """The most float32 values this layer decompresses at once."""
+        qp = self.qweight
+        if self.codes:
+            return qp.shape[0] * min(self.block_cols, qp.shape[1])
+        return min(self.block_rows, qp.shape[0]) * qp.row_numel
 
     def weight_block(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1-1 of the weight, decompressed into the shared workspace (valid until the
@@ -353,16 +361,15 @@ class _QModule(nn.Module):
     def backward(self, x: torch.Tensor, gy: torch.Tensor, need_gx: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         rows, nb = self.qweight.shape[0], self.block_rows
         if self.linear:
-            g2, x2 = gy.reshape(-1, gy.shape[-1]), x.reshape(-1, x.shape[-1])
-            gw = g2.t().mm(x2)
+            g2 = gy if gy.dim() == 2 else gy.reshape(-1, gy.shape[-1])
+            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            qp = self.qweight
+            gw = torch.mm(g2.t(), x2, out=qp.gview) if qp.grad is None and qp.gview is not None else g2.t().mm(x2)
             if not need_gx:
                 return None, gw
-            kblocks = self._col_blocks()
-            if kblocks is not None:
-                gx = torch.empty(x2.shape)
-                for k0, k1 in kblocks:
-                    gx[:, k0:k1] = g2.mm(self.weight_cols(k0, k1))
-                return gx.reshape(x.shape), gw
+            if self.codes:
+                gx = self.codes.input_grad(qp, g2)
+                return (gx if x.dim() == 2 else gx.reshape(x.shape)), gw
             if nb >= rows:
                 return g2.mm(self.weight_block(0, rows)).reshape(x.shape), gw
             gx = torch.zeros(x2.shape)
@@ -386,7 +393,9 @@ class _QModule(nn.Module):
             qb = self.qbias
             bias = self.tracker.track(qb.rows(0, qb.shape[0])).requires_grad_(True)
             bias.register_hook(lambda g, qb=qb: setattr(qb, "grad", g if qb.grad is None else qb.grad + g))
-        return _QOp.apply(x, self.token, bias, self)
+        if torch._C._are_functorch_transforms_active():
+            return _QOp.apply(x, self.token, bias, self)
+        return _qop_apply(x, self.token, bias, self)
 
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -444,7 +453,7 @@ class OMCModel:
         self.fp32_names = _pick_fp32(names, sizes, cfg.partial_fp32_fraction, seed)
         chosen = [n for n in names if n not in self.fp32_names]
         self.block_bytes = cfg.block_bytes or _auto_block_bytes(sum(sizes[n] for n in chosen))
-        self.ws = Workspace(self.tracker)
+        self.ws = Workspace(self.tracker, self.block_bytes // 4)
         tensors = {n: model.get_parameter(n) for n in chosen}
         if not cfg.weights_only:
             for n in chosen:
@@ -480,10 +489,17 @@ class OMCModel:
             orig.weight = nn.Parameter(torch.empty(0))  # no fp32 copy is held while training
         for mname, attrs in rnn.items():
             self._rnn.append(RNNWeights(model.get_submodule(mname), attrs, self.q, self.tracker))
+        # the workspace at its final size now: cached views of it stay valid
+        need = [m.workspace_values() for m in model.modules() if isinstance(m, _QModule)]
+        if need:
+            self.ws.get(max(need))
+        self._fp32 = [p for n, p in model.named_parameters() if not n.endswith("token")]
+        self._tables = {n for n in chosen if isinstance(model.get_submodule(_mod_name(n)), QEmbedding)}
+        self._flat: FlatStep | None | bool = None  # False: does not apply
 
     def fp32_parameters(self) -> list[nn.Parameter]:
         """Parameters held in fp32 (biases, fp32-kept weights, other layers' parameters)."""
-        return [p for n, p in self.model.named_parameters() if not n.endswith("token")]
+        return list(self._fp32)
 
     def step(self, lr: float) -> None:
         """SGD step: fp32 parameters in place; each quantized variable that has a gradient is
@@ -491,21 +507,38 @@ class OMCModel:
         (stochastic if configured). Embedding tables update and re-quantize only the rows
         looked up since the last step (see `_sparse_step`)."""
         with torch.no_grad():
-            ps = [p for p in self.fp32_parameters() if p.grad is not None]
+            ps = [p for p in self._fp32 if p.grad is not None]
             if ps:
                 torch._foreach_add_(ps, [p.grad for p in ps], alpha=-lr)
                 for p in ps:
                     p.grad = None
+            flat = self._flat_step()
+            if flat is not None and flat.run(lr):
+                done = set(map(id, flat.qps))
+                qps = [qp for qp in self.q.values() if id(qp) not in done]
+            else:
+                qps = list(self.q.values())
             shared = None
             if not self.cfg.per_variable:
                 for qp in self.q.values():
                     _densify(qp)
                 shared = self._range(self.q.values(), lr)
-            for qp in self.q.values():
+            for qp in qps:
                 if qp.sgrad:
                     self._sparse_step(qp, lr)
                 elif qp.grad is not None or shared is not None:
                     self._requantize(qp, lr, shared)
+
+    def _flat_step(self) -> FlatStep | None:
+        """The flat step of a small model's 8-bit variables (not embedding tables: they step
+        by rows), built at the first step and again after `load_payloads`; None where it does
+        not apply (another format or width, a shared transform, over `_FLAT_MAX` values)."""
+        if self._flat is None:
+            c = self.cfg
+            qps = [qp for n, qp in self.q.items() if n not in self._tables]
+            ok = c.per_variable and c.fmt == "int" and c.bits == 8 and qps and sum(qp.n for qp in qps) <= _FLAT_MAX
+            self._flat = FlatStep(qps, self._rounder, self.ws) if ok else False
+        return self._flat or None
 
     def _blocks(self, qp: QuantizedParam) -> Iterable[tuple[int, int]]:
         nb = _block_rows(qp.shape, self.block_bytes)
@@ -524,6 +557,10 @@ class OMCModel:
         # Pass 1 of 2: the range of the updated values, without holding a whole variable in fp32.
         lo, hi = math.inf, -math.inf
         for qp in qps:
+            if qp.fast:
+                umin, umax = update_range(_flat_codes(qp), _flat_grad(qp), -lr / qp.alpha, self.ws)
+                lo, hi = min(lo, qp.alpha * umin + qp.beta), max(hi, qp.alpha * umax + qp.beta)
+                continue
             for r0, r1 in self._blocks(qp):
                 mn, mx = torch.aminmax(self._updated(qp, r0, r1, lr))
                 lo, hi = min(lo, float(mn)), max(hi, float(mx))
@@ -532,41 +569,30 @@ class OMCModel:
 
     def _requantize(self, qp: QuantizedParam, lr: float, transform: tuple[float, float] | None) -> None:
         c = self.cfg
-        blocks = self._blocks(qp)
         if qp.grad is not None and not qp.grad.is_contiguous():  # e.g. LSTM gradients: flatten once
             qp.grad = qp.grad.contiguous()
-        if not qp.fast:
-            transform = transform or self._range([qp], lr)
-            gen = self._gen if c.stochastic else None
-            codes = np.empty(qp.n, dtype=np.int32)  # bookkeeping; packed right below
-            rn = qp.row_numel
-            for r0, r1 in blocks:
-                w = self._updated(qp, r0, r1, lr)
-                codes[r0 * rn : r1 * rn] = quantize(w, *transform, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits,
-                                                    generator=gen).numpy()
-            qp.buf, (qp.alpha, qp.beta), qp.grad = _pack(codes, c.bits), transform, None
+        if qp.fast:  # fused: range, then codes rewritten in place (omc_kernels)
+            codes, grad, k = _flat_codes(qp), _flat_grad(qp), -lr / qp.alpha
+            if transform is None:
+                umin, umax = update_range(codes, grad, k, self.ws)
+                transform = fit_transform(qp.alpha * umin + qp.beta, qp.alpha * umax + qp.beta, bits=c.bits,
+                                          fmt=c.fmt, exp_bits=c.exp_bits)
+            alpha, beta = transform
+            self._rounder.requantize(codes, grad, k, qp.alpha / alpha, (qp.beta - beta) / alpha, (1 << c.bits) - 1,
+                                     self.ws)
+            if c.bits != 8:
+                qp.buf = _pack(codes, c.bits)
+            qp.alpha, qp.beta, qp.grad = alpha, beta, None
             return
-        if transform is None and len(blocks) == 1:  # one block: range and codes from one decompression
-            w = self._updated(qp, 0, blocks[0][1], lr)
-            mn, mx = torch.aminmax(w)
-            transform = fit_transform(float(mn), float(mx), bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits)
-            self._write_codes(qp, [(0, blocks[0][1], w)], transform)
-        else:
-            transform = transform or self._range([qp], lr)
-            self._write_codes(qp, ((r0, r1, None) for r0, r1 in blocks), transform, lr)
-        qp.alpha, qp.beta = transform
-        qp.grad = None
-
-    def _write_codes(self, qp: QuantizedParam, blocks, transform: tuple[float, float], lr: float = 0.0) -> None:
-        """Pass 2: quantize each block (given, or recomputed from the old codes) into qp.buf."""
-        bits, rn = qp.cfg.bits, qp.row_numel
-        alpha, beta = transform
-        codes = qp.buf if bits == 8 else np.empty(qp.n, np.uint8)
-        for r0, r1, w in blocks:
-            w = self._updated(qp, r0, r1, lr) if w is None else w
-            self._rounder.quantize_into(w, beta, alpha, (1 << bits) - 1, codes[r0 * rn : r1 * rn])
-        if bits != 8:
-            qp.buf = _pack(codes, bits)
+        transform = transform or self._range([qp], lr)
+        gen = self._gen if c.stochastic else None
+        codes = np.empty(qp.n, dtype=np.int32)  # bookkeeping; packed right below
+        rn = qp.row_numel
+        for r0, r1 in self._blocks(qp):
+            w = self._updated(qp, r0, r1, lr)
+            codes[r0 * rn : r1 * rn] = quantize(w, *transform, bits=c.bits, fmt=c.fmt, exp_bits=c.exp_bits,
+                                                generator=gen).numpy()
+        qp.buf, (qp.alpha, qp.beta), qp.grad = _pack(codes, c.bits), transform, None
 
     def _sparse_step(self, qp: QuantizedParam, lr: float) -> None:
         """Embedding rows: update the rows looked up and re-quantize them alone with the
@@ -661,6 +687,7 @@ class OMCModel:
 
     def _rebind(self, name: str, qp: QuantizedParam) -> None:
         self.q[name] = qp
+        self._flat = None  # rebuilt (with this variable's codes) at the next step
         mod = self.model.get_submodule(_mod_name(name))
         if isinstance(mod, nn.RNNBase):
             return  # looked up in self.q at every forward
@@ -685,6 +712,15 @@ class OMCModel:
             mname, attr = name.rsplit(".", 1) if "." in name else ("", name)
             setattr(self.model.get_submodule(mname), attr, nn.Parameter(values[name]))
         self._swapped, self._rnn = [], []
+
+
+def _flat_codes(qp: QuantizedParam) -> np.ndarray:
+    """A fast variable's codes as a flat uint8 array: its buffer at 8 bits, else unpacked."""
+    return qp.buf if qp.cfg.bits == 8 else _unpack(qp.buf, qp.cfg.bits, 0, qp.n).astype(np.uint8)
+
+
+def _flat_grad(qp: QuantizedParam) -> torch.Tensor | None:
+    return None if qp.grad is None else qp.grad.reshape(-1)
 
 
 def _densify(qp: QuantizedParam) -> None:
