@@ -13,6 +13,8 @@ from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
 from fedray.config import TrainConfig
 
+from .conv_kernels import EVAL_BATCH, fast_eval_model
+
 __all__ = ["TrainConfig", "TrainStats", "evaluate", "evaluate_dataset", "pick_device", "train_dataset", "train_local"]
 
 
@@ -89,14 +91,26 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | N
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | None, shift: float = 0.0, batch: int = 4096) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of `model` on (x, y)."""
+    """(accuracy, mean cross-entropy loss) of `model` on (x, y).
+
+    A CPU convolutional classifier that `conv_kernels.fast_eval_model` handles is evaluated by
+    its oneDNN copy at `conv_kernels.EVAL_BATCH` images a batch (the plain path if that fails)."""
     model.eval()
-    device = _device_of(model)
+    fast = fast_eval_model(model)
+    if fast is not None:
+        try:
+            return _evaluate_with(fast, x, y, scale, shift, min(batch, EVAL_BATCH), torch.device("cpu"))
+        except RuntimeError:  # a oneDNN build that refuses an op: the plain path below
+            pass
+    return _evaluate_with(model, x, y, scale, shift, batch, _device_of(model))
+
+
+def _evaluate_with(forward, x, y, scale, shift, batch: int, device: torch.device) -> tuple[float, float]:
     correct, loss_sum = 0, 0.0
     for i in range(0, len(y), batch):
         xb = torch.from_numpy(_features(x[i : i + batch], scale, shift)).to(device)
         yb = torch.from_numpy(np.asarray(y[i : i + batch], dtype=np.int64)).to(device)
-        out = model(xb)
+        out = forward(xb)
         loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
         correct += int((out.argmax(1) == yb).sum())
     return correct / max(len(y), 1), loss_sum / max(len(y), 1)
