@@ -13,7 +13,7 @@ from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
 from fedray.config import TrainConfig
 
-from .conv_kernels import EVAL_BATCH, fast_eval_model
+from .conv_kernels import EVAL_BATCH, fast_eval_model, map_batches
 
 __all__ = ["TrainConfig", "TrainStats", "evaluate", "evaluate_dataset", "pick_device", "train_dataset", "train_local"]
 
@@ -94,26 +94,30 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | None
     """(accuracy, mean cross-entropy loss) of `model` on (x, y).
 
     A CPU convolutional classifier that `conv_kernels.fast_eval_model` handles is evaluated by
-    its oneDNN copy at `conv_kernels.EVAL_BATCH` images a batch (the plain path if that fails)."""
+    its oneDNN copy at `conv_kernels.EVAL_BATCH` images a batch, batches spread over
+    `torch.get_num_threads()` threads of one intra-op thread each (`conv_kernels.map_batches`);
+    the plain path if that fails."""
     model.eval()
     fast = fast_eval_model(model)
     if fast is not None:
         try:
-            return _evaluate_with(fast, x, y, scale, shift, min(batch, EVAL_BATCH), torch.device("cpu"))
+            rows = map_batches(lambda i, j: _batch_metrics(fast, x, y, scale, shift, i, j, torch.device("cpu")),
+                               len(y), min(batch, EVAL_BATCH), torch.get_num_threads())
+            return sum(c for c, _ in rows) / max(len(y), 1), sum(s for _, s in rows) / max(len(y), 1)
         except RuntimeError:  # a oneDNN build that refuses an op: the plain path below
             pass
-    return _evaluate_with(model, x, y, scale, shift, batch, _device_of(model))
+    device = _device_of(model)
+    rows = [_batch_metrics(model, x, y, scale, shift, i, i + batch, device) for i in range(0, len(y), batch)]
+    return sum(c for c, _ in rows) / max(len(y), 1), sum(s for _, s in rows) / max(len(y), 1)
 
 
-def _evaluate_with(forward, x, y, scale, shift, batch: int, device: torch.device) -> tuple[float, float]:
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(y), batch):
-        xb = torch.from_numpy(_features(x[i : i + batch], scale, shift)).to(device)
-        yb = torch.from_numpy(np.asarray(y[i : i + batch], dtype=np.int64)).to(device)
+def _batch_metrics(forward, x, y, scale, shift, i: int, j: int, device: torch.device) -> tuple[int, float]:
+    """(correct predictions, summed cross-entropy) of examples i:j."""
+    with torch.no_grad():  # grad mode is per thread: map_batches' threads need it too
+        xb = torch.from_numpy(_features(x[i:j], scale, shift)).to(device)
+        yb = torch.from_numpy(np.asarray(y[i:j], dtype=np.int64)).to(device)
         out = forward(xb)
-        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    return correct / max(len(y), 1), loss_sum / max(len(y), 1)
+        return int((out.argmax(1) == yb).sum()), float(nn.functional.cross_entropy(out, yb, reduction="sum"))
 
 
 def _device_of(model: nn.Module) -> torch.device:
