@@ -109,3 +109,20 @@ def test_channels_last_training_gives_the_plain_update(task, monkeypatch, codec)
             tol = 1e-5 if codec == "identity" else 1e-5 + float(want[k].abs().max()) / 127
             torch.testing.assert_close(got[k], want[k], atol=tol, rtol=0)
         assert any(float(v.abs().max()) > 0 for v in got.values())  # it trained
+
+
+@needs_onednn
+def test_evaluation_threads_give_the_one_thread_result(task):
+    torch.manual_seed(0)
+    model = task.model()
+    test = task.test_data()
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = evaluate(model, test.x, test.y, test.scale, test.shift, batch=64)
+        torch.set_num_threads(3)  # three threads over 6 batches of 64 (360 test images)
+        three = evaluate(model, test.x, test.y, test.scale, test.shift, batch=64)
+        assert torch.get_num_threads() == 3  # restored after the batches ran on one intra-op thread each
+    finally:
+        torch.set_num_threads(prev)
+    assert one == three  # per-batch sums added in batch order: the same floats
