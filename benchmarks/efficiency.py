@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--codec", default="int8", choices=("int8", "identity"))
     p.add_argument("--unbatched", action="store_true", help="fedray trains its clients one by one")
     p.add_argument("--loop-threads", default=None, help="comma-separated torch thread counts for the loop (default: 1,CPUS)")
+    p.add_argument("--conv-kernels", default="eval,train",
+                   help="fedray's conv kernels (FEDRAY_CONV_KERNELS: eval, train, both or none; workers/conv_kernels.py)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--side", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     base = [sys.executable, __file__, "--rounds", str(a.rounds), "--cpus", str(a.cpus), "--codec", a.codec]
     base += ["--data-dir", a.data_dir] if a.data_dir else []
     base += ["--unbatched"] if a.unbatched else []
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", FEDRAY_CONV_KERNELS=a.conv_kernels)
     for rep in range(a.reps):
         for side in (loops + ["fedray"] if rep % 2 == 0 else ["fedray"] + loops[::-1]):
             proc = subprocess.run(base + ["--side", side], capture_output=True, text=True, env=env, timeout=3600)
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
     out = {
         "task": {**TASK, "hidden": list(TASK["hidden"]), "dataset": "fashion-mnist", "model": "cnn"},
         # resources.batched; CNN clients train one by one either way (workers.batched.batching_pays)
-        "codec": a.codec, "resources_batched": not a.unbatched, "cpus": a.cpus, "rounds": a.rounds, "reps": a.reps,
+        "codec": a.codec, "resources_batched": not a.unbatched, "conv_kernels": a.conv_kernels, "cpus": a.cpus, "rounds": a.rounds, "reps": a.reps,
         "steady_round_s": steady, "best_loop": best_loop, "speedup_fedray_over_loop": ratio, "target_speedup": 1.5,
         "met": ratio >= 1.5, "never_slower": ratio >= 1.0, "runs": runs,
         "cpu_model": _cpu_model(), "os_cpus": os.cpu_count(), "load": os.getloadavg(),

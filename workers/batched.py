@@ -44,8 +44,10 @@ def batching_pays(model: nn.Module) -> bool:
     Fashion-MNIST CNN (conv5x5(32)-pool-conv5x5(64)-pool-fc(512), batch 10, 13 clients of 60
     images) one by one took 5.5-9.2 s, vmapped 13.7-16.0 s, and a hand-built graph of grouped
     convolutions (groups = clients) as slow; conv2's forward and backward alone cost the same
-    separately, grouped, or with one shared weight (docs/performance.md). Batching wins where
-    per-step overhead dominates (MLPs: 4-7x)."""
+    separately, grouped, or with one shared weight, and im2col + bmm with per-client weights runs
+    at an eighth of the per-client rate (benchmarks/conv_levers.py; docs/performance.md). Conv
+    nets get their speed from `conv_kernels` instead. Batching wins where per-step overhead
+    dominates (MLPs: 4-7x)."""
     if not supports_batched(model):
         return False
     return not any(isinstance(m, nn.Conv2d) for m in model.modules())

@@ -13,6 +13,8 @@ from fedray.compression.fd import apply_mask
 from fedray.compression.omc import OMCConfig, OMCModel
 from fedray.config import TrainConfig
 
+from .conv_kernels import EVAL_BATCH, fast_eval_model, map_batches
+
 __all__ = ["TrainConfig", "TrainStats", "evaluate", "evaluate_dataset", "pick_device", "train_dataset", "train_local"]
 
 
@@ -89,17 +91,33 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | N
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, scale: float | None, shift: float = 0.0, batch: int = 4096) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of `model` on (x, y)."""
+    """(accuracy, mean cross-entropy loss) of `model` on (x, y).
+
+    A CPU convolutional classifier that `conv_kernels.fast_eval_model` handles is evaluated by
+    its oneDNN copy at `conv_kernels.EVAL_BATCH` images a batch, batches spread over
+    `torch.get_num_threads()` threads of one intra-op thread each (`conv_kernels.map_batches`);
+    the plain path if that fails."""
     model.eval()
+    fast = fast_eval_model(model)
+    if fast is not None:
+        try:
+            rows = map_batches(lambda i, j: _batch_metrics(fast, x, y, scale, shift, i, j, torch.device("cpu")),
+                               len(y), min(batch, EVAL_BATCH), torch.get_num_threads())
+            return sum(c for c, _ in rows) / max(len(y), 1), sum(s for _, s in rows) / max(len(y), 1)
+        except RuntimeError:  # a oneDNN build that refuses an op: the plain path below
+            pass
     device = _device_of(model)
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(y), batch):
-        xb = torch.from_numpy(_features(x[i : i + batch], scale, shift)).to(device)
-        yb = torch.from_numpy(np.asarray(y[i : i + batch], dtype=np.int64)).to(device)
-        out = model(xb)
-        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
-    return correct / max(len(y), 1), loss_sum / max(len(y), 1)
+    rows = [_batch_metrics(model, x, y, scale, shift, i, i + batch, device) for i in range(0, len(y), batch)]
+    return sum(c for c, _ in rows) / max(len(y), 1), sum(s for _, s in rows) / max(len(y), 1)
+
+
+def _batch_metrics(forward, x, y, scale, shift, i: int, j: int, device: torch.device) -> tuple[int, float]:
+    """(correct predictions, summed cross-entropy) of examples i:j."""
+    with torch.no_grad():  # grad mode is per thread: map_batches' threads need it too
+        xb = torch.from_numpy(_features(x[i:j], scale, shift)).to(device)
+        yb = torch.from_numpy(np.asarray(y[i:j], dtype=np.int64)).to(device)
+        out = forward(xb)
+        return int((out.argmax(1) == yb).sum()), float(nn.functional.cross_entropy(out, yb, reduction="sum"))
 
 
 def _device_of(model: nn.Module) -> torch.device:
