@@ -17,7 +17,7 @@ from .service import AggregationCore, RoundClosedError, ServiceLimits, create_se
 from .strategy import StrategySpec
 from .sum_stream import STREAM_MIN_BYTES, piece_elements, pieces
 
-__all__ = ["AggregationShard", "advertised_address", "bind_host", "fix_mmap_threshold", "trim_heap"]
+__all__ = ["AggregationShard", "advertised_address", "bind_host", "trim_heap"]
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]")
 
@@ -38,24 +38,6 @@ def advertised_address(bound: str, node_ip: str, port: int) -> str:
     """What workers on other nodes dial: the Ray node's IP for a wildcard bind, else the bound address."""
     return _join(node_ip if bound in _WILDCARDS else bound, port)
 
-
-
-def fix_mmap_threshold(nbytes: int = 256 << 10) -> None:
-    """Make glibc serve every block of `nbytes` or more from its own mapping, given back on free.
-
-    By default glibc raises that threshold (up to 32 MiB) each time such a block is freed, after
-    which the next round's float64 sums and upload buffers come from the heap, which keeps them:
-    a 100M-parameter model's shard grew by about 2x fp32 a round (benchmarks/big_model.py). At
-    256 KiB the per-tensor buffers of an upload (a 768 x 768 int8 tensor is 576 KiB) are mapped
-    too, instead of fragmenting the heaps of the gRPC threads that receive them.
-    No-op where libc has no `mallopt`.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def trim_heap() -> None:
@@ -119,7 +101,6 @@ class AggregationShard:
         # first: Ray reports a failed __init__ through repr(), which must not fail in turn
         self._label = f"fedray job={job_id} role=aggregator shard={shard[0]} of={shard[1]}"
         torch.set_num_threads(1)  # concurrency comes from gRPC's threads; more torch threads only spin
-        fix_mmap_threshold()
         self._core = AggregationCore(
             job_id=job_id, secret=secret, shapes=shapes, limits=limits, spec_json=spec_json, num_rounds=num_rounds,
             shard=shard, strategy=strategy, privacy=privacy, max_clients=max_clients, codecs=codecs, dropout=dropout,
