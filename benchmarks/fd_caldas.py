@@ -17,12 +17,17 @@ codec library's `uniform` affine quantizer (round to nearest), the sub-model's d
 the same quantizer at fewer bits and stochastic rounding, both one range per tensor. Server:
 per-coordinate mean of the deltas over the clients that trained it (`CountedSum.mean_delta`).
 The Caldas headline (14x down, 28x up, 1.7x compute) is keep 0.75 with 4-bit down and 2-bit up.
+`--rotation hadamard --down-rounding stochastic` is the paper's pipeline without subsampling: a
+randomized Hadamard rotation (random signs, then H/sqrt(m) on power-of-2 pieces, so no padding and
+no extra coefficients) before quantizing each tensor in both directions, and probabilistic
+(stochastic) rounding of the broadcast too.
 
 Measured per run: bytes down and up (encoded payload bytes, summed over clients and rounds),
 analytic client FLOPs (`flops_per_example`, training = 3x forward), test accuracy per round.
 Equal rounds: every arm runs `rounds`; an FD arm then runs on (up to `extra` more rounds) until it
 reaches the target accuracy (fp32's accuracy at `rounds`, same seed, minus 1 point), and its
-rounds, bytes and FLOPs to that target are recorded.
+rounds, bytes and FLOPs to that target are recorded. With `--eval-last N` accuracy is also the
+mean over the last N rounds (`accuracy_last_k`), and the target and its test use that N-round mean.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Arm:
     keep: float
     down_bits: int | None  # None: fp32
     up_bits: int | None
+    rotation: str = "none"  # "hadamard": randomized Hadamard transform before quantizing (both ways)
+    down_rounding: str = "nearest"  # "stochastic": the paper's probabilistic quantization
 
 
 FP32 = Arm("fp32_fedavg", 1.0, None, None)
@@ -76,6 +83,7 @@ class Setting:
     lr: float
     test_examples: int
     notes: dict = field(default_factory=dict)
+    eval_last: int = 1  # accuracy "at equal rounds" also as the mean over the last eval_last rounds
 
 
 def _seed(*parts: int) -> int:
@@ -154,13 +162,56 @@ class LSTMTask:
         return self.task.fd_model(hidden or self.hidden)
 
 
-def _wire(codec, tensors: dict, seed: int) -> tuple[dict, int]:
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalized Walsh-Hadamard transform of a flat tensor whose length is a power of 2."""
+    m, h = x.numel(), 1
+    while h < m:
+        v = x.view(-1, 2, h)
+        x = torch.stack((v[:, 0] + v[:, 1], v[:, 0] - v[:, 1]), dim=1)
+        h *= 2
+    return x.reshape(m)
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """(start, length) of the power-of-2 pieces of a length-n vector, largest first: the
+    Hadamard transform then needs no padding, so it adds no coefficients to the wire."""
+    out, s = [], 0
+    while s < n:
+        m = 1 << ((n - s).bit_length() - 1)
+        out.append((s, m))
+        s += m
+    return out
+
+
+def hadamard(x: torch.Tensor, seed: int, *, inverse: bool = False) -> torch.Tensor:
+    """Randomized Hadamard rotation (random signs D, then H / sqrt(m) on each power-of-2 piece;
+    Konecny et al. 2016's structured rotation, the basis transform of Caldas et al.'s broadcast).
+    Orthonormal: `hadamard(hadamard(x, s), s, inverse=True) == x` up to rounding."""
+    flat = x.reshape(-1).to(torch.float32)
+    g = torch.Generator().manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+    signs = torch.randint(0, 2, (flat.numel(),), generator=g).to(torch.float32).mul_(2).sub_(1)
+    out = torch.empty_like(flat)
+    for s, m in _pieces(flat.numel()):
+        if inverse:
+            out[s: s + m] = _fwht(flat[s: s + m].clone()) * (m ** -0.5) * signs[s: s + m]
+        else:
+            out[s: s + m] = _fwht(flat[s: s + m] * signs[s: s + m]) * (m ** -0.5)
+    return out.reshape(x.shape)
+
+
+def _wire(codec, tensors: dict, seed: int, rotation: str = "none") -> tuple[dict, int]:
+    """Encode and decode every tensor; the decoded tensors and the encoded payload bytes.
+    With `rotation="hadamard"` each tensor is rotated before encoding and rotated back after
+    decoding (the rotation's signs come from the seed both sides share: no extra bytes)."""
     out, nbytes = {}, 0
     for name, t in tensors.items():
         ctx = CodecContext(seed=seed, key=name)
-        p = codec.encode(t, ctx)
+        rseed = _seed(seed & 0xFFFFFFFF, sum(map(ord, name)), len(name))
+        x = hadamard(t, rseed) if rotation == "hadamard" else t
+        p = codec.encode(x, ctx)
         nbytes += p.nbytes
-        out[name] = codec.decode(p, ctx).reshape(t.shape)
+        y = codec.decode(p, ctx).reshape(t.shape)
+        out[name] = hadamard(y, rseed, inverse=True) if rotation == "hadamard" else y
     return out, nbytes
 
 
@@ -170,7 +221,7 @@ def _codecs(arm: Arm):
         if bits is None or bits == 32:
             return get_codec("identity")
         return get_codec("uniform", bits=bits, mode="affine", rounding=rounding)
-    return pick(arm.down_bits, "nearest"), pick(arm.up_bits, "stochastic")
+    return pick(arm.down_bits, arm.down_rounding), pick(arm.up_bits, "stochastic")
 
 
 def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
@@ -191,13 +242,13 @@ def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
             x, y = task.data[int(k)]
             cseed = _seed(seed, r, int(k))
             spec = SubnetSpec(cseed, arm.keep, "random", round=r, client=int(k))
-            sub, nb = _wire(down_c, extract(params, task.layout, spec), cseed)
+            sub, nb = _wire(down_c, extract(params, task.layout, spec), cseed, arm.rotation)
             bytes_down += nb
             model = task.model(submodel_hidden(task.layout, spec))
             set_params(model, sub)
             n = sgd(model, x, y, lr=s.lr, batch=s.batch_size, epochs=s.local_epochs, seed=cseed)
             delta = {name: v - sub[name] for name, v in get_params(model).items()}
-            delta, nb = _wire(up_c, delta, cseed + 1)
+            delta, nb = _wire(up_c, delta, cseed + 1, arm.rotation)
             bytes_up += nb
             flops += flops_per_example(task.layout, spec) * n
             acc.add(delta, task.layout, spec, float(len(y)))
@@ -206,18 +257,26 @@ def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
         m = task.model()
         set_params(m, params)
         a = accuracy(m, *task.test)
+        window = [c["accuracy"] for c in curve[max(0, r + 1 - s.eval_last):]] + [a]
+        smooth = float(np.mean(window))
         curve.append({"round": r + 1, "accuracy": round(a, 5), "bytes_down": int(bytes_down),
-                      "bytes_up": int(bytes_up), "client_flops": int(flops)})
-        if r + 1 >= s.rounds and (target is None or a >= target):
+                      "bytes_up": int(bytes_up), "client_flops": int(flops),
+                      "accuracy_last_k": round(smooth, 5)})
+        if r + 1 >= max(s.rounds, s.eval_last) and (target is None or smooth >= target):
             break
     at = curve[s.rounds - 1]
-    reached = next((c for c in curve if target is not None and c["accuracy"] >= target), None)
+    # With eval_last > 1 the target is met by the moving average over eval_last rounds.
+    reached = next((c for c in curve if target is not None and c["round"] >= s.eval_last
+                    and c["accuracy_last_k"] >= target), None)
     row = {"task": s.task, "arm": arm.name, "seed": seed, "keep_rate": arm.keep, "down_bits": arm.down_bits or 32,
-           "up_bits": arm.up_bits or 32, "rounds": s.rounds, "final_accuracy": at["accuracy"],
+           "up_bits": arm.up_bits or 32, "rotation": arm.rotation, "down_rounding": arm.down_rounding,
+           "rounds": s.rounds, "final_accuracy": at["accuracy"],
+           "eval_last": s.eval_last, "accuracy_last_k": at["accuracy_last_k"],
            "bytes_down": at["bytes_down"], "bytes_up": at["bytes_up"], "client_flops": at["client_flops"],
            "target_accuracy": target, "rounds_to_target": reached["round"] if reached else None,
            "to_target": reached, "wall_s": round(time.perf_counter() - t0, 1), "curve": curve}
-    log(f"{s.task} seed={seed} {arm.name}: acc@{s.rounds}={at['accuracy']:.4f} down={at['bytes_down']} "
+    log(f"{s.task} seed={seed} {arm.name}: acc@{s.rounds}={at['accuracy']:.4f} "
+        f"last{s.eval_last}={at['accuracy_last_k']:.4f} down={at['bytes_down']} "
         f"up={at['bytes_up']} flops={at['client_flops']:.3g} rounds_to_target={row['rounds_to_target']} "
         f"({row['wall_s']}s)")
     return row, params
@@ -273,8 +332,8 @@ def paper_size_costs(arm: Arm, seed: int = 0) -> list[dict]:
         params = get_params(make())
         spec = SubnetSpec(seed, arm.keep, "random")
         sub = extract(params, layout, spec)
-        _, down = _wire(down_c, sub, seed)
-        _, up = _wire(up_c, {k: 0.01 * torch.randn(v.shape) for k, v in sub.items()}, seed + 1)
+        _, down = _wire(down_c, sub, seed, arm.rotation)
+        _, up = _wire(up_c, {k: 0.01 * torch.randn(v.shape) for k, v in sub.items()}, seed + 1, arm.rotation)
         _, fp32 = _wire(get_codec("identity"), params, seed)
         out.append({"model": name, "arm": arm.name, "params": sum(v.numel() for v in params.values()),
                     "sub_params": sum(v.numel() for v in sub.values()), "fp32_bytes": fp32, "bytes_down": down,
@@ -294,20 +353,29 @@ def summarize(rows: list[dict]) -> list[dict]:
             ratio = lambda k: float(np.mean([base[r["seed"]][k] for r in rs])) / max(mean(k), 1e-12)  # noqa: E731
             accs = [r["final_accuracy"] for r in rs]
             delta = float(np.mean([r["final_accuracy"] - base[r["seed"]]["final_accuracy"] for r in rs]))
+            last = [r.get("accuracy_last_k", r["final_accuracy"]) for r in rs]
+            delta_last = float(np.mean([r.get("accuracy_last_k", r["final_accuracy"])
+                                        - base[r["seed"]].get("accuracy_last_k", base[r["seed"]]["final_accuracy"])
+                                        for r in rs]))
             rt = [r["rounds_to_target"] for r in rs]
             s = {"task": task, "arm": arm, "seeds": len(rs), "accuracy_mean": round(float(np.mean(accs)), 5),
                  "accuracy_std": round(float(np.std(accs)), 5), "delta_points": round(100 * delta, 2),
                  "down_ratio": round(ratio("bytes_down"), 2), "up_ratio": round(ratio("bytes_up"), 2),
                  "flops_ratio": round(ratio("client_flops"), 3),
                  "rounds_to_target": rt, "bytes_down_mean": mean("bytes_down"), "bytes_up_mean": mean("bytes_up"),
-                 "client_flops_mean": mean("client_flops")}
+                 "client_flops_mean": mean("client_flops"),
+                 "eval_last": rs[0].get("eval_last", 1), "accuracy_last_mean": round(float(np.mean(last)), 5),
+                 "accuracy_last_std": round(float(np.std(last)), 5), "delta_points_last": round(100 * delta_last, 2)}
             if arm != FP32.name:
                 s["targets_met"] = {"down_14x": s["down_ratio"] >= 14, "up_28x": s["up_ratio"] >= 28,
-                                    "flops_1.7x": s["flops_ratio"] >= 1.7, "within_1pt": delta >= -0.01}
+                                    "flops_1.7x": s["flops_ratio"] >= 1.7, "within_1pt": delta >= -0.01,
+                                    "within_1pt_last": delta_last >= -0.01}
                 hit = [r for r in rs if r["to_target"]]
                 if len(hit) == len(rs):  # costs to reach fp32's accuracy minus 1 point, each arm's own round
-                    ref = [next(c for c in base[r["seed"]]["curve"] if c["accuracy"] >= r["target_accuracy"])
-                           for r in hit]
+                    k = rs[0].get("eval_last", 1)
+                    ref = [next((c for c in base[r["seed"]]["curve"] if c["round"] >= k
+                                 and c.get("accuracy_last_k", c["accuracy"]) >= r["target_accuracy"]),
+                                base[r["seed"]]["curve"][-1]) for r in hit]
                     s["fp32_rounds_to_target"] = [c["round"] for c in ref]
                     for key in ("bytes_down", "bytes_up", "client_flops"):
                         s[f"to_target_{key}_ratio"] = round(float(np.mean([c[key] for c in ref]))
@@ -320,29 +388,32 @@ def make_task(name: str, args, seed: int):
     """The task of `--tasks` entry `name`, sized by the command line."""
     if name == "cnn":
         hidden = (8, 16, 128) if args.quick else (16, 32, 256)
-        s = Setting("cnn", f"cnn {hidden}", 30, 5, 2 if args.quick else args.cnn_rounds, args.extra, 1, 20,
-                    0.05, 500 if args.quick else 2000,
+        s = Setting("cnn", f"cnn {hidden}", 30, args.cnn_per_round, 2 if args.quick else args.cnn_rounds,
+                    args.extra, 1, 20, args.cnn_lr, 500 if args.quick else 2000,
                     {"dataset": "fashion-mnist", "partition": "dirichlet(0.5) over labels",
-                     "examples_per_client_max": 300, "paper_model": "LEAF FEMNIST CNN (32, 64, 2048)"})
+                     "examples_per_client_max": 300, "paper_model": "LEAF FEMNIST CNN (32, 64, 2048)"},
+                    args.eval_last)
         return CNNTask(s, hidden, 300, seed)
     hidden, seq_len = (32, 20) if args.quick else (args.lstm_hidden, args.lstm_seq_len)
     per = 100 if args.quick else args.lstm_windows
-    s = Setting("lstm", f"CharLSTM 8-d embed, 2x{hidden}, seq_len {seq_len}", args.lstm_clients, 4,
-                2 if args.quick else args.lstm_rounds, args.extra, args.lstm_epochs, 10, 0.8,
+    s = Setting("lstm", f"CharLSTM 8-d embed, 2x{hidden}, seq_len {seq_len}", args.lstm_clients,
+                args.lstm_per_round, 2 if args.quick else args.lstm_rounds, args.extra, args.lstm_epochs, 10,
+                args.lstm_lr,
                 300 if args.quick else 1500,
                 {"dataset": "shakespeare (examples/shakespeare)",
                  "roles": f"the {args.lstm_clients} with the most speeches",
-                 "windows_per_client_max": per, "paper_model": "LEAF 2x256 LSTM, seq_len 80"})
+                 "windows_per_client_max": per, "paper_model": "LEAF 2x256 LSTM, seq_len 80"},
+                args.eval_last)
     return LSTMTask(s, hidden=hidden, seq_len=seq_len, per_client=per)
 
 
-def parse_arms(text: str) -> list[Arm]:
+def parse_arms(text: str, rotation: str = "none", down_rounding: str = "nearest") -> list[Arm]:
     """`--arms` entries keep:down_bits:up_bits (32 bits: fp32 on that direction)."""
     arms = []
     for a in filter(None, text.split(",")):
         try:
             k, d, u = a.split(":")
-            arm = Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u))
+            arm = Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u), rotation, down_rounding)
         except ValueError:
             raise SystemExit(f"--arms: {a!r} is not keep:down_bits:up_bits, e.g. 0.75:4:2") from None
         if not 0 < arm.keep <= 1 or not (1 <= arm.down_bits <= 8 or arm.down_bits == 32) \
@@ -367,10 +438,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lstm-windows", type=int, default=300, help="training windows per role (evenly spaced)")
     ap.add_argument("--lstm-clients", type=int, default=20, help="roles kept (those with the most speeches)")
     ap.add_argument("--extra", type=int, default=6, help="rounds an FD arm may run on to reach the target")
+    ap.add_argument("--cnn-lr", type=float, default=0.05)
+    ap.add_argument("--cnn-per-round", type=int, default=5, help="clients per round (of 30)")
+    ap.add_argument("--lstm-lr", type=float, default=0.8)
+    ap.add_argument("--lstm-per-round", type=int, default=4)
+    ap.add_argument("--rotation", choices=("none", "hadamard"), default="none",
+                    help="FD arms: randomized Hadamard rotation before quantizing, both directions")
+    ap.add_argument("--down-rounding", choices=("nearest", "stochastic"), default="nearest",
+                    help="FD arms: rounding of the broadcast quantizer (uploads are always stochastic)")
+    ap.add_argument("--eval-last", type=int, default=1,
+                    help="also report accuracy as the mean over the last N rounds; the rounds-to-target "
+                         "target and test then use that N-round mean")
     args = ap.parse_args(argv)
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/fd_caldas.py", *(argv or sys.argv[1:])])
     seeds = [0] if args.quick else list(range(args.seeds))
-    arms = [FP32] + parse_arms(args.arms)
+    arms = [FP32] + parse_arms(args.arms, args.rotation, args.down_rounding)
+    if args.eval_last < 1:
+        raise SystemExit(f"--eval-last must be >= 1, got {args.eval_last}")
     bad = set(args.tasks.split(",")) - {"cnn", "lstm"}
     if bad:
         raise SystemExit(f"--tasks: unknown task(s) {sorted(bad)}; choose from cnn, lstm")
@@ -406,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"int{r['bits']} {'per-variable' if r['per_variable'] else 'shared'} {r['accuracy']:.4f}"
                     for r in omc_rows[-4:]) + f" (fp32 {omc_rows[-1]['fp32_accuracy']:.4f})")
             for arm in arms[1:]:
-                rows.append(run_arm(task, arm, seed, target=base["final_accuracy"] - 0.01, log=log)[0])
+                rows.append(run_arm(task, arm, seed, target=base["accuracy_last_k"] - 0.01, log=log)[0])
             save(False)
     save(True)
     for s in summarize(rows):
