@@ -16,7 +16,9 @@ and P2U stage quality of the centrally trained model, on Shakespeare.
    the cumulative bytes plus the measured decode time) against a one-shot fp32 send.
 3. OMC's transform (`omc_transform_transformer`): every weight matrix stored as OMC codes, one
    (alpha, beta) per variable against one shared by all, at `--transform-bits`; next-character
-   accuracy against fp32 (`--only-transform` stops here).
+   accuracy against fp32; then OMC training (`omc_train_transformer`, 4-bit stochastic, per-variable
+   against one shared transform, `--omc-train-steps` central SGD steps from the base;
+   `--only-transform` stops here).
 4. Federated fine-tuning through fedray (local Ray, 2 worker actors, the gRPC aggregation
    service) on the roles of `--finetune-plays` (held-out roles: unseen plays and speakers),
    every arm the same rounds, the same sampled clients, the same seed and codec (identity):
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "shakespeare"))
@@ -76,12 +79,12 @@ def load_base(args, log) -> tuple[dict, dict]:
     except RuntimeError as e:
         raise SystemExit(f"--base: {path} does not fit --d {args.d} --layers {args.layers} --heads {args.heads} "
                          f"--seq-len {args.seq_len}: {str(e).splitlines()[0]}") from None
-    plays, roles, _, test = pretrain_data(args)
+    plays, roles, train, test = pretrain_data(args)
     ev = evaluate_chars(model, test)
     info = {"loaded_from": str(path), "plays": len(plays), "roles": len(roles), "test_chunks": len(test),
             "params": sum(p.numel() for p in model.parameters()), **{f"test_{k}": round(v, 4) for k, v in ev.items()}}
     log(f"loaded the base from {path}: held-out accuracy {ev['accuracy']:.4f}")
-    return state, {"info": info, "test": test}
+    return state, {"info": info, "train": train, "test": test}
 
 
 def pretrain(args, log) -> tuple[dict, dict]:
@@ -99,7 +102,7 @@ def pretrain(args, log) -> tuple[dict, dict]:
             "params": sum(p.numel() for p in model.parameters()), **{f"test_{k}": round(v, 4) for k, v in ev.items()}}
     log(f"pretrain: {info['steps']} steps of {args.batch} x {args.seq_len} chars on {len(roles)} roles of "
         f"{len(plays)} plays, {wall:.1f} s ({info['step_s']} s/step); held-out accuracy {ev['accuracy']:.4f}")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {"info": info, "test": test}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {"info": info, "train": train, "test": test}
 
 
 def p2u_curve(state: dict, test, args, stage_bits: tuple[int, ...], log) -> dict:
@@ -174,6 +177,52 @@ def omc_transform_transformer(state: dict, test, args, log) -> dict:
             "quantized": list(mats), "rows": rows}
 
 
+OMC_TRAIN_ARMS = {"fp32_sgd": None, "omc_int4_sr": True, "omc_int4_sr_global": False}  # value: per_variable
+
+
+def omc_train_transformer(state: dict, train, test, args, log) -> list[dict]:
+    """OMC training (`OMCModel`, 4-bit codes, stochastic rounding, plain SGD) of the trained
+    model for `--omc-train-steps` central steps, with a per-variable transform (`omc_int4_sr`)
+    against one shared by every matrix (`omc_int4_sr_global`, compression_quality's arm), and
+    fp32 SGD on the same batches; held-out accuracy at the start (after quantization) and every
+    100 steps."""
+    from fedray.compression.omc import OMCConfig, OMCModel
+
+    rows = []
+    for arm, per_variable in OMC_TRAIN_ARMS.items():
+        model = CharTransformer(len(sd.VOCAB), d=args.d, layers=args.layers, heads=args.heads, context=args.seq_len)
+        model.load_state_dict(state)
+        om = None if per_variable is None else OMCModel(
+            model, OMCConfig(bits=4, stochastic=True, per_variable=per_variable), seed=args.seed)
+        loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        curve = [{"step": 0, "accuracy": round(evaluate_chars(model, test)["accuracy"], 4)}]
+        t0, steps, batches = time.perf_counter(), 0, iter(loader)
+        model.train()
+        while steps < args.omc_train_steps:
+            x, y = next(batches, (None, None))
+            if x is None:
+                batches = iter(loader)
+                continue
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            if om is not None:
+                om.step(args.omc_train_lr)
+            else:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= args.omc_train_lr * p.grad
+                        p.grad = None
+            steps += 1
+            if steps % 100 == 0 or steps == args.omc_train_steps:
+                curve.append({"step": steps, "accuracy": round(evaluate_chars(model, test)["accuracy"], 4)})
+        rows.append({"arm": arm, "bits": None if om is None else 4, "per_variable": per_variable,
+                     "steps": steps, "lr": args.omc_train_lr, "batch": args.batch, "accuracy": curve[-1]["accuracy"],
+                     "wall_s": round(time.perf_counter() - t0, 1), "curve": curve})
+        log(f"  omc training {arm}: accuracy {' -> '.join(str(c['accuracy']) for c in curve)} "
+            f"({steps} steps, {rows[-1]['wall_s']} s)")
+    return rows
+
+
 GROUPS = {"embeddings": ("tok.", "pos."), "blocks": ("blocks.",), "final_norm": ("ln.",), "head": ("head.",)}
 
 ARMS = {
@@ -240,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only-transform", action="store_true",
                     help="run only OMC's per-variable against shared transform on the base (omc_transform_transformer)")
     ap.add_argument("--transform-bits", type=int, nargs="+", default=[8, 4, 3])
+    ap.add_argument("--omc-train-steps", type=int, default=300,
+                    help="central OMC training steps from the base per arm (omc_train_transformer); 0 skips it")
+    ap.add_argument("--omc-train-lr", type=float, default=0.3, help="SGD learning rate of omc_train_transformer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune-plays", nargs="+", default=list(FINETUNE_PLAYS))
     ap.add_argument("--d", type=int, default=96)
@@ -264,12 +316,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.pretrain_steps, args.rounds, args.per_round, args.clients = 30, 2, 3, 6
         args.chunks_per_client, args.test_chunks, args.arms = 8, 60, ["full", "lora_omc8"]
+        args.omc_train_steps = min(args.omc_train_steps, 20)
     torch.set_num_threads(1)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.perf_counter()
     load0 = os.getloadavg()[0]
     if any(not 2 <= b <= 16 for b in args.transform_bits):
         raise SystemExit(f"--transform-bits: each must be 2..16, got {args.transform_bits}")
+    if args.omc_train_steps < 0 or args.omc_train_lr <= 0:
+        raise SystemExit(f"--omc-train-steps must be >= 0 and --omc-train-lr > 0, got {args.omc_train_steps}, "
+                         f"{args.omc_train_lr}")
     base, pre = load_base(args, log) if args.base else pretrain(args, log)
     if args.save_base:
         Path(args.save_base).parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "seq_len": args.seq_len, "vocab": len(sd.VOCAB)},
         "pretrain": pre["info"], "omc_transform_transformer": transform,
     }
+    if args.omc_train_steps > 0:
+        out["omc_train_transformer"] = omc_train_transformer(base, pre["train"], pre["test"], args, log)
     if args.only_transform:
         return _write(out, args, t_all, log)
     p2u = [p2u_curve(base, pre["test"], args, bits, log) for bits in ((2, 2, 4, 8), (4, 4, 8))]
