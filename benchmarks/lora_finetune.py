@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--transform-bits", type=int, nargs="+", default=[8, 4, 3])
     ap.add_argument("--omc-train-steps", type=int, default=300,
                     help="central OMC training steps from the base per arm (omc_train_transformer); 0 skips it")
-    ap.add_argument("--omc-train-lr", type=float, default=0.3, help="SGD learning rate of omc_train_transformer")
+    ap.add_argument("--omc-train-lr", type=float, default=0.05, help="SGD learning rate of omc_train_transformer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune-plays", nargs="+", default=list(FINETUNE_PLAYS))
     ap.add_argument("--d", type=int, default=96)
