@@ -288,20 +288,16 @@ def omc_transform_rows(task, params: dict, seed: int) -> list[dict]:
 
     OMCModel trains Linear/Conv weights compressed and keeps recurrent layers fp32, so on this
     model it would quantize the head alone; this applies OMC's own transform and quantizer
-    (`fit_transform`, `quantize`, `dequantize`, round to nearest) to all of them instead.
+    (`stored_form`: `fit_transform`, `quantize`, `dequantize`, round to nearest) to all of them.
     """
-    from fedray.compression.omc import dequantize, fit_transform, quantize
+    from fedray.compression.omc import stored_form
 
     names = [k for k, v in params.items() if v.dim() >= 2]
     ranges = {k: [round(float(params[k].min()), 4), round(float(params[k].max()), 4)] for k in names}
     rows = []
     for bits in (8, 4):
         for per_variable in (True, False):
-            shared = fit_transform(min(r[0] for r in ranges.values()), max(r[1] for r in ranges.values()), bits=bits)
-            q = dict(params)
-            for k in names:
-                ab = fit_transform(*ranges[k], bits=bits) if per_variable else shared
-                q[k] = dequantize(quantize(params[k], *ab, bits=bits), *ab, bits=bits).reshape(params[k].shape)
+            q = {**params, **stored_form({k: params[k] for k in names}, bits=bits, per_variable=per_variable)}
             m = task.model()
             set_params(m, q)
             rows.append({"seed": seed, "bits": bits, "per_variable": per_variable,

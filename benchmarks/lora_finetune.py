@@ -3,6 +3,8 @@ and P2U stage quality of the centrally trained model, on Shakespeare.
 
     python benchmarks/lora_finetune.py --json benchmarks/results/lora_finetune.json
     python benchmarks/lora_finetune.py --quick --json /tmp/lora.json     # smoke run
+    python benchmarks/lora_finetune.py --base runs/shakespeare_base.pt --only-transform \
+        --json benchmarks/results/omc_transform_transformer.json           # OMC transform only
 
 1. Central pretraining (in this process, one thread): examples/shakespeare/lora_task.py's
    `CharTransformer` trained with Adam on the training text of every role of the plays NOT in
@@ -12,7 +14,12 @@ and P2U stage quality of the centrally trained model, on Shakespeare.
    stage against cumulative bytes (and with stage 0 on one group of tensors at a time), and
    the time to the model at 10 and 100 Mbit/s (transfer of
    the cumulative bytes plus the measured decode time) against a one-shot fp32 send.
-3. Federated fine-tuning through fedray (local Ray, 2 worker actors, the gRPC aggregation
+3. OMC's transform (`omc_transform_transformer`): every weight matrix stored as OMC codes, one
+   (alpha, beta) per variable against one shared by all, at `--transform-bits`; next-character
+   accuracy against fp32; then OMC training (`omc_train_transformer`, 4-bit stochastic, per-variable
+   against one shared transform, `--omc-train-steps` central SGD steps from the base;
+   `--only-transform` stops here).
+4. Federated fine-tuning through fedray (local Ray, 2 worker actors, the gRPC aggregation
    service) on the roles of `--finetune-plays` (held-out roles: unseen plays and speakers),
    every arm the same rounds, the same sampled clients, the same seed and codec (identity):
    `full` federates all of the model; `lora_omc8` federates peft LoRA adapters alone, the base
@@ -34,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "shakespeare"))
@@ -50,11 +58,37 @@ FINETUNE_PLAYS = ("hamlet", "lear", "macbeth", "othello", "tempest", "twelfth_ni
 RATES = {"10mbit": 10e6, "100mbit": 100e6}
 
 
-def pretrain(args, log) -> tuple[dict, dict]:
+def pretrain_data(args) -> tuple[list[str], list, object, object]:
+    """The pretraining plays, their roles, and the roles' training and held-out chunks."""
     plays = [p for p in sd.play_names() if p not in set(args.finetune_plays)]
     roles = sd.load_roles(seq_len=args.seq_len, plays=plays)
     train = chunks_of(roles, args.seq_len, split="train")
     test = chunks_of(roles, args.seq_len, split="test", max_chunks=args.test_chunks)
+    return plays, roles, train, test
+
+
+def load_base(args, log) -> tuple[dict, dict]:
+    """A base saved by `--save-base` (same --d/--layers/--heads/--seq-len) and the held-out chunks."""
+    path = Path(args.base)
+    if not path.is_file():
+        raise SystemExit(f"--base: no file at {path} (write one with --save-base)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = CharTransformer(len(sd.VOCAB), d=args.d, layers=args.layers, heads=args.heads, context=args.seq_len)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise SystemExit(f"--base: {path} does not fit --d {args.d} --layers {args.layers} --heads {args.heads} "
+                         f"--seq-len {args.seq_len}: {str(e).splitlines()[0]}") from None
+    plays, roles, train, test = pretrain_data(args)
+    ev = evaluate_chars(model, test)
+    info = {"loaded_from": str(path), "plays": len(plays), "roles": len(roles), "test_chunks": len(test),
+            "params": sum(p.numel() for p in model.parameters()), **{f"test_{k}": round(v, 4) for k, v in ev.items()}}
+    log(f"loaded the base from {path}: held-out accuracy {ev['accuracy']:.4f}")
+    return state, {"info": info, "train": train, "test": test}
+
+
+def pretrain(args, log) -> tuple[dict, dict]:
+    plays, roles, train, test = pretrain_data(args)
     torch.manual_seed(args.seed)
     model = CharTransformer(len(sd.VOCAB), d=args.d, layers=args.layers, heads=args.heads, context=args.seq_len)
     t0 = time.perf_counter()
@@ -68,7 +102,7 @@ def pretrain(args, log) -> tuple[dict, dict]:
             "params": sum(p.numel() for p in model.parameters()), **{f"test_{k}": round(v, 4) for k, v in ev.items()}}
     log(f"pretrain: {info['steps']} steps of {args.batch} x {args.seq_len} chars on {len(roles)} roles of "
         f"{len(plays)} plays, {wall:.1f} s ({info['step_s']} s/step); held-out accuracy {ev['accuracy']:.4f}")
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {"info": info, "test": test}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, {"info": info, "train": train, "test": test}
 
 
 def p2u_curve(state: dict, test, args, stage_bits: tuple[int, ...], log) -> dict:
@@ -108,6 +142,85 @@ def p2u_curve(state: dict, test, args, stage_bits: tuple[int, ...], log) -> dict
             "fp32_one_shot_s": one_shot,
             "speedup_stage0": {r: round(one_shot[r] / rows[0]["time_to_model_s"][r], 2) for r in RATES},
             "speedup_first_within_1pt": {r: round(one_shot[r] / usable["time_to_model_s"][r], 2) for r in RATES}}
+
+
+def omc_transform_transformer(state: dict, test, args, log) -> dict:
+    """OMC's stored form (`compression.omc.stored_form`: its transform and quantizer, round to
+    nearest) of every weight matrix of the trained model (token and position embeddings, qkv,
+    proj, fc, out, head), one (alpha, beta) per variable against one shared by all, and one for the
+    embeddings with another for the Linear weights (`shared_by_kind`); biases and LayerNorm stay
+    fp32. Next-character accuracy on the held-out chunks against fp32."""
+    from fedray.compression.omc import stored_form
+
+    model = CharTransformer(len(sd.VOCAB), d=args.d, layers=args.layers, heads=args.heads, context=args.seq_len)
+    model.load_state_dict(state)
+    fp32 = evaluate_chars(model, test)["accuracy"]
+    mats = {k: v for k, v in state.items() if v.dim() >= 2}
+    ranges = {k: [round(float(v.min()), 4), round(float(v.max()), 4)] for k, v in mats.items()}
+    emb = {k: v for k, v in mats.items() if k.startswith(GROUPS["embeddings"])}
+    lin = {k: v for k, v in mats.items() if k not in emb}
+    rows = []
+    for bits in args.transform_bits:
+        for transform in ("per_variable", "shared", "shared_by_kind"):
+            if transform == "shared_by_kind":  # one range for the two embeddings, one for the Linear weights
+                q = {**stored_form(emb, bits=bits, per_variable=False), **stored_form(lin, bits=bits, per_variable=False)}
+            else:
+                q = stored_form(mats, bits=bits, per_variable=transform == "per_variable")
+            model.load_state_dict({**state, **q})
+            acc = evaluate_chars(model, test)["accuracy"]
+            rows.append({"bits": bits, "transform": transform,
+                         "per_variable": {"per_variable": True, "shared": False}.get(transform),
+                         "accuracy": round(acc, 4), "delta_pts": round(100 * (acc - fp32), 2)})
+            log(f"  omc transform {bits} bits {transform}: acc {acc:.4f} ({rows[-1]['delta_pts']:+.2f} pts vs fp32 {fp32:.4f})")
+    log(f"  weight ranges: {ranges}")
+    return {"seed": args.seed, "fp32_accuracy": round(fp32, 4), "test_chunks": len(test), "ranges": ranges,
+            "quantized": list(mats), "rows": rows}
+
+
+OMC_TRAIN_ARMS = {"fp32_sgd": None, "omc_int4_sr": True, "omc_int4_sr_global": False}  # value: per_variable
+
+
+def omc_train_transformer(state: dict, train, test, args, log) -> list[dict]:
+    """OMC training (`OMCModel`, 4-bit codes, stochastic rounding, plain SGD) of the trained
+    model for `--omc-train-steps` central steps, with a per-variable transform (`omc_int4_sr`)
+    against one shared by every matrix (`omc_int4_sr_global`, compression_quality's arm), and
+    fp32 SGD on the same batches; held-out accuracy at the start (after quantization) and every
+    100 steps."""
+    from fedray.compression.omc import OMCConfig, OMCModel
+
+    rows = []
+    for arm, per_variable in OMC_TRAIN_ARMS.items():
+        model = CharTransformer(len(sd.VOCAB), d=args.d, layers=args.layers, heads=args.heads, context=args.seq_len)
+        model.load_state_dict(state)
+        om = None if per_variable is None else OMCModel(
+            model, OMCConfig(bits=4, stochastic=True, per_variable=per_variable), seed=args.seed)
+        loader = torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True,
+                                             generator=torch.Generator().manual_seed(args.seed))
+        curve = [{"step": 0, "accuracy": round(evaluate_chars(model, test)["accuracy"], 4)}]
+        t0, steps, batches = time.perf_counter(), 0, iter(loader)
+        model.train()
+        while steps < args.omc_train_steps:
+            x, y = next(batches, (None, None))
+            if x is None:
+                batches = iter(loader)
+                continue
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            if om is not None:
+                om.step(args.omc_train_lr)
+            else:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= args.omc_train_lr * p.grad
+                        p.grad = None
+            steps += 1
+            if steps % 100 == 0 or steps == args.omc_train_steps:
+                curve.append({"step": steps, "accuracy": round(evaluate_chars(model, test)["accuracy"], 4)})
+        rows.append({"arm": arm, "bits": None if om is None else 4, "per_variable": per_variable,
+                     "steps": steps, "lr": args.omc_train_lr, "batch": args.batch, "accuracy": curve[-1]["accuracy"],
+                     "wall_s": round(time.perf_counter() - t0, 1), "curve": curve})
+        log(f"  omc training {arm}: accuracy {' -> '.join(str(c['accuracy']) for c in curve)} "
+            f"({steps} steps, {rows[-1]['wall_s']} s)")
+    return rows
 
 
 GROUPS = {"embeddings": ("tok.", "pos."), "blocks": ("blocks.",), "final_norm": ("ln.",), "head": ("head.",)}
@@ -172,6 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a smoke run: few steps and rounds")
     ap.add_argument("--save-base", help="also write the pretrained base's state_dict here (torch.save), e.g. "
                                         "for examples/shakespeare/lora_job.yaml")
+    ap.add_argument("--base", help="load this saved base (--save-base) instead of pretraining")
+    ap.add_argument("--only-transform", action="store_true",
+                    help="run only OMC's per-variable against shared transform on the base (omc_transform_transformer)")
+    ap.add_argument("--transform-bits", type=int, nargs="+", default=[8, 4, 3])
+    ap.add_argument("--omc-train-steps", type=int, default=300,
+                    help="central OMC training steps from the base per arm (omc_train_transformer); 0 skips it")
+    ap.add_argument("--omc-train-lr", type=float, default=0.05, help="SGD learning rate of omc_train_transformer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune-plays", nargs="+", default=list(FINETUNE_PLAYS))
     ap.add_argument("--d", type=int, default=96)
@@ -196,15 +316,34 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.pretrain_steps, args.rounds, args.per_round, args.clients = 30, 2, 3, 6
         args.chunks_per_client, args.test_chunks, args.arms = 8, 60, ["full", "lora_omc8"]
+        args.omc_train_steps = min(args.omc_train_steps, 20)
     torch.set_num_threads(1)
     log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.perf_counter()
     load0 = os.getloadavg()[0]
-    base, pre = pretrain(args, log)
+    if any(not 2 <= b <= 16 for b in args.transform_bits):
+        raise SystemExit(f"--transform-bits: each must be 2..16, got {args.transform_bits}")
+    if args.omc_train_steps < 0 or args.omc_train_lr <= 0:
+        raise SystemExit(f"--omc-train-steps must be >= 0 and --omc-train-lr > 0, got {args.omc_train_steps}, "
+                         f"{args.omc_train_lr}")
+    base, pre = load_base(args, log) if args.base else pretrain(args, log)
     if args.save_base:
         Path(args.save_base).parent.mkdir(parents=True, exist_ok=True)
         torch.save(base, args.save_base)
         log(f"saved the base to {args.save_base}")
+    transform = omc_transform_transformer(base, pre["test"], args, log)
+    out = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": 1, "python": platform.python_version(),
+                    "load_avg_start": round(load0, 1)},
+        "model": {"kind": "CharTransformer", "d": args.d, "layers": args.layers, "heads": args.heads,
+                  "seq_len": args.seq_len, "vocab": len(sd.VOCAB)},
+        "pretrain": pre["info"], "omc_transform_transformer": transform,
+    }
+    if args.omc_train_steps > 0:
+        out["omc_train_transformer"] = omc_train_transformer(base, pre["train"], pre["test"], args, log)
+    if args.only_transform:
+        return _write(out, args, t_all, log)
     p2u = [p2u_curve(base, pre["test"], args, bits, log) for bits in ((2, 2, 4, 8), (4, 4, 8))]
     started = ensure_ray(2)
     try:
@@ -220,18 +359,16 @@ def main(argv: list[str] | None = None) -> dict:
             a["delta_vs_full_pts"] = round(100 * (a["accuracy"] - full["accuracy"]), 2)
             a["up_ratio_vs_full"] = round(full["bytes_up_per_round"] / a["bytes_up_per_round"], 2)
             a["down_ratio_vs_full"] = round(full["bytes_down_per_round"] / a["bytes_down_per_round"], 2)
-    out = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": 1, "python": platform.python_version(),
-                    "load_avg_start": round(load0, 1), "load_avg_end": round(os.getloadavg()[0], 1)},
-        "model": {"kind": "CharTransformer", "d": args.d, "layers": args.layers, "heads": args.heads,
-                  "seq_len": args.seq_len, "vocab": len(sd.VOCAB)},
-        "pretrain": pre["info"], "p2u": p2u,
-        "finetune": {"plays": list(args.finetune_plays), "clients": args.clients, "per_round": args.per_round,
-                     "rounds": args.rounds, "local_epochs": args.epochs, "chunks_per_client": args.chunks_per_client,
-                     "local_batch": args.local_batch, "rank": args.rank, "codec": "identity", "arms": arms},
-        "wall_s": round(time.perf_counter() - t_all, 1),
-    }
+    out.update(p2u=p2u, finetune={
+        "plays": list(args.finetune_plays), "clients": args.clients, "per_round": args.per_round,
+        "rounds": args.rounds, "local_epochs": args.epochs, "chunks_per_client": args.chunks_per_client,
+        "local_batch": args.local_batch, "rank": args.rank, "codec": "identity", "arms": arms})
+    return _write(out, args, t_all, log)
+
+
+def _write(out: dict, args, t_all: float, log) -> dict:
+    out["machine"]["load_avg_end"] = round(os.getloadavg()[0], 1)
+    out["wall_s"] = round(time.perf_counter() - t_all, 1)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     log(f"wrote {args.json} ({out['wall_s']} s)")

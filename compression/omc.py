@@ -45,6 +45,7 @@ __all__ = [
     "encode_params",
     "quantizable_names",
     "quantize",
+    "stored_form",
 ]
 
 _FORMATS = ("int", "float")
@@ -107,6 +108,24 @@ def dequantize(codes: torch.Tensor, alpha: float, beta: float, *, bits: int, fmt
     ef, mant = mag_code >> m, (mag_code & ((1 << m) - 1)).to(torch.float32)
     mag = torch.where(ef == 0, mant * 2.0 ** (emin - m), (mant + 2 ** m) * _pow2(ef - 1 + emin - m))
     return sign * mag * alpha + beta
+
+
+def stored_form(tensors: Mapping[str, torch.Tensor], *, bits: int, per_variable: bool = True, fmt: str = "int",
+                exp_bits: int = 5) -> dict[str, torch.Tensor]:
+    """The float32 values `tensors` take once stored as OMC codes (round to nearest): each with
+    its own (alpha, beta) fitted to its range, or with one fitted to the range of them all
+    (`per_variable=False`, as `OMCConfig.per_variable` off)."""
+    rng = {k: (float(t.detach().min()), float(t.detach().max())) for k, t in tensors.items() if t.numel()}
+    if not rng:
+        return {k: t.detach().to(torch.float32).clone() for k, t in tensors.items()}
+    shared = fit_transform(min(lo for lo, _ in rng.values()), max(hi for _, hi in rng.values()), bits=bits,
+                           fmt=fmt, exp_bits=exp_bits)
+    out = {}
+    for k, t in tensors.items():
+        ab = fit_transform(*rng[k], bits=bits, fmt=fmt, exp_bits=exp_bits) if per_variable and k in rng else shared
+        kw = {"bits": bits, "fmt": fmt, "exp_bits": exp_bits}
+        out[k] = dequantize(quantize(t, *ab, **kw), *ab, **kw).reshape(t.shape)
+    return out
 
 
 # --- bit packing (little-endian bit order, code i at bits [i*b, (i+1)*b)) ----------------------

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from fedray.compression import CodecContext, PayloadError, decode_checked, get_codec
 from fedray.compression.omc import (
     OMCConfig, OMCModel, _pack, _unpack, decode_params, dequantize, encode_params,
-    fit_transform, quantizable_names, quantize,
+    fit_transform, quantizable_names, quantize, stored_form,
 )
 from fedray.workers.models import build_model, get_params
 from fedray.workers.train import TrainConfig, evaluate, train_local
@@ -51,6 +51,23 @@ def test_int_rtn_error_bound_and_stochastic_unbiased(bits):
     x = torch.full((20000,), float(w[0]))
     sr = dequantize(quantize(x, a, b, bits=bits, generator=g), a, b, bits=bits)
     assert abs(float(sr.mean()) - float(w[0])) < 0.05 * a and float((sr - x).abs().max()) < a * 1.001
+
+
+def test_stored_form_per_variable_against_one_shared_range():
+    g = torch.Generator().manual_seed(0)
+    ts = {"emb": torch.rand(50, 8, generator=g) * 8 - 4, "kernel": torch.rand(16, 8, generator=g) * 0.2 - 0.1}
+    per = stored_form(ts, bits=4)
+    shared = stored_form(ts, bits=4, per_variable=False)
+    for k, t in ts.items():
+        a, _ = fit_transform(float(t.min()), float(t.max()), bits=4)
+        assert per[k].shape == t.shape and float((per[k] - t).abs().max()) <= a / 2 * 1.001
+        assert per[k].unique().numel() <= 16
+    # one range fitted to both: the small kernel falls into the 1-2 levels nearest zero
+    a, b = fit_transform(-4.0, 4.0, bits=4)
+    assert float((shared["emb"] - ts["emb"]).abs().max()) <= a / 2 * 1.01
+    assert shared["kernel"].unique().numel() <= 2 < per["kernel"].unique().numel()
+    assert float((shared["kernel"] - ts["kernel"]).abs().mean()) > 5 * float((per["kernel"] - ts["kernel"]).abs().mean())
+    assert torch.equal(stored_form(ts, bits=8)["emb"], stored_form({"emb": ts["emb"]}, bits=8, per_variable=False)["emb"])
 
 
 @pytest.mark.parametrize("bits,e", [(8, 4), (8, 5), (6, 3), (16, 5)])
