@@ -1,8 +1,7 @@
 """A decoder-only transformer language model as a `fedray.Task`, for the large-model benchmarks.
 
-`DecoderLM` is a GPT-style model from plain torch.nn layers: token and learned position
-embeddings, pre-norm blocks of causal self-attention and a 4x GELU MLP, a final LayerNorm and an
-untied output layer. Random initialisation (nothing is downloaded). The defaults of `LMTask`
+`DecoderLM` (fedray.workers.transformer) is a GPT-style model from plain torch.nn layers. Random
+initialisation (nothing is downloaded). The defaults of `LMTask`
 (d=768, 15 layers, 12 heads, 256 tokens, 64 positions) give 106.8M parameters.
 
 Client data: `samples_per_client` random token sequences per client, drawn from a seeded
@@ -20,41 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedray.workers.transformer import DecoderLM
+
 __all__ = ["DecoderLM", "LMTask", "num_params"]
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        shape = (b, t, self.heads, d // self.heads)
-        a = F.scaled_dot_product_attention(*(z.reshape(shape).transpose(1, 2) for z in (q, k, v)), is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class DecoderLM(nn.Module):
-    """Logits (batch, time, vocab) of the next token at every position."""
-
-    def __init__(self, vocab: int = 256, d: int = 768, layers: int = 15, heads: int = 12, context: int = 64) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
-        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln(x))
 
 
 def num_params(model: nn.Module) -> int:

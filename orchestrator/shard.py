@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Mapping
 
@@ -12,12 +11,13 @@ from fedray.proto.serde import TLSConfig
 from fedray.workers.pool import freeze_heap
 
 from .aggregation import RunningWeightedSum
+from .heap import start_heap_trimmer, trim_heap
 from .privacy import DPSpec
 from .service import AggregationCore, RoundClosedError, ServiceLimits, create_server
 from .strategy import StrategySpec
 from .sum_stream import STREAM_MIN_BYTES, piece_elements, pieces
 
-__all__ = ["AggregationShard", "advertised_address", "bind_host", "trim_heap"]
+__all__ = ["AggregationShard", "advertised_address", "bind_host"]
 
 _WILDCARDS = ("0.0.0.0", "::", "[::]")
 
@@ -38,49 +38,6 @@ def advertised_address(bound: str, node_ip: str, port: int) -> str:
     """What workers on other nodes dial: the Ray node's IP for a wildcard bind, else the bound address."""
     return _join(node_ip if bound in _WILDCARDS else bound, port)
 
-
-
-def trim_heap() -> None:
-    """Give the free pages of every glibc heap back to the system (`malloc_trim`): what a
-    round's uploads left free between live blocks. No-op where libc has no `malloc_trim`."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def start_heap_trimmer(stop: threading.Event, *, period_s: float = 0.5, step: int = 32 << 20,
-                       max_checks: int = 100_000_000) -> threading.Thread:
-    """A daemon thread that calls `trim_heap` when the resident set has grown by `step` bytes
-    since the last trim (checked every `period_s`), until `stop` is set: uploads arrive on many
-    gRPC threads, whose heaps otherwise keep what a round's uploads freed (about 0.25x fp32 over
-    a round of 8 clients of a 100M-parameter model, benchmarks/big_model.py)."""
-
-    def run() -> None:
-        last = _rss_bytes()
-        for _ in range(max_checks):
-            if stop.wait(period_s):
-                return
-            now = _rss_bytes()
-            if now - last >= step:  # grown since the last trim: hand back what is free
-                trim_heap()
-                last = _rss_bytes()
-            elif now < last:
-                last = now
-
-    t = threading.Thread(target=run, name="fedray-heap-trim", daemon=True)
-    t.start()
-    return t
 
 
 @ray.remote(num_cpus=0, max_concurrency=4)

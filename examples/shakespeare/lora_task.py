@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedray.workers.transformer import DecoderLM
+
 import shakespeare_data
 from shakespeare_data import VOCAB, Role, load_roles
 
@@ -50,40 +52,13 @@ def _ship_data_module() -> None:
 _ship_data_module()
 
 
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        shape = (b, t, self.heads, d // self.heads)
-        a = F.scaled_dot_product_attention(*(z.reshape(shape).transpose(1, 2) for z in (q, k, v)), is_causal=True)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class CharTransformer(nn.Module):
-    """A GPT-style character model: logits (batch, time, vocab) of the next character at every
-    position. Pre-norm blocks of causal self-attention and a 4x GELU MLP, learned positions."""
+class CharTransformer(DecoderLM):
+    """A GPT-style character model (`fedray.workers.transformer.DecoderLM`): logits (batch, time,
+    vocab) of the next character at every position, with this task's defaults."""
 
     def __init__(self, vocab: int = len(VOCAB), *, d: int = 96, layers: int = 2, heads: int = 4,
                  context: int = 80) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
-        self.blocks = nn.ModuleList(_Block(d, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln(x))
+        super().__init__(vocab, d, layers, heads, context)
 
 
 class TextChunks(torch.utils.data.Dataset):
