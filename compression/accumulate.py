@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-__all__ = ["ADD_BLOCK", "ScaledAdd", "add_scaled_", "add_scaled_many_", "readonly_tensor"]
+__all__ = ["ADD_BLOCK", "ScaledAdd", "add_scaled_", "add_scaled_many_", "fold_kernels", "readonly_tensor"]
 
 _ADD_CHUNK = 1 << 18  # 2 MiB of float64: measured fastest here (0.5 ms per 1M int8 codes, 0.63 at 64K)
 ADD_BLOCK = _ADD_CHUNK  # tensors over this many values add block by block (and in groups: add_scaled_many_)
@@ -64,7 +66,28 @@ def add_scaled_many_(acc: torch.Tensor, terms) -> None:
 
 
 def _blocked(acc: torch.Tensor, terms: list, n: int) -> None:
-    """acc += alpha * src for each term, widened one block at a time through a reused buffer."""
+    """acc += alpha * src for each term: in one fused pass per up to 8 terms where the numba
+    kernels run (`fold_kernels`), else widened one block at a time through a reused buffer."""
+    kernels = fold_kernels()
+    if kernels is not None:
+        srcs = [_flat_array(s, kernels.DTYPES) for s, _ in terms]
+        if all(s is not None for s in srcs):
+            kernels.add_terms(acc.numpy(), [(s, a) for s, (_, a) in zip(srcs, terms)])
+            return
+    _torch_blocked(acc, terms, n)
+
+
+def _flat_array(src, dtypes) -> np.ndarray | None:
+    """`src` as a flat contiguous numpy array of one of `dtypes`, or None (bfloat16, strided...)."""
+    if isinstance(src, torch.Tensor):
+        if src.dtype in (torch.bfloat16, torch.float16) or src.device.type != "cpu" or src.requires_grad:
+            return None
+        src = src.numpy()
+    ok = src.dtype in dtypes and src.ndim == 1 and src.flags.c_contiguous
+    return src if ok else None
+
+
+def _torch_blocked(acc: torch.Tensor, terms: list, n: int) -> None:
     try:
         tmp = _FREE.pop()
     except IndexError:
@@ -78,6 +101,49 @@ def _blocked(acc: torch.Tensor, terms: list, n: int) -> None:
                 a.add_(t, alpha=alpha)
     finally:
         _FREE.append(tmp)
+
+
+_kernels = None
+
+
+def fold_kernels():
+    """The fused numba kernels (`fold_numba`), compiled and checked once per process, or None:
+    numba missing, FEDRAY_FOLD_NUMBA=0, or the kernels do not give the bits torch's add gives
+    here (a CPU without FMA), so that a job's sums never depend on which path ran."""
+    global _kernels
+    if _kernels is None:
+        found = False  # threads that ask meanwhile check too; either way they get the same bits
+        if os.environ.get("FEDRAY_FOLD_NUMBA", "1") != "0":
+            try:
+                from . import fold_numba
+
+                fold_numba.warm_up()
+                if _same_bits_as_torch(fold_numba):
+                    found = fold_numba
+            except Exception:  # noqa: BLE001 - numba missing or unusable here: the torch path runs
+                pass
+        _kernels = found
+    return _kernels or None
+
+
+def _same_bits_as_torch(kernels) -> bool:
+    """Whether `kernels.add_terms` reproduces `_torch_blocked` bit for bit: int8 and float32
+    sources, one term and a group, sizes with odd tails after the vector loop (values whose
+    rounding differs with and without FMA about half of the time)."""
+    rng = np.random.default_rng(0)
+    for n in (1039, 4111):
+        start = rng.standard_normal(n)
+        srcs = [rng.integers(-127, 128, n).astype(np.int8) for _ in range(6)]
+        srcs.append(rng.standard_normal(n).astype(np.float32))
+        terms = [(s, float(a)) for s, a in zip(srcs, rng.uniform(0.01, 3.0, len(srcs)))]
+        for group in (terms[:1], terms):
+            ref = torch.from_numpy(start.copy())
+            _torch_blocked(ref, [(torch.from_numpy(s), a) for s, a in group], n)
+            got = start.copy()
+            kernels.add_terms(got, group)
+            if not np.array_equal(got.view(np.int64), ref.numpy().view(np.int64)):
+                return False
+    return True
 
 
 class ScaledAdd:

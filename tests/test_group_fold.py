@@ -94,3 +94,36 @@ def test_concurrent_folded_uploads_all_count_once():
     for x in xs:
         ref.add_folds({"w": codec.fold(codec.encode(x))}, 1.0)
     assert torch.equal(part["sums"]["w"], ref.sums["w"])
+
+
+def test_fused_kernels_give_torch_bits_across_sizes_groups_and_tails():
+    """The numba pass (`fold_kernels`, where it loads) gives exactly the bits of torch's
+    widening copy and add_(alpha) per term, one term after the other: sizes with odd tails after
+    the vector loop, groups of 1 to 9 terms (split into passes of 8, 4, 2, 1), int8 and float32
+    sources, read-only payload views and writable copies mixed."""
+    from fedray.compression import accumulate
+
+    kernels = accumulate.fold_kernels()
+    if kernels is None:
+        pytest.skip("fused fold kernels unavailable here (numba missing or FEDRAY_FOLD_NUMBA=0)")
+    rng = np.random.default_rng(11)
+    for n in (ADD_BLOCK + 1, ADD_BLOCK + 15, 2 * ADD_BLOCK + 12_345):
+        start = torch.from_numpy(rng.standard_normal(n))
+        srcs = []
+        for i in range(9):
+            if i == 4:
+                s = rng.standard_normal(n).astype(np.float32)
+            else:
+                s = rng.integers(-127, 128, n).astype(np.int8)
+            if i % 2:  # a payload view: read-only bytes
+                s = np.frombuffer(s.tobytes(), s.dtype)
+            srcs.append(s)
+        alphas = [float(a) for a in rng.uniform(1e-3, 3.0, len(srcs))]
+        for k in (1, 2, 3, 7, 9):
+            terms = list(zip(srcs[:k], alphas[:k]))
+            ref = start.clone()
+            accumulate._torch_blocked(ref, [(accumulate.readonly_tensor(s), a) for s, a in terms], n)
+            got = start.clone()
+            add_scaled_many_(got, terms) if k > 1 else add_scaled_(got, *terms[0])
+            assert torch.equal(got, ref), (n, k)
+            assert not torch.equal(got, start)
