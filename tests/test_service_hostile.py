@@ -318,6 +318,27 @@ def test_tokens_are_scoped_expire_and_never_raise():
     assert all(v.isascii() for _, v in md) and serde._metadata_credentials(md) == ("j\u00f6b: 1/2%", 3, t)
 
 
+def test_a_token_verified_once_is_still_scoped_and_expires():
+    """The core remembers tokens it verified (so an upload's three checks cost one HMAC): a
+    remembered token still opens nothing for another client or job, and not after its expiry."""
+    from fedray.orchestrator.service import AuthError, WrongJobError
+
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes={"w": (4,)})
+    t = client_token(SECRET, JOB, 3, expires=int(time.time()) + 2)
+    core.authenticate(JOB, 3, t)
+    core.authenticate(JOB, 3, t)  # remembered
+    with pytest.raises(AuthError):
+        core.authenticate(JOB, 4, t)
+    with pytest.raises(WrongJobError):
+        core.authenticate("other", 3, t)
+    forged = f"{t.split('.')[0]}.{'0' * 64}"
+    with pytest.raises(AuthError):
+        core.authenticate(JOB, 3, forged)
+    time.sleep(max(0.0, int(t.split(".")[0]) + 1.05 - time.time()))
+    with pytest.raises(AuthError):
+        core.authenticate(JOB, 3, t)
+
+
 def test_declared_weight_is_capped():
     """A client that declares 1e11 examples counts as max_weight (StrategySpec.max_weight_share)."""
     from fedray.orchestrator.strategy import StrategySpec
