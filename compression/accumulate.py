@@ -66,9 +66,10 @@ def add_scaled_many_(acc: torch.Tensor, terms) -> None:
 
 
 def _blocked(acc: torch.Tensor, terms: list, n: int) -> None:
-    """acc += alpha * src for each term: in one fused pass per up to 8 terms where the numba
-    kernels run (`fold_kernels`), else widened one block at a time through a reused buffer."""
-    kernels = fold_kernels()
+    """acc += alpha * src for each term: in one fused pass per up to 8 terms where this process
+    loaded the numba kernels (`fold_kernels`: the aggregation service does, for large tensors),
+    else widened one block at a time through a reused buffer. Same bits either way."""
+    kernels = _kernels or None  # never loaded here: a worker's fold does not pull in numba and LLVM
     if kernels is not None:
         srcs = [_flat_array(s, kernels.DTYPES) for s, _ in terms]
         if all(s is not None for s in srcs):
@@ -107,9 +108,13 @@ _kernels = None
 
 
 def fold_kernels():
-    """The fused numba kernels (`fold_numba`), compiled and checked once per process, or None:
-    numba missing, FEDRAY_FOLD_NUMBA=0, or the kernels do not give the bits torch's add gives
-    here (a CPU without FMA), so that a job's sums never depend on which path ran."""
+    """Load the fused numba kernels (`fold_numba`) for this process's large adds: compiled (or
+    read from numba's cache) and checked once; then `add_scaled_` and `add_scaled_many_` use
+    them. None where numba is missing, FEDRAY_FOLD_NUMBA=0, or the kernels do not give the bits
+    torch's add gives here (a CPU without FMA), so that a job's sums never depend on which path
+    ran. About 0.7 s and 120 MB of resident memory (LLVM): the aggregation service loads them
+    (`AggregationCore`, for jobs that fold tensors over `ADD_BLOCK` values); other processes
+    keep the torch blocks unless they call this."""
     global _kernels
     if _kernels is None:
         found = False  # threads that ask meanwhile check too; either way they get the same bits
