@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
 
-__all__ = ["ADD_BLOCK", "ScaledAdd", "add_scaled_", "add_scaled_many_", "fold_kernels", "readonly_tensor"]
+__all__ = ["ADD_BLOCK", "ScaledAdd", "add_scaled_", "add_scaled_many_", "fold_kernels", "load_fold_kernels_soon",
+           "readonly_tensor"]
 
 _ADD_CHUNK = 1 << 18  # 2 MiB of float64: measured fastest here (0.5 ms per 1M int8 codes, 0.63 at 64K)
 ADD_BLOCK = _ADD_CHUNK  # tensors over this many values add block by block (and in groups: add_scaled_many_)
@@ -112,9 +114,9 @@ def fold_kernels():
     read from numba's cache) and checked once; then `add_scaled_` and `add_scaled_many_` use
     them. None where numba is missing, FEDRAY_FOLD_NUMBA=0, or the kernels do not give the bits
     torch's add gives here (a CPU without FMA), so that a job's sums never depend on which path
-    ran. About 0.7 s and 120 MB of resident memory (LLVM): the aggregation service loads them
-    (`AggregationCore`, for jobs that fold tensors over `ADD_BLOCK` values); other processes
-    keep the torch blocks unless they call this."""
+    ran. About 0.7 s and 120 MB of resident memory (LLVM, the same for any model): the
+    aggregation service loads them (`AggregationCore` of a job that folds, through
+    `load_fold_kernels_soon`); other processes keep the torch blocks unless they call this."""
     global _kernels
     if _kernels is None:
         found = False  # threads that ask meanwhile check too; either way they get the same bits
@@ -129,6 +131,20 @@ def fold_kernels():
                 pass
         _kernels = found
     return _kernels or None
+
+
+_LOADING = threading.Lock()
+_loader: threading.Thread | None = None
+
+
+def load_fold_kernels_soon() -> None:
+    """`fold_kernels()` in a daemon thread, once per process: a server starts without waiting
+    for numba; adds before the kernels are ready take the torch blocks (the same bits)."""
+    global _loader
+    with _LOADING:
+        if _loader is None and _kernels is None:
+            _loader = threading.Thread(target=fold_kernels, name="fedray-fold-kernels", daemon=True)
+            _loader.start()
 
 
 def _same_bits_as_torch(kernels) -> bool:

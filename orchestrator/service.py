@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fedray.compression import PayloadError, decode_checked, get_codec
-from fedray.compression.accumulate import ADD_BLOCK, fold_kernels
+from fedray.compression.accumulate import ADD_BLOCK, load_fold_kernels_soon
 from fedray.compression.codec import Codec, UnknownCodecError
 from fedray.compression.payload import Payload
 from fedray.proto import serde
@@ -240,8 +240,8 @@ class AggregationCore:
         self._active = _Turns(limits.active)
         # Plain FedAvg family: tensors fold straight into the running sum (module docstring).
         self._folds = (dropout is None and privacy is None and getattr(self._strategy, "folds_raw_updates", False))
-        if self._folds and any(math.prod(s) > ADD_BLOCK for s in self._shapes.values()):
-            fold_kernels()  # tensors this large add in fused passes: compiled (or loaded) now, not in an upload
+        if self._folds:  # large tensors add in fused passes (fold_kernels), loaded while the server starts
+            load_fold_kernels_soon()
 
     @property
     def limits(self) -> ServiceLimits:
