@@ -69,12 +69,12 @@ def add_scaled_many_(acc: torch.Tensor, terms) -> None:
 
 def _blocked(acc: torch.Tensor, terms: list, n: int) -> None:
     """acc += alpha * src for each term: in one fused pass per up to 8 terms where this process
-    loaded the numba kernels (`fold_kernels`: the aggregation service does, for large tensors),
+    loaded the numba kernels (`fold_kernels`: the aggregation service does),
     else widened one block at a time through a reused buffer. Same bits either way."""
     kernels = _kernels or None  # never loaded here: a worker's fold does not pull in numba and LLVM
-    if kernels is not None:
+    if kernels is not None and acc.dtype == torch.float64 and acc.is_contiguous() and acc.numel() == n:
         srcs = [_flat_array(s, kernels.DTYPES) for s, _ in terms]
-        if all(s is not None for s in srcs):
+        if all(s is not None and s.size == n for s in srcs):  # else torch's checks refuse it
             kernels.add_terms(acc.numpy(), [(s, a) for s, (_, a) in zip(srcs, terms)])
             return
     _torch_blocked(acc, terms, n)
