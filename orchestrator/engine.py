@@ -512,13 +512,14 @@ class JobRuntime:
         # The workers start without waiting for the shards' answers to the open: a shard holds an
         # upload for the round it is about to open until the open lands (AggregationCore.upload).
         opening = [a.open_round.remote(r, bref) for a in self.shards.actors]
+        closing = self._close_early(r, ids)
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
         try:
             results = {x.client_id: x for x in self.pool.run_round(
                 r, bref, ids, self.shards.addresses, on_batch=lambda b: bar.update(len(b)))}
             self._settle_open(r, bref, opening, ids, results)
             self._wait_real_clients(r, sum(x.error is None for x in results.values()))
-            agg, decode_s, count = self._close(r, bref, ids, results)
+            agg, decode_s, count = self._close(r, bref, ids, results, closing)
         finally:
             bar.close()
         ok = [x for x in results.values() if x.error is None]
@@ -642,11 +643,31 @@ class JobRuntime:
         while self.shards.committed(r) < simulated_ok + want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _close(self, r: int, bref, ids, results: dict) -> tuple[object, float, int]:
+    def _close_early(self, r: int, ids) -> dict[int, tuple]:
+        """Send each shard its close with the number of updates it should get (its sampled
+        clients), right after the dispatch: a shard closes when the last of them is committed, so
+        its sum comes back with the workers' results instead of a round trip after them
+        (`AggregationCore.close_round`). {shard: (actor, ref)}; none with real clients (their
+        number is not known in advance: the driver waits for them, then closes)."""
+        if self.spec.service.real_clients:
+            return {}
+        n = len(self.shards.actors)
+        expect = [0] * n
+        for c in ids:
+            expect[serde.shard_index(int(c), n)] += 1
+        return {i: (a, a.close_round.remote(r, expect[i]), expect[i]) for i, a in enumerate(self.shards.actors)}
+
+    def _close(self, r: int, bref, ids, results: dict, closing: dict | None = None) -> tuple[object, float, int]:
         """Close the round on every shard and merge their partial sums; a shard that died is
         restarted and its clients trained again (nothing was committed anywhere else). Running
-        sums stay on the shards and come over as float32 pieces of the mean (`_stream_mean`)."""
-        parts = [self._close_shard(r, bref, ids, results, i) for i in range(len(self.shards.actors))]
+        sums stay on the shards and come over as float32 pieces of the mean (`_stream_mean`).
+        A shard whose early close (`_close_early`) can still answer is not asked again."""
+        n, ok = len(self.shards.actors), [0] * len(self.shards.actors)
+        for x in results.values():
+            if x.error is None:
+                ok[serde.shard_index(x.client_id, n)] += 1
+        parts = [self._early_part(closing.get(i) if closing else None, i, ok[i])
+                 or self._close_shard(r, bref, ids, results, i) for i in range(n)]
         if all(p.get("streamed") for p in parts):
             agg = self._stream_mean(r, bref, ids, results, parts)
         else:
@@ -654,6 +675,17 @@ class JobRuntime:
             for p in parts[1:]:
                 agg.merge(p["agg"])
         return agg, sum(p["decode_s"] for p in parts), sum(p["count"] for p in parts)
+
+    def _early_part(self, early: tuple | None, i: int, ok: int) -> dict | None:
+        """Shard i's answer to its early close, or None when the driver must close it itself:
+        the shard was restarted since, fewer of its clients succeeded than it waits for (the
+        plain close then ends that wait), or the early close gave up."""
+        if early is None or early[0] is not self.shards.actors[i] or ok < early[2]:
+            return None
+        try:
+            return ray.get(early[1])
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
+            return None  # the plain close restarts a dead shard, or reports what went wrong
 
     def _close_shard(self, r: int, bref, ids, results: dict, i: int) -> dict:
         for _ in range(self.spec.resources.max_attempts):

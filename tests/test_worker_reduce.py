@@ -73,6 +73,13 @@ def test_retried_call_counts_once():
         dup = trainer.train_clients(2, b, ids, servers, attempt=0)
         assert all(r.error and "ALREADY_EXISTS" in r.error for r in dup)
         assert core.close_round(2)["count"] == 10
+        # the driver's early close (expect = the clients sent) closes the round on their count:
+        # a retry that arrives after that close still answers "counted", not a failure
+        core.open_round(3, b)
+        first = trainer.train_clients(3, b, ids, servers, attempt=0)
+        out = core.close_round(3, expect=10)
+        again = trainer.train_clients(3, b, ids, servers, attempt=1)
+        assert out["count"] == 10 and [r.error for r in first + again] == [None] * 20
     finally:
         trainer.close()
         server.stop(None)

@@ -21,6 +21,7 @@ from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import as_arrays
 from .models import set_params
 from .reduce import partial_sums, partial_sums_many, upload_partial
+from .seeds import client_seeds
 from .step import ClientError, ClientStep, client_seed, train_config
 from .train import TrainConfig, pick_device
 
@@ -155,7 +156,7 @@ class ClientTrainer:
             return [out.get(c) or self._one_result(round, start, c, servers, attempt, None) for c in cids]
         if not ok:
             return [out[c] for c in cids]
-        seeds = [client_seed(s.seed, round, c) for c in ok]
+        seeds = client_seeds(s.seed, round, ok).tolist()  # = [client_seed(s.seed, round, c) for c in ok]
         evals = {}
         if s.client_eval:
             set_params(self.model, start)
