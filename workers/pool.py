@@ -24,8 +24,10 @@ class WorkerPool:
 
     def run_round(
         self, round: int, broadcast: Any, client_ids: Sequence[int], servers: Sequence[str], *,
-        on_batch: OnBatch | None = None,
+        on_batch: OnBatch | None = None, on_dispatch: Callable[[], None] | None = None,
     ) -> list[ClientResult]:
+        """`on_dispatch` is called once, as soon as the first calls are sent (before any result):
+        the driver sends its other messages of the round while the workers already train."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -44,7 +46,9 @@ class LocalPool(WorkerPool):
         self._trainer = ClientTrainer(setup, task)
         self._per_call = clients_per_call
 
-    def run_round(self, round, broadcast, client_ids, servers, *, on_batch=None):
+    def run_round(self, round, broadcast, client_ids, servers, *, on_batch=None, on_dispatch=None):
+        if on_dispatch:
+            on_dispatch()
         out = []
         for b in _batches(client_ids, self._per_call):
             res = self._trainer.train_clients(round, broadcast, b, servers)
@@ -136,7 +140,7 @@ class RayPool(WorkerPool):
         """The live worker actor handles (for monitoring and fault-injection tests)."""
         return [s.actor for s in self._slots]
 
-    def run_round(self, round, broadcast_ref, client_ids, servers, *, on_batch=None):
+    def run_round(self, round, broadcast_ref, client_ids, servers, *, on_batch=None, on_dispatch=None):
         todo = [_Batch(b) for b in _batches(client_ids, self._per_call)][::-1]
         pending: dict[Any, tuple[_Slot, _Batch, Any]] = {}
         out: list[ClientResult] = []
@@ -153,6 +157,8 @@ class RayPool(WorkerPool):
                 slot.inflight += 1
 
         fill()
+        if on_dispatch:
+            on_dispatch()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
