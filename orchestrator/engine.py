@@ -394,6 +394,8 @@ class JobRuntime:
         self.store = open_store(spec.checkpoint_dir) if spec.checkpoint_dir else None
         self.shards: _Shards | None = None
         self.pool: RayPool | None = None
+        self._sent: _Sent | None = None  # the next round, sent out before this one's evaluation
+        self._wall_end = 0.0  # when the last round's wall ended
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
@@ -482,9 +484,19 @@ class JobRuntime:
             self.noise_secret = bytes.fromhex(ck["noise_secret"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
-    def _round(self, r: int) -> RoundRecord:
+    def _pipelines(self) -> bool:
+        """Whether round r+1 is sent out before round r's evaluation and record: not where a
+        round's start reads what its predecessor's end writes after the step (pruning changes
+        the global model that round r's checkpoint saves; the population prices uploads at the
+        last round's size), nor with real clients (their round is closed after a wait)."""
+        sp = self.spec
+        return (sp.pruning is None and sp.population is None and not sp.service.real_clients
+                and hasattr(self.pool, "submit_round"))
+
+    def _dispatch(self, r: int) -> "_Sent":
+        """Round r's start: prune, broadcast, sample, and send the workers' calls, then the
+        shards' open and early close."""
         spec, tr = self.spec, self.spec.training
-        t0 = time.perf_counter()
         comp = spec.compression
         sparse, sparsity = self._prune(r)
         bcast = make_broadcast(self.params, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r,
@@ -513,16 +525,29 @@ class JobRuntime:
         # shards' open and early close; the workers start without waiting for the shards' answers
         # to the open: a shard holds an upload for the round it is about to open until the open
         # lands (AggregationCore.upload).
-        opening, closing = [], {}
+        sent = _Sent(r, ids, bcast, bref, down_per_client, down_sampled, virtual_s, sparsity)
 
         def to_shards() -> None:
-            opening.extend(a.open_round.remote(r, bref) for a in self.shards.actors)
-            closing.update(self._close_early(r, ids))
+            sent.opening = [a.open_round.remote(r, bref) for a in self.shards.actors]
+            sent.closing = self._close_early(r, ids)
 
+        sent.inflight = self.pool.submit_round(r, bref, ids, self.shards.addresses, on_dispatch=to_shards)
+        return sent
+
+    def _round(self, r: int) -> RoundRecord:
+        spec, tr = self.spec, self.spec.training
+        sent, self._sent = self._sent, None
+        if sent is not None and sent.round == r:  # sent out during round r-1: its wall starts where r-1's ended
+            t0 = self._wall_end
+        else:
+            t0 = time.perf_counter()
+            sent = self._dispatch(r)
+        ids, bcast, bref, opening, closing = sent.ids, sent.bcast, sent.bref, sent.opening, sent.closing
+        down_per_client, down_sampled, virtual_s, sparsity = (sent.down_per_client, sent.down_sampled,
+                                                              sent.virtual_s, sent.sparsity)
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
         try:
-            results = {x.client_id: x for x in self.pool.run_round(
-                r, bref, ids, self.shards.addresses, on_batch=lambda b: bar.update(len(b)), on_dispatch=to_shards)}
+            results = {x.client_id: x for x in self.pool.collect_round(sent.inflight, on_batch=lambda b: bar.update(len(b)))}
             self._settle_open(r, bref, opening, ids, results)
             self._wait_real_clients(r, sum(x.error is None for x in results.values()))
             agg, decode_s, count = self._close(r, bref, ids, results, closing)
@@ -545,6 +570,10 @@ class JobRuntime:
         del agg, delta  # the round's mean (1x fp32) is not needed past the step
         stages = self._p2u_curve(bcast) if len(bcast.stages) > 1 else None
         set_params(self.model, self.params)
+        if r < tr.rounds and self._pipelines():
+            # the next round trains while this one is evaluated and recorded: its inputs (the
+            # stepped global model, its seeded sample) are fixed now; results are the same
+            self._sent = self._dispatch(r + 1)
         metrics = self._evaluate()
         train_loss = float(np.mean([x.loss for x in ok])) if ok else float("nan")
         if not metrics and ok:  # no test data: the clients' own view of the round
@@ -552,7 +581,8 @@ class JobRuntime:
         acc, loss = float(metrics.get("accuracy", math.nan)), float(metrics.get("loss", math.nan))
         client_eval = _client_eval(ok)
         metrics.update({f"client_{k}": v for k, v in client_eval.pop("_all", {}).items()})
-        wall = time.perf_counter() - t0
+        self._wall_end = time.perf_counter()
+        wall = self._wall_end - t0
         rec = RoundRecord(
             round=r, clients=count, failed=len(failed), missing_real_clients=missing, accuracy=acc, loss=loss,
             bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_sampled + down_per_client * real,
@@ -764,6 +794,23 @@ class JobRuntime:
         return (f". Workers could not reach the aggregation service at {', '.join(self.shards.addresses)}: "
                 f"check service.host={sv.host!r} (unset: shards bind all interfaces and advertise their Ray node's "
                 f"IP) and service.port={sv.port}, and that worker nodes can reach the aggregation nodes")
+
+
+@dataclass
+class _Sent:
+    """A round sent out (`JobRuntime._dispatch`): what its collection and record need."""
+
+    round: int
+    ids: np.ndarray
+    bcast: object
+    bref: object
+    down_per_client: int
+    down_sampled: int
+    virtual_s: object
+    sparsity: float
+    opening: list = field(default_factory=list)
+    closing: dict = field(default_factory=dict)
+    inflight: object = None
 
 
 def _succeeded(ref) -> bool:
