@@ -178,6 +178,28 @@ class Codec(abc.ABC):
         the cost for small models."""
         return {k: self.encode_many(v) for k, v in xs.items()}
 
+    def encode_fold_batch(self, xs: Mapping[str, torch.Tensor], groups: Sequence[Sequence[int]],
+                          alphas: Sequence[float]) -> tuple[dict[str, Payload], list[dict[str, torch.Tensor]]]:
+        """`encode_batch(xs)`, then for each group of clients (indices into the batch) the float64
+        sums `fold_many` adds from their payloads into zeros, weighted by `alphas[i]`: a worker's
+        partial sums (`resources.worker_reduce`). Returns ({name: client 0's payload}, [{name:
+        sum, shaped like the tensor} per group]). Codecs override it to skip building each
+        client's payload; the sums must stay bit-equal to this.
+
+        Raises:
+            PayloadError: a payload is malformed or decodes to NaN or infinity.
+        """
+        per = self.encode_batch(xs)
+        sums = []
+        for g in groups:
+            out = {}
+            for k, ps in per.items():
+                acc = torch.zeros(ps[0].shape, dtype=torch.float64)
+                self.fold_many([ps[i] for i in g], [alphas[i] for i in g], acc.view(-1))
+                out[k] = acc
+            sums.append(out)
+        return {k: ps[0] for k, ps in per.items()}, sums
+
     def wire_bytes(self, shape: tuple[int, ...]) -> int | None:
         """Exact payload bytes for a tensor of `shape`, or None where it depends on the data."""
         return None

@@ -394,6 +394,8 @@ class JobRuntime:
         self.store = open_store(spec.checkpoint_dir) if spec.checkpoint_dir else None
         self.shards: _Shards | None = None
         self.pool: RayPool | None = None
+        self._sent: _Sent | None = None  # the next round, sent out before this one's evaluation
+        self._wall_end = 0.0  # when the last round's wall ended
 
     def _start(self) -> None:
         spec, tr, comp, res = self.spec, self.spec.training, self.spec.compression, self.spec.resources
@@ -482,9 +484,19 @@ class JobRuntime:
             self.noise_secret = bytes.fromhex(ck["noise_secret"])
         result.rounds = [RoundRecord(**x) for x in ck["rounds"]]
 
-    def _round(self, r: int) -> RoundRecord:
+    def _pipelines(self) -> bool:
+        """Whether round r+1 is sent out before round r's evaluation and record: not where a
+        round's start reads what its predecessor's end writes after the step (pruning changes
+        the global model that round r's checkpoint saves; the population prices uploads at the
+        last round's size), nor with real clients (their round is closed after a wait)."""
+        sp = self.spec
+        return (sp.pruning is None and sp.population is None and not sp.service.real_clients
+                and hasattr(self.pool, "submit_round"))
+
+    def _dispatch(self, r: int) -> "_Sent":
+        """Round r's start: prune, broadcast, sample, and send the workers' calls, then the
+        shards' open and early close."""
         spec, tr = self.spec, self.spec.training
-        t0 = time.perf_counter()
         comp = spec.compression
         sparse, sparsity = self._prune(r)
         bcast = make_broadcast(self.params, codec=comp.broadcast, codec_params=comp.broadcast_params, round=r,
@@ -509,16 +521,36 @@ class JobRuntime:
         # once per round; every worker and every shard read this one copy. A small model travels
         # inside the calls instead: a put and each reader's fetch cost more than ~3 copies of it.
         bref = bcast if bcast.bytes_used() <= _INLINE_BROADCAST_BYTES else ray.put(bcast)
-        # The workers start without waiting for the shards' answers to the open: a shard holds an
-        # upload for the round it is about to open until the open lands (AggregationCore.upload).
-        opening = [a.open_round.remote(r, bref) for a in self.shards.actors]
+        # The workers' calls go first (each Ray submission costs the driver ~0.3-0.5 ms), then the
+        # shards' open and early close; the workers start without waiting for the shards' answers
+        # to the open: a shard holds an upload for the round it is about to open until the open
+        # lands (AggregationCore.upload).
+        sent = _Sent(r, ids, bcast, bref, down_per_client, down_sampled, virtual_s, sparsity)
+
+        def to_shards() -> None:
+            sent.opening = [a.open_round.remote(r, bref) for a in self.shards.actors]
+            sent.closing = self._close_early(r, ids)
+
+        sent.inflight = self.pool.submit_round(r, bref, ids, self.shards.addresses, on_dispatch=to_shards)
+        return sent
+
+    def _round(self, r: int) -> RoundRecord:
+        spec, tr = self.spec, self.spec.training
+        sent, self._sent = self._sent, None
+        if sent is not None and sent.round == r:  # sent out during round r-1: its wall starts where r-1's ended
+            t0 = self._wall_end
+        else:
+            t0 = time.perf_counter()
+            sent = self._dispatch(r)
+        ids, bcast, bref, opening, closing = sent.ids, sent.bcast, sent.bref, sent.opening, sent.closing
+        down_per_client, down_sampled, virtual_s, sparsity = (sent.down_per_client, sent.down_sampled,
+                                                              sent.virtual_s, sent.sparsity)
         bar = tqdm(total=len(ids), desc=f"round {r}/{tr.rounds}", unit="client", disable=not self.progress, leave=True)
         try:
-            results = {x.client_id: x for x in self.pool.run_round(
-                r, bref, ids, self.shards.addresses, on_batch=lambda b: bar.update(len(b)))}
+            results = {x.client_id: x for x in self.pool.collect_round(sent.inflight, on_batch=lambda b: bar.update(len(b)))}
             self._settle_open(r, bref, opening, ids, results)
             self._wait_real_clients(r, sum(x.error is None for x in results.values()))
-            agg, decode_s, count = self._close(r, bref, ids, results)
+            agg, decode_s, count = self._close(r, bref, ids, results, closing)
         finally:
             bar.close()
         ok = [x for x in results.values() if x.error is None]
@@ -538,6 +570,10 @@ class JobRuntime:
         del agg, delta  # the round's mean (1x fp32) is not needed past the step
         stages = self._p2u_curve(bcast) if len(bcast.stages) > 1 else None
         set_params(self.model, self.params)
+        if r < tr.rounds and self._pipelines():
+            # the next round trains while this one is evaluated and recorded: its inputs (the
+            # stepped global model, its seeded sample) are fixed now; results are the same
+            self._sent = self._dispatch(r + 1)
         metrics = self._evaluate()
         train_loss = float(np.mean([x.loss for x in ok])) if ok else float("nan")
         if not metrics and ok:  # no test data: the clients' own view of the round
@@ -545,7 +581,8 @@ class JobRuntime:
         acc, loss = float(metrics.get("accuracy", math.nan)), float(metrics.get("loss", math.nan))
         client_eval = _client_eval(ok)
         metrics.update({f"client_{k}": v for k, v in client_eval.pop("_all", {}).items()})
-        wall = time.perf_counter() - t0
+        self._wall_end = time.perf_counter()
+        wall = self._wall_end - t0
         rec = RoundRecord(
             round=r, clients=count, failed=len(failed), missing_real_clients=missing, accuracy=acc, loss=loss,
             bytes_up=sum(x.bytes_up for x in ok), bytes_down=down_sampled + down_per_client * real,
@@ -642,11 +679,31 @@ class JobRuntime:
         while self.shards.committed(r) < simulated_ok + want and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _close(self, r: int, bref, ids, results: dict) -> tuple[object, float, int]:
+    def _close_early(self, r: int, ids) -> dict[int, tuple]:
+        """Send each shard its close with the number of updates it should get (its sampled
+        clients), right after the dispatch: a shard closes when the last of them is committed, so
+        its sum comes back with the workers' results instead of a round trip after them
+        (`AggregationCore.close_round`). {shard: (actor, ref)}; none with real clients (their
+        number is not known in advance: the driver waits for them, then closes)."""
+        if self.spec.service.real_clients:
+            return {}
+        n = len(self.shards.actors)
+        expect = [0] * n
+        for c in ids:
+            expect[serde.shard_index(int(c), n)] += 1
+        return {i: (a, a.close_round.remote(r, expect[i]), expect[i]) for i, a in enumerate(self.shards.actors)}
+
+    def _close(self, r: int, bref, ids, results: dict, closing: dict | None = None) -> tuple[object, float, int]:
         """Close the round on every shard and merge their partial sums; a shard that died is
         restarted and its clients trained again (nothing was committed anywhere else). Running
-        sums stay on the shards and come over as float32 pieces of the mean (`_stream_mean`)."""
-        parts = [self._close_shard(r, bref, ids, results, i) for i in range(len(self.shards.actors))]
+        sums stay on the shards and come over as float32 pieces of the mean (`_stream_mean`).
+        A shard whose early close (`_close_early`) can still answer is not asked again."""
+        n, ok = len(self.shards.actors), [0] * len(self.shards.actors)
+        for x in results.values():
+            if x.error is None:
+                ok[serde.shard_index(x.client_id, n)] += 1
+        parts = [self._early_part(closing.get(i) if closing else None, i, ok[i])
+                 or self._close_shard(r, bref, ids, results, i) for i in range(n)]
         if all(p.get("streamed") for p in parts):
             agg = self._stream_mean(r, bref, ids, results, parts)
         else:
@@ -654,6 +711,17 @@ class JobRuntime:
             for p in parts[1:]:
                 agg.merge(p["agg"])
         return agg, sum(p["decode_s"] for p in parts), sum(p["count"] for p in parts)
+
+    def _early_part(self, early: tuple | None, i: int, ok: int) -> dict | None:
+        """Shard i's answer to its early close, or None when the driver must close it itself:
+        the shard was restarted since, fewer of its clients succeeded than it waits for (the
+        plain close then ends that wait), or the early close gave up."""
+        if early is None or early[0] is not self.shards.actors[i] or ok < early[2]:
+            return None
+        try:
+            return ray.get(early[1])
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
+            return None  # the plain close restarts a dead shard, or reports what went wrong
 
     def _close_shard(self, r: int, bref, ids, results: dict, i: int) -> dict:
         for _ in range(self.spec.resources.max_attempts):
@@ -726,6 +794,23 @@ class JobRuntime:
         return (f". Workers could not reach the aggregation service at {', '.join(self.shards.addresses)}: "
                 f"check service.host={sv.host!r} (unset: shards bind all interfaces and advertise their Ray node's "
                 f"IP) and service.port={sv.port}, and that worker nodes can reach the aggregation nodes")
+
+
+@dataclass
+class _Sent:
+    """A round sent out (`JobRuntime._dispatch`): what its collection and record need."""
+
+    round: int
+    ids: np.ndarray
+    bcast: object
+    bref: object
+    down_per_client: int
+    down_sampled: int
+    virtual_s: object
+    sparsity: float
+    opening: list = field(default_factory=list)
+    closing: dict = field(default_factory=dict)
+    inflight: object = None
 
 
 def _succeeded(ref) -> bool:

@@ -223,6 +223,9 @@ class AggregationCore:
         self._finished = False
         self._finish_listeners: list[Callable[[], None]] = []
         self._open_wait_s = 5.0  # the gap between a round's open and its first upload is milliseconds
+        self._close_wait_s = 300.0  # close_round(expect=...) gives up waiting after this: the driver closes
+        self._awaited: tuple[int, int] | None = None  # (round, updates) a close_round(expect=...) waits for
+        self._last_closed: tuple[int, set[int]] | None = None  # the last closed round and who committed in it
         self._secret = secret
         self._verified: dict[tuple[int, str], int] = {}  # (client, token) -> expiry, of tokens verified
         self._shapes = {k: tuple(v) for k, v in shapes.items()}
@@ -302,23 +305,59 @@ class AggregationCore:
                 return
         fn()
 
-    def close_round(self, round: int) -> dict:
+    def close_round(self, round: int, expect: int | None = None) -> dict | None:
         """Close the round; return its collector (`agg`: a partial sum, or the buffered updates of
-        a robust strategy) and counters."""
+        a robust strategy) and counters.
+
+        With `expect`, the driver sends the close right after dispatching the round (no round trip
+        after the workers' results): it waits until round `round` is open here and `expect`
+        updates are committed in it (`committed`), then closes. It returns None, closing nothing,
+        when the round is closed meanwhile by a plain `close_round` (the driver's fallback when
+        some clients failed), when a later round opens or the job finishes, or after
+        `_close_wait_s`; the driver then closes the round itself."""
         with self._cond:
+            if expect is not None:
+                self._awaited = (round, expect)
+                try:
+                    self._cond.wait_for(lambda: self._close_ready(round, expect) is not None, timeout=self._close_wait_s)
+                finally:
+                    self._awaited = None
+                if not self._close_ready(round, expect):
+                    return None
             st = self._state
             if st is None or st.round != round:
                 raise RoundClosedError(f"round {round} is not open")
             self._state = None
+            self._cond.notify_all()  # a close_round(expect=...) of this round stops waiting
             st.closing = True
             while st.pending:  # commits that checked in before the close finish their adds
                 self._cond.wait()
+        self._last_closed = (round, st.committed)  # a retried upload of a committed update: ALREADY_EXISTS
         for part in st.parts[1:]:
             st.agg.merge(part)
         return {
             "agg": st.agg, "sums": getattr(st.agg, "sums", None), "total_weight": getattr(st.agg, "total_weight", None),
             "count": len(st.committed) + st.represented, "bytes_received": st.bytes_received, "decode_s": st.decode_s,
         }
+
+    def _close_ready(self, round: int, expect: int) -> bool | None:
+        """For close_round(expect=...), under the lock: True when round `round` is open with
+        `expect` updates committed, False when it can no longer be (closed, a later round open,
+        the job finished), None while it may still come."""
+        if self._finished or self._last_round > round:
+            return False
+        st = self._state
+        if self._last_round < round:  # not opened yet (the open may run after this call)
+            return None
+        if st is None or st.round != round:
+            return False
+        return True if len(st.committed) + st.represented >= expect else None
+
+    def _wake_closer(self, st: _RoundState) -> None:
+        """Under the lock, after a commit: wake a close_round(expect=...) whose count is reached."""
+        aw = self._awaited
+        if aw is not None and aw[0] == st.round and len(st.committed) + st.represented >= aw[1]:
+            self._cond.notify_all()
 
     # -- RPC handlers ---------------------------------------------------------------------------
 
@@ -438,6 +477,11 @@ class AggregationCore:
                 if st is None and not self._finished:
                     raise RoundNotOpenYetError(f"round {header.round} is not open yet; retry shortly")
             if st is None or st.round != header.round:
+                closed = self._last_closed
+                if closed is not None and closed[0] == header.round and header.client_id in closed[1]:
+                    # a retry of an update the round counted before it closed (a worker died after
+                    # its upload, the round closed on its count): the retry's answer is "counted"
+                    raise DuplicateUpdateError(f"client {header.client_id} already uploaded for round {header.round}")
                 open_r = None if st is None else st.round
                 raise RoundClosedError(f"round {header.round} is not open (open round: {open_r})")
             if header.client_id in st.committed:
@@ -508,6 +552,7 @@ class AggregationCore:
                     st.decode_s += decode_s
                     self._committed_total += 1
                     self._bytes_total += received
+                    self._wake_closer(st)
                 if st.folds:  # folded updates wait for a stripe: the first one's thread adds
                     st.folds[0].wake_up()
                 if st.closing:
@@ -560,6 +605,7 @@ class AggregationCore:
                             st.decode_s += it.decode_s
                             self._committed_total += 1
                             self._bytes_total += it.received
+                            self._wake_closer(st)
                         elif it.ok is None:  # the add raised before reaching this one
                             it.ok = RuntimeError("the group this update was added with failed")
                         if it is not item:

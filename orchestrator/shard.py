@@ -91,12 +91,15 @@ class AggregationShard:
             trim_heap()
         self._core.open_round(round, broadcast)
 
-    def close_round(self, round: int) -> dict:
+    def close_round(self, round: int, expect: int | None = None) -> dict | None:
         """Close the round. A running sum (the FedAvg family) of a model of `STREAM_MIN_BYTES` or
         more stays here: the answer carries its counters, `total_weight`, `sum_count` and
         `shapes`, with `agg` None and `streamed` True, and the driver takes the mean in pieces
-        (`stream_sum`); any other collector is returned whole under `agg`."""
-        part = self._core.close_round(round)
+        (`stream_sum`); any other collector is returned whole under `agg`. With `expect`: close
+        once that many updates are committed, or return None (`AggregationCore.close_round`)."""
+        part = self._core.close_round(round, expect)
+        if part is None:
+            return None
         part.pop("sums", None)  # the same tensors as part["agg"].sums
         agg = part["agg"]
         if type(agg) is RunningWeightedSum and 4 * sum(v.numel() for v in agg.sums.values()) >= STREAM_MIN_BYTES:

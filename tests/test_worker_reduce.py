@@ -73,6 +73,13 @@ def test_retried_call_counts_once():
         dup = trainer.train_clients(2, b, ids, servers, attempt=0)
         assert all(r.error and "ALREADY_EXISTS" in r.error for r in dup)
         assert core.close_round(2)["count"] == 10
+        # the driver's early close (expect = the clients sent) closes the round on their count:
+        # a retry that arrives after that close still answers "counted", not a failure
+        core.open_round(3, b)
+        first = trainer.train_clients(3, b, ids, servers, attempt=0)
+        out = core.close_round(3, expect=10)
+        again = trainer.train_clients(3, b, ids, servers, attempt=1)
+        assert out["count"] == 10 and [r.error for r in first + again] == [None] * 20
     finally:
         trainer.close()
         server.stop(None)
@@ -158,3 +165,51 @@ def test_upload_nbytes_many_equals_each_upload():
                                     tensors=[(k, ps[i]) for k, ps in per.items()], chunk_bytes=chunk).nbytes
                 for i, (cid, w, m) in enumerate(clients)]
         assert got == want, chunk
+
+
+@pytest.mark.parametrize("codec_name,big", [("int8", False), ("int8", True), ("identity", False), ("fp16", False)])
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_encode_fold_equals_encode_then_fold(codec_name, big, num_shards):
+    """`partial_sums_encoded` (`Codec.encode_fold_batch`: int8 sums straight from its codes, no
+    per-client payload) gives bit for bit the sums, weights and losses of `encode_batch` then
+    `partial_sums_many`, and the payload templates of client 0; zero and large tensors too
+    (the latter take the general path)."""
+    from fedray.compression import get_codec
+    from fedray.workers.reduce import partial_sums_encoded, partial_sums_many
+
+    codec = get_codec(codec_name)
+    gen = torch.Generator().manual_seed(11)
+    b = 13
+    xs = {"w": torch.randn(b, 17, 6, generator=gen), "b": torch.randn(b, 6, generator=gen) * 1e-3,
+          "big": torch.randn(b, 300_000 if big else 10, generator=gen)}
+    xs["b"][5] = 0.0
+    cids = [int(c) for c in torch.randperm(500, generator=gen)[:b]]
+    weights = [float(w) for w in torch.randint(1, 9, (b,), generator=gen)]
+    losses = [0.5 * i for i in range(b)]
+    losses[3] = float("nan")
+    per = codec.encode_batch(xs)
+    want = partial_sums_many(codec, cids, weights, losses, per, num_shards)
+    templates, got = partial_sums_encoded(codec, cids, weights, losses, xs, num_shards)
+    assert sorted(got) == sorted(want)
+    for shard, w in want.items():
+        g = got[shard]
+        assert g.clients == w.clients and g.weight == w.weight and g.loss == w.loss and g.acc.count == w.acc.count
+        for k in xs:
+            assert g.sums[k].dtype == torch.float64 and torch.equal(g.sums[k], w.sums[k]), (shard, k)
+    for k, p in templates.items():
+        assert (p.codec, p.dtype, p.shape, dict(p.params)) == (per[k][0].codec, per[k][0].dtype, per[k][0].shape,
+                                                               dict(per[k][0].params))
+        assert bytes(memoryview(p.data)) == bytes(memoryview(per[k][0].data)), k
+
+
+def test_encode_fold_refuses_a_diverged_update():
+    from fedray.compression import get_codec
+    from fedray.compression.payload import PayloadError
+    from fedray.workers.reduce import partial_sums_encoded
+
+    xs = {"w": torch.randn(3, 4, 5)}
+    xs["w"][1, 0, 0] = float("nan")
+    with pytest.raises(PayloadError, match="scales"):
+        partial_sums_encoded(get_codec("int8"), [1, 2, 3], [1.0, 1.0, 1.0], [0.0] * 3, xs, 1)
+    with pytest.raises(ValueError, match="weight"):
+        partial_sums_encoded(get_codec("int8"), [1, 2, 3], [1.0, 0.0, 1.0], [0.0] * 3, {"w": torch.randn(3, 4)}, 1)

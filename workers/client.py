@@ -20,7 +20,8 @@ from .batched import batching_pays, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import as_arrays
 from .models import set_params
-from .reduce import partial_sums, partial_sums_many, upload_partial
+from .reduce import partial_sums, partial_sums_encoded, upload_partial
+from .seeds import client_seeds
 from .step import ClientError, ClientStep, client_seed, train_config
 from .train import TrainConfig, pick_device
 
@@ -155,7 +156,7 @@ class ClientTrainer:
             return [out.get(c) or self._one_result(round, start, c, servers, attempt, None) for c in cids]
         if not ok:
             return [out[c] for c in cids]
-        seeds = [client_seed(s.seed, round, c) for c in ok]
+        seeds = client_seeds(s.seed, round, ok).tolist()  # = [client_seed(s.seed, round, c) for c in ok]
         evals = {}
         if s.client_eval:
             set_params(self.model, start)
@@ -171,14 +172,15 @@ class ClientTrainer:
         train_s = (time.perf_counter() - t0) / len(ok)
         mem = 4 * sum(int(v.numel()) for v in start.values())
         encoded = []
+        if not self.codec.stateful and s.worker_reduce:  # one partial sum per shard: no client's own upload is built
+            deltas = {k: stacked[k] - start[k] for k in start}
+            return self._reduced_many(round, cids, ok, trained, deltas, servers, attempt, train_s, mem, evals, out)
         if not self.codec.stateful:  # stateless codec: encode each tensor for all clients at once
             try:
                 per = self.codec.encode_batch({k: stacked[k] - start[k] for k in start})
             except Exception as e:
                 out.update({c: ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in ok})
                 return [out[c] for c in cids]
-            if s.worker_reduce:  # one partial sum per shard: no client's own upload is built
-                return self._reduced_many(round, cids, ok, trained, per, servers, attempt, train_s, mem, evals, out)
             for i, (cid, stats) in enumerate(zip(ok, trained)):
                 msgs = serde.encode_upload(
                     job_id=s.job_id, round=round, client_id=cid, weight=float(stats.examples),
@@ -225,18 +227,18 @@ class ClientTrainer:
             for cid in part.clients:
                 yield cid, wire[cid], None
 
-    def _reduced_many(self, round: int, cids: list[int], ok: list[int], trained, per: dict, servers, attempt: int,
+    def _reduced_many(self, round: int, cids: list[int], ok: list[int], trained, deltas: dict, servers, attempt: int,
                       train_s: float, mem: int, evals: dict, out: dict) -> list[ClientResult]:
-        """`_reduced` for updates encoded column-wise (`Codec.encode_batch`): each shard's
-        clients folded tensor by tensor at once, each client charged its own upload's exact wire
-        bytes (`serde.upload_nbytes_many`), one upload per shard."""
-        s, names = self.setup, list(per)
+        """`_reduced` for a stateless codec: the clients' updates (`deltas[name][i]`) encoded and
+        each shard's clients folded in one step (`partial_sums_encoded`), each client charged its
+        own upload's exact wire bytes (`serde.upload_nbytes_many`), one upload per shard."""
+        s, names = self.setup, list(deltas)
         weights, losses = [float(st.examples) for st in trained], [st.loss for st in trained]
         try:
+            templates, parts = partial_sums_encoded(self.codec, ok, weights, losses, deltas, len(servers))
             wire = serde.upload_nbytes_many(
-                job_id=s.job_id, round=round, attempt=attempt, tensors=[(k, per[k][0]) for k in names],
+                job_id=s.job_id, round=round, attempt=attempt, tensors=[(k, templates[k]) for k in names],
                 clients=[(c, w, {"loss": loss, "train_s": train_s}) for c, w, loss in zip(ok, weights, losses)])
-            parts = partial_sums_many(self.codec, ok, weights, losses, per, len(servers))
         except Exception as e:
             out.update({c: ClientResult(c, round, error=str(ClientError("encode", c, round, e))) for c in ok})
             return [out[c] for c in cids]

@@ -7,7 +7,7 @@ subclasses Ray classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import ray
@@ -24,8 +24,10 @@ class WorkerPool:
 
     def run_round(
         self, round: int, broadcast: Any, client_ids: Sequence[int], servers: Sequence[str], *,
-        on_batch: OnBatch | None = None,
+        on_batch: OnBatch | None = None, on_dispatch: Callable[[], None] | None = None,
     ) -> list[ClientResult]:
+        """`on_dispatch` is called once, as soon as the first calls are sent (before any result):
+        the driver sends its other messages of the round while the workers already train."""
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -44,7 +46,9 @@ class LocalPool(WorkerPool):
         self._trainer = ClientTrainer(setup, task)
         self._per_call = clients_per_call
 
-    def run_round(self, round, broadcast, client_ids, servers, *, on_batch=None):
+    def run_round(self, round, broadcast, client_ids, servers, *, on_batch=None, on_dispatch=None):
+        if on_dispatch:
+            on_dispatch()
         out = []
         for b in _batches(client_ids, self._per_call):
             res = self._trainer.train_clients(round, broadcast, b, servers)
@@ -85,6 +89,18 @@ class _Slot:
 class _Batch:
     client_ids: list[int]
     attempt: int = 0
+
+
+@dataclass
+class _Round:
+    """A round in flight in a `RayPool` (`submit_round` to `collect_round`)."""
+
+    round: int
+    broadcast: Any
+    client_ids: list
+    servers: tuple
+    todo: list  # batches not sent yet, the next one last
+    pending: dict = field(default_factory=dict)  # ref -> (slot, batch, actor)
 
 
 class RayPool(WorkerPool):
@@ -136,40 +152,51 @@ class RayPool(WorkerPool):
         """The live worker actor handles (for monitoring and fault-injection tests)."""
         return [s.actor for s in self._slots]
 
-    def run_round(self, round, broadcast_ref, client_ids, servers, *, on_batch=None):
-        todo = [_Batch(b) for b in _batches(client_ids, self._per_call)][::-1]
-        pending: dict[Any, tuple[_Slot, _Batch, Any]] = {}
+    def run_round(self, round, broadcast_ref, client_ids, servers, *, on_batch=None, on_dispatch=None):
+        return self.collect_round(self.submit_round(round, broadcast_ref, client_ids, servers, on_dispatch=on_dispatch),
+                                  on_batch=on_batch)
+
+    def submit_round(self, round, broadcast_ref, client_ids, servers, *, on_dispatch=None) -> "_Round":
+        """The first half of `run_round`: send the first calls (then `on_dispatch()`); the driver
+        may do other work before `collect_round` waits for the results."""
+        rd = _Round(round, broadcast_ref, list(client_ids), tuple(servers),
+                    [_Batch(b) for b in _batches(client_ids, self._per_call)][::-1])
+        self._fill(rd)
+        if on_dispatch:
+            on_dispatch()
+        return rd
+
+    def collect_round(self, rd: "_Round", *, on_batch=None) -> list[ClientResult]:
+        """The second half of `run_round`: wait for every call (retrying those of dead actors)."""
         out: list[ClientResult] = []
-        servers = tuple(servers)
-
-        def fill():  # the least busy actor first: every actor has a call before any has two
-            while todo:
-                slot = min(self._slots, key=lambda s: s.inflight)
-                if slot.inflight >= 2:
-                    return
-                b = todo.pop()
-                ref = slot.actor.train_clients.remote(round, broadcast_ref, b.client_ids, servers, b.attempt)
-                pending[ref] = (slot, b, slot.actor)
-                slot.inflight += 1
-
-        fill()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+        while rd.pending:
+            done, _ = ray.wait(list(rd.pending), num_returns=1)
             for ref in done:
-                slot, b, actor = pending.pop(ref)
+                slot, b, actor = rd.pending.pop(ref)
                 if slot.actor is actor:
                     slot.inflight -= 1
                 try:
                     res = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    res = self._on_actor_death(slot, b, actor, todo, round, e)
+                    res = self._on_actor_death(slot, b, actor, rd.todo, rd.round, e)
                 if on_batch and res:
                     on_batch(res)
                 out.extend(res)
-            fill()
-        order = {int(c): i for i, c in enumerate(client_ids)}
+            self._fill(rd)
+        order = {int(c): i for i, c in enumerate(rd.client_ids)}
         out.sort(key=lambda r: order[r.client_id])
         return out
+
+    def _fill(self, rd: "_Round") -> None:
+        """The least busy actor first: every actor has a call before any has two."""
+        while rd.todo:
+            slot = min(self._slots, key=lambda s: s.inflight)
+            if slot.inflight >= 2:
+                return
+            b = rd.todo.pop()
+            ref = slot.actor.train_clients.remote(rd.round, rd.broadcast, b.client_ids, rd.servers, b.attempt)
+            rd.pending[ref] = (slot, b, slot.actor)
+            slot.inflight += 1
 
     def _on_actor_death(self, slot: _Slot, b: _Batch, actor, todo: list, round: int, err: Exception) -> list[ClientResult]:
         if slot.actor is actor:  # not replaced yet (its other in-flight call may fail next)

@@ -29,7 +29,7 @@ from fedray.proto import serde
 from fedray.proto.aggregate import CLIENTS_METRIC, aggregate_id
 from fedray.proto.auth import client_token
 
-__all__ = ["PartialSum", "partial_sums", "partial_sums_many", "upload_partial"]
+__all__ = ["PartialSum", "partial_sums", "partial_sums_encoded", "partial_sums_many", "upload_partial"]
 
 
 class PartialSum:
@@ -70,6 +70,37 @@ class PartialSum:
             self.loss += w * loss if math.isfinite(loss) else 0.0
         self.acc.count += len(cids)
         self.clients.extend(cids)
+
+
+def partial_sums_encoded(codec, cids: Sequence[int], weights: Sequence[float], losses: Sequence[float],
+                         xs: Mapping[str, torch.Tensor], num_shards: int) -> tuple[dict, dict[int, PartialSum]]:
+    """`encode_batch(xs)` then `partial_sums_many` of the payloads in one step
+    (`Codec.encode_fold_batch`: no per-client payload where the codec can skip it; the same
+    sums). `xs[name][i]` is client i's update. Returns ({name: client 0's payload}, {shard:
+    PartialSum}).
+
+    Raises:
+        ValueError: a weight is not finite and > 0. PayloadError: an update does not encode.
+    """
+    for w in weights:
+        if not w > 0 or not math.isfinite(w):
+            raise ValueError(f"update weight must be finite and > 0, got {w}")
+    by_shard: dict[int, list[int]] = {}
+    for i, cid in enumerate(cids):
+        by_shard.setdefault(serde.shard_index(cid, num_shards), []).append(i)
+    templates, sums = codec.encode_fold_batch(xs, list(by_shard.values()), weights)
+    out: dict[int, PartialSum] = {}
+    for (shard, idx), got in zip(by_shard.items(), sums):
+        part = out[shard] = PartialSum({k: tuple(v.shape[1:]) for k, v in xs.items()})
+        for k, v in got.items():
+            part.acc.sums[k].add_(v.view_as(part.acc.sums[k]))
+        for i in idx:
+            w, loss = weights[i], losses[i]
+            part.acc.total_weight += w
+            part.loss += w * loss if math.isfinite(loss) else 0.0
+        part.acc.count += len(idx)
+        part.clients.extend(cids[i] for i in idx)
+    return templates, out
 
 
 def partial_sums_many(codec, cids: Sequence[int], weights: Sequence[float], losses: Sequence[float],

@@ -96,19 +96,18 @@ class Int8(Codec):
         proto = xs[0]
         return [self._payload(proto, {"rows": rows}, buf[i]) for i in range(b)]
 
-    def encode_batch(self, xs):
-        """Every tensor of B clients in a few whole-model passes (one absmax per tensor and client
-        by `reduceat`, one multiply, one rounding), instead of a dozen small operations per
-        tensor; each payload is a view of one buffer. Bytes equal to `encode` one by one."""
+    def _codes(self, xs):
+        """The whole-model pass of `encode_batch`: (names, shapes, sizes, offsets, scales (b,
+        tensors) float32, codes (b, total) int8), or None where it does not apply."""
         names = list(xs)
         if self.granularity != "tensor" or not names:
-            return super().encode_batch(xs)
+            return None
         b = int(xs[names[0]].shape[0])
         shapes = [tuple(int(d) for d in xs[k].shape[1:]) for k in names]
         sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
         total = sum(sizes)
         if b == 0 or min(sizes) == 0 or any(xs[k].shape[0] != b for k in names) or total * b > (1 << 24):
-            return super().encode_batch(xs)
+            return None
         x = torch.cat([xs[k].detach().to(torch.float32).reshape(b, -1) for k in names], dim=1).numpy()
         offs = np.cumsum([0] + sizes[:-1])
         absmax = np.maximum.reduceat(np.abs(x), offs, axis=1)  # (b, tensors)
@@ -116,7 +115,54 @@ class Int8(Codec):
         inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
         t = x * np.repeat(inv, sizes, axis=1)
         np.rint(t, out=t)  # within [-127, 127] without a clamp (module docstring)
-        codes = t.astype(np.int8).view(np.uint8)
+        return names, shapes, sizes, offs, scale, t.astype(np.int8)
+
+    def encode_fold_batch(self, xs, groups, alphas):
+        """`encode_batch` then `fold_many` of each group, without the per-client payloads: each
+        group's sums come straight from the codes and scales of the whole-model pass, in the same
+        arithmetic as `fold_many` (codes widened and scaled in one multiply, rows summed in one
+        reduction after a zero row), so bit-equal to it; the templates are client 0's payloads."""
+        got = self._codes(xs)
+        if got is None or not groups:
+            return super().encode_fold_batch(xs, groups, alphas)
+        names, shapes, sizes, offs, scale, codes = got
+        widest = max(len(g) for g in groups) + 1
+        if any(n > _ADD_CHUNK or widest * n > _MANY_VALUES for n in sizes):
+            return super().encode_fold_batch(xs, groups, alphas)
+        if not ((scale >= 0) & (scale <= _MAX_SCALE)).all():  # False for NaN too (as fold_many)
+            raise PayloadError(f"int8: scales must be finite, non-negative and at most {_MAX_SCALE:.3e}")
+        templates = {}
+        for j, (k, shape, n, o) in enumerate(zip(names, shapes, sizes, offs)):
+            buf = np.empty(4 + n, np.uint8)
+            buf[:4] = scale[0, j : j + 1].view(np.uint8)
+            buf[4:] = codes[0, o : o + n].view(np.uint8)
+            templates[k] = Payload(self.name, self.version, str(xs[k].dtype).removeprefix("torch."), shape,
+                                   {"rows": 1}, buf)
+        a64, s64 = np.asarray(alphas, np.float64), scale.astype(np.float64)
+        sums = []
+        for g in groups:
+            idx = np.asarray(g, np.int64)
+            rows = codes[idx]
+            coeff = a64[idx, None] * s64[idx]  # (len(g), tensors): alpha * scale, as fold_many
+            out = {}
+            for j, (k, n, o) in enumerate(zip(names, sizes, offs)):
+                stack = np.empty((len(idx) + 1, n), np.float64)
+                stack[0] = 0.0
+                np.multiply(rows[:, o : o + n], coeff[:, j : j + 1], out=stack[1:])
+                out[k] = torch.from_numpy(np.add.reduce(stack, axis=0)).view(shapes[j])
+            sums.append(out)
+        return templates, sums
+
+    def encode_batch(self, xs):
+        """Every tensor of B clients in a few whole-model passes (one absmax per tensor and client
+        by `reduceat`, one multiply, one rounding), instead of a dozen small operations per
+        tensor; each payload is a view of one buffer. Bytes equal to `encode` one by one."""
+        got = self._codes(xs)
+        if got is None:
+            return super().encode_batch(xs)
+        names, shapes, sizes, offs, scale, codes = got
+        b, total = codes.shape
+        codes = codes.view(np.uint8)
         buf = np.empty((b, total + 4 * len(names)), np.uint8)
         out, pos = {}, 0
         for j, (k, shape, n, o) in enumerate(zip(names, shapes, sizes, offs)):
