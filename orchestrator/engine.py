@@ -570,9 +570,12 @@ class JobRuntime:
         del agg, delta  # the round's mean (1x fp32) is not needed past the step
         stages = self._p2u_curve(bcast) if len(bcast.stages) > 1 else None
         set_params(self.model, self.params)
-        if r < tr.rounds and self._pipelines():
+        if r < tr.rounds and self._pipelines() and bcast.bytes_used() <= _INLINE_BROADCAST_BYTES:
             # the next round trains while this one is evaluated and recorded: its inputs (the
-            # stepped global model, its seeded sample) are fixed now; results are the same
+            # stepped global model, its seeded sample) are fixed now; results are the same. Only
+            # for a model small enough to travel inside the calls: there a round is milliseconds
+            # of fixed costs, while a large model's round is its training, and overlapping two
+            # rounds would hold two broadcasts in the object store
             self._sent = self._dispatch(r + 1)
         metrics = self._evaluate()
         train_loss = float(np.mean([x.loss for x in ok])) if ok else float("nan")
