@@ -20,7 +20,10 @@ The Caldas headline (14x down, 28x up, 1.7x compute) is keep 0.75 with 4-bit dow
 `--rotation hadamard --down-rounding stochastic` is the paper's pipeline without subsampling: a
 randomized Hadamard rotation (random signs, then H/sqrt(m) on power-of-2 pieces, so no padding and
 no extra coefficients) before quantizing each tensor in both directions, and probabilistic
-(stochastic) rounding of the broadcast too.
+(stochastic) rounding of the broadcast too. `--scaling all` trains each sub-model as inverted
+dropout does (kept inputs scaled by units / kept: `fd.input_scales`, `fd.inverted_scaling`, the
+`dropout.scaling` option of jobs). `--lstm-lr` / `--cnn-lr` set every arm's client lr, `--fd-lr`
+the FD arms' alone; `--server-lr` and `--server-momentum` (FedAvgM) apply to every arm.
 
 Measured per run: bytes down and up (encoded payload bytes, summed over clients and rounds),
 analytic client FLOPs (`flops_per_example`, training = 3x forward), test accuracy per round.
