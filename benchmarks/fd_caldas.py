@@ -20,7 +20,10 @@ The Caldas headline (14x down, 28x up, 1.7x compute) is keep 0.75 with 4-bit dow
 `--rotation hadamard --down-rounding stochastic` is the paper's pipeline without subsampling: a
 randomized Hadamard rotation (random signs, then H/sqrt(m) on power-of-2 pieces, so no padding and
 no extra coefficients) before quantizing each tensor in both directions, and probabilistic
-(stochastic) rounding of the broadcast too.
+(stochastic) rounding of the broadcast too. `--scaling all` trains each sub-model as inverted
+dropout does (kept inputs scaled by units / kept: `fd.input_scales`, `fd.inverted_scaling`, the
+`dropout.scaling` option of jobs). `--lstm-lr` / `--cnn-lr` set every arm's client lr, `--fd-lr`
+the FD arms' alone; `--server-lr` and `--server-momentum` (FedAvgM) apply to every arm.
 
 Measured per run: bytes down and up (encoded payload bytes, summed over clients and rounds),
 analytic client FLOPs (`flops_per_example`, training = 3x forward), test accuracy per round.
@@ -47,7 +50,8 @@ import torch
 from torch import nn
 
 from fedray.compression import CodecContext, get_codec
-from fedray.compression.fd import CountedSum, SubnetSpec, extract, flops_per_example, submodel_hidden
+from fedray.compression.fd import (SCALINGS, CountedSum, SubnetSpec, extract, flops_per_example, input_scales,
+                                   inverted_scaling, submodel_hidden)
 from fedray.workers.data import load_dataset, partition
 from fedray.workers.models import build_model, get_params, model_layout, set_params
 
@@ -63,6 +67,10 @@ class Arm:
     up_bits: int | None
     rotation: str = "none"  # "hadamard": randomized Hadamard transform before quantizing (both ways)
     down_rounding: str = "nearest"  # "stochastic": the paper's probabilistic quantization
+    scaling: str = "none"  # inverted dropout of the sub-model's inputs (fd.input_scales)
+    lr: float | None = None  # client learning rate; None: the task's
+    server_lr: float = 1.0  # global += server_lr * v, v = server_momentum * v + mean delta
+    server_momentum: float = 0.0
 
 
 FP32 = Arm("fp32_fedavg", 1.0, None, None)
@@ -232,6 +240,8 @@ def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
     down_c, up_c = _codecs(arm)
     bytes_down = bytes_up = flops = 0
     curve = []
+    velocity = None
+    lr = s.lr if arm.lr is None else arm.lr
     t0 = time.perf_counter()
     max_rounds = s.rounds + (s.extra if target is not None else 0)
     for r in range(max_rounds):
@@ -246,14 +256,18 @@ def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
             bytes_down += nb
             model = task.model(submodel_hidden(task.layout, spec))
             set_params(model, sub)
-            n = sgd(model, x, y, lr=s.lr, batch=s.batch_size, epochs=s.local_epochs, seed=cseed)
+            with inverted_scaling(model, input_scales(task.layout, spec, arm.scaling)):
+                n = sgd(model, x, y, lr=lr, batch=s.batch_size, epochs=s.local_epochs, seed=cseed)
             delta = {name: v - sub[name] for name, v in get_params(model).items()}
             delta, nb = _wire(up_c, delta, cseed + 1, arm.rotation)
             bytes_up += nb
             flops += flops_per_example(task.layout, spec) * n
             acc.add(delta, task.layout, spec, float(len(y)))
         md = acc.mean_delta()
-        params = {name: v + md[name] for name, v in params.items()}
+        if arm.server_momentum:
+            velocity = md if velocity is None else {k: arm.server_momentum * velocity[k] + md[k] for k in md}
+            md = velocity
+        params = {name: v + arm.server_lr * md[name] for name, v in params.items()}
         m = task.model()
         set_params(m, params)
         a = accuracy(m, *task.test)
@@ -270,6 +284,7 @@ def run_arm(task, arm: Arm, seed: int, *, target: float | None, log) -> dict:
                     and c["accuracy_last_k"] >= target), None)
     row = {"task": s.task, "arm": arm.name, "seed": seed, "keep_rate": arm.keep, "down_bits": arm.down_bits or 32,
            "up_bits": arm.up_bits or 32, "rotation": arm.rotation, "down_rounding": arm.down_rounding,
+           "scaling": arm.scaling, "lr": lr, "server_lr": arm.server_lr, "server_momentum": arm.server_momentum,
            "rounds": s.rounds, "final_accuracy": at["accuracy"],
            "eval_last": s.eval_last, "accuracy_last_k": at["accuracy_last_k"],
            "bytes_down": at["bytes_down"], "bytes_up": at["bytes_up"], "client_flops": at["client_flops"],
@@ -403,13 +418,13 @@ def make_task(name: str, args, seed: int):
     return LSTMTask(s, hidden=hidden, seq_len=seq_len, per_client=per)
 
 
-def parse_arms(text: str, rotation: str = "none", down_rounding: str = "nearest") -> list[Arm]:
+def parse_arms(text: str, rotation: str = "none", down_rounding: str = "nearest", **extra) -> list[Arm]:
     """`--arms` entries keep:down_bits:up_bits (32 bits: fp32 on that direction)."""
     arms = []
     for a in filter(None, text.split(",")):
         try:
             k, d, u = a.split(":")
-            arm = Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u), rotation, down_rounding)
+            arm = Arm(f"fd_r{k}_q{d}down_q{u}up", float(k), int(d), int(u), rotation, down_rounding, **extra)
         except ValueError:
             raise SystemExit(f"--arms: {a!r} is not keep:down_bits:up_bits, e.g. 0.75:4:2") from None
         if not 0 < arm.keep <= 1 or not (1 <= arm.down_bits <= 8 or arm.down_bits == 32) \
@@ -442,13 +457,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="FD arms: randomized Hadamard rotation before quantizing, both directions")
     ap.add_argument("--down-rounding", choices=("nearest", "stochastic"), default="nearest",
                     help="FD arms: rounding of the broadcast quantizer (uploads are always stochastic)")
+    ap.add_argument("--scaling", choices=SCALINGS, default="none",
+                    help="FD arms: inverted dropout during local training, kept inputs scaled by units/kept "
+                         "(feedforward: not the recurrent kernels; fd.input_scales)")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="server learning rate, every arm")
+    ap.add_argument("--server-momentum", type=float, default=0.0, help="server momentum (FedAvgM), every arm")
+    ap.add_argument("--fd-server-lr", type=float, default=None, help="FD arms' server lr (default: --server-lr)")
+    ap.add_argument("--fd-server-momentum", type=float, default=None,
+                    help="FD arms' server momentum (default: --server-momentum)")
+    ap.add_argument("--fd-lr", type=float, default=None, help="FD arms' client lr (default: the task's)")
     ap.add_argument("--eval-last", type=int, default=1,
                     help="also report accuracy as the mean over the last N rounds; the rounds-to-target "
                          "target and test then use that N-round mean")
     args = ap.parse_args(argv)
     cmd = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/fd_caldas.py", *(argv or sys.argv[1:])])
     seeds = [0] if args.quick else list(range(args.seeds))
-    arms = [FP32] + parse_arms(args.arms, args.rotation, args.down_rounding)
+    arms = [Arm(FP32.name, 1.0, None, None, server_lr=args.server_lr, server_momentum=args.server_momentum)]
+    arms += parse_arms(args.arms, args.rotation, args.down_rounding, scaling=args.scaling, lr=args.fd_lr,
+                       server_lr=args.server_lr if args.fd_server_lr is None else args.fd_server_lr,
+                       server_momentum=(args.server_momentum if args.fd_server_momentum is None
+                                        else args.fd_server_momentum))
     if args.eval_last < 1:
         raise SystemExit(f"--eval-last must be >= 1, got {args.eval_last}")
     bad = set(args.tasks.split(",")) - {"cnn", "lstm"}
@@ -478,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             task = make_task(name, args, seed)
             s = task.s
             settings[name] = {**asdict(s), "params": sum(int(math.prod(sh)) for _, sh in task.layout.shapes)}
-            base, final = run_arm(task, FP32, seed, target=None, log=log)
+            base, final = run_arm(task, arms[0], seed, target=None, log=log)
             rows.append(base)
             if name == "lstm":
                 omc_rows.extend(omc_transform_rows(task, final, seed))

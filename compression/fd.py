@@ -26,6 +26,7 @@ from fedray.config import KeepRateConfig
 
 __all__ = [
     "POLICIES",
+    "SCALINGS",
     "Axis",
     "CountedSum",
     "KeepRateConfig",
@@ -36,6 +37,8 @@ __all__ = [
     "embed",
     "extract",
     "flops_per_example",
+    "input_scales",
+    "inverted_scaling",
     "keep_rate_for",
     "magnitude_mask",
     "make_subnet",
@@ -199,6 +202,72 @@ def extract(global_params: Mapping[str, torch.Tensor], layout: ModelLayout, spec
 def submodel_hidden(layout: ModelLayout, spec: SubnetSpec) -> tuple[int, ...]:
     """The `hidden` argument of `build_model` that gives the sub-model's shapes."""
     return tuple(_kept(spec.keep_rate, n) for _, n in layout.groups)
+
+
+SCALINGS = ("none", "feedforward", "all")
+
+
+def input_scales(layout: ModelLayout, spec: SubnetSpec, mode: str = "all") -> dict[str, float]:
+    """Inverted-dropout factors of a sub-model's parameters (HeteroFL's "scaler").
+
+    A tensor whose input dims (every dim after the first: torch's Linear, Conv and RNN weights
+    are (out, in, ...)) lose units of a group sees `kept / units` of its full-model input; its
+    factor is the product of `units / kept` over those dims, so that the sub-model's
+    pre-activations match the full model's. `feedforward` leaves out recurrent dims (an input
+    dim of the same group as the tensor's output dim: an RNN's hidden-to-hidden kernel); `none`
+    gives 1 everywhere. Only parameters with a factor other than 1 are listed.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in SCALINGS:
+        raise ValueError(f"dropout.scaling must be one of {SCALINGS}, got {mode!r}")
+    if mode == "none":
+        return {}
+    sizes = layout.group_sizes()
+    kept = dict(zip(sizes, submodel_hidden(layout, spec)))
+    out = {}
+    for name, axes in layout.axes:
+        out_group = axes[0].group if axes and axes[0] is not None else None
+        f = 1.0
+        for ax in axes[1:]:
+            if ax is not None and not (mode == "feedforward" and ax.group == out_group):
+                f *= sizes[ax.group] / kept[ax.group]
+        if f != 1.0:
+            out[name] = f
+    return out
+
+
+class inverted_scaling:
+    """Train `model` (a sub-model holding unscaled weights W) as if its inputs were scaled by
+    `scales` (`input_scales`): inside the block each weight is s * W and its gradient is
+    multiplied by s^2, which is exactly SGD on W with the inputs scaled by s (momentum too: it
+    is linear in the gradients); on exit the weights are divided by s again, so the caller
+    reads trained W, in the full model's scale.
+    """
+
+    def __init__(self, model: torch.nn.Module, scales: Mapping[str, float]) -> None:
+        params = dict(model.named_parameters())
+        missing = [k for k in scales if k not in params]
+        if missing:
+            raise KeyError(f"the model has no parameter {missing[0]!r} to scale")
+        self._items = [(params[k], float(s)) for k, s in scales.items()]
+        self._hooks: list = []
+
+    def __enter__(self) -> "inverted_scaling":
+        with torch.no_grad():
+            for p, s in self._items:
+                p.mul_(s)
+                self._hooks.append(p.register_hook(lambda g, s2=s * s: g * s2))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        with torch.no_grad():
+            for p, s in self._items:
+                p.div_(s)
 
 
 def embed(sub_update: Mapping[str, torch.Tensor], layout: ModelLayout, spec: SubnetSpec,

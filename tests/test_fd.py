@@ -224,3 +224,123 @@ def test_subnet_bytes_down_sums_each_clients_encoded_sub_model():
     full = subnet_bytes_down(params, lay, DropoutSpec(keep_rates=(1.0,)), job_seed=5, round=2, client_ids=ids,
                              encoded_bytes=size)
     assert full == len(ids) * size(params)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, s: float) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_inverted_scaling_is_sgd_with_scaled_activations():
+    """`inverted_scaling` trains the sub-model's weights exactly as SGD (with momentum) on the
+    same weights with each dropped layer's kept outputs multiplied by units / kept."""
+    import copy
+
+    from fedray.compression.fd import input_scales, inverted_scaling
+
+    torch.manual_seed(0)
+    full = build_model("mlp", (6,), 3, (8, 6))
+    lay, params = layout_of(full), get_params(full)
+    spec = SubnetSpec(4, 0.5, "random", round=2, client=1)
+    scales = input_scales(lay, spec)
+    assert scales == {"3.weight": 2.0, "5.weight": 2.0}  # the input and the classes are never dropped
+    sub = build_model("mlp", (6,), 3, submodel_hidden(lay, spec))
+    set_params(sub, extract(params, lay, spec))
+    ref = copy.deepcopy(sub)
+    ref_net = torch.nn.Sequential(ref[0], ref[1], ref[2], _Scale(2.0), ref[3], ref[4], _Scale(2.0), ref[5])
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with inverted_scaling(sub, scales):
+        opt = torch.optim.SGD(sub.parameters(), lr=0.1, momentum=0.9)
+        ref_opt = torch.optim.SGD(ref_net.parameters(), lr=0.1, momentum=0.9)
+        for i in range(0, 16, 4):
+            for net, o in ((sub, opt), (ref_net, ref_opt)):
+                o.zero_grad()
+                torch.nn.functional.cross_entropy(net(x[i:i + 4]), y[i:i + 4]).backward()
+                o.step()
+    got, want = get_params(sub), get_params(ref)
+    assert not torch.equal(want["3.weight"], extract(params, lay, spec)["3.weight"])  # it trained
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    plain = build_model("mlp", (6,), 3, submodel_hidden(lay, spec))  # no hooks left: equal gradients
+    set_params(plain, got)
+    for net in (sub, plain):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    torch.testing.assert_close(sub[3].weight.grad, plain[3].weight.grad)
+
+
+def test_input_scales_modes_and_errors():
+    from fedray.compression.fd import input_scales
+
+    lay = layout_of(build_model("gru", (7, 4), 3, (8, 6)))
+    spec = SubnetSpec(1, 0.5, "random")
+    every, ff = input_scales(lay, spec, "all"), input_scales(lay, spec, "feedforward")
+    rec = [k for k, axes in lay.axes if len(axes) > 1 and None not in axes[:2] and axes[1].group == axes[0].group]
+    assert rec and all(every[k] == 2.0 and k not in ff for k in rec)
+    assert {k: v for k, v in every.items() if k not in rec} == ff and ff
+    assert input_scales(lay, spec, "none") == {} and input_scales(lay, SubnetSpec(1, 1.0), "all") == {}
+    with pytest.raises(ValueError, match="dropout.scaling"):
+        input_scales(lay, spec, "half")
+
+
+def test_client_step_trains_with_the_dropout_scaling_of_the_spec():
+    """A job's `dropout.scaling: all` reaches the worker: the uploaded sub-model delta equals
+    training the sub-model with its kept hidden outputs multiplied by units / kept."""
+    import copy
+
+    import fedray
+    from fedray.orchestrator.spec import DropoutSpec
+    from fedray.workers.broadcast import make_broadcast
+    from fedray.workers.client import TrainerSetup
+    from fedray.workers.step import ClientStep, client_seed
+    from fedray.workers.train import TrainConfig
+    from fedray.compression import decode_checked, get_codec
+
+    class MLPTask(fedray.Task):
+        def model(self):
+            return build_model("mlp", (6,), 3, (8, 6))
+
+        def fd_layout(self):
+            return layout_of(self.model())
+
+        def fd_model(self, hidden):
+            return build_model("mlp", (6,), 3, tuple(hidden))
+
+        def num_clients(self):
+            return 2
+
+        def client_data(self, cid):
+            g = torch.Generator().manual_seed(cid)
+            return torch.utils.data.TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+        def test_data(self):
+            return self.client_data(0)
+
+    task = MLPTask()
+    torch.manual_seed(3)
+    start = get_params(task.model())
+    bcast = make_broadcast(start, codec="identity", codec_params={}, round=1)
+    deltas = {}
+    for scaling in ("none", "all"):
+        setup = TrainerSetup(job_id="j", secret="s", seed=5, codec="identity",
+                             train=TrainConfig(local_epochs=1, batch_size=8, lr=0.1, momentum=0.5),
+                             dropout=DropoutSpec(keep_rates=(0.5,), scaling=scaling))
+        step = ClientStep(setup, task, torch.device("cpu"))
+        out = step.run(1, start, 1, bcast)
+        deltas[scaling] = {k: decode_checked(get_codec("identity"), p) for k, p in out.tensors}
+    seed = client_seed(5, 1, 1)
+    lay = task.fd_layout()
+    spec = SubnetSpec(seed=seed, keep_rate=0.5, policy="random", round=1, client=1)
+    base = extract(start, lay, spec)
+    ref = task.fd_model(submodel_hidden(lay, spec))
+    set_params(ref, copy.deepcopy(base))
+    net = torch.nn.Sequential(ref[0], ref[1], ref[2], _Scale(2.0), ref[3], ref[4], _Scale(2.0), ref[5])
+    task.train(net, task.client_data(1), step.context(1, 1, seed))
+    want = {k: v - base[k] for k, v in get_params(ref).items()}
+    for k, v in want.items():
+        torch.testing.assert_close(deltas["all"][k], v, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(deltas["none"]["3.weight"], want["3.weight"], atol=1e-4)

@@ -37,6 +37,7 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path: Path):
         ({"population": {"availability_concentration": 0}}, "population.availability_concentration"),
         ({"service": {"max_update_bytes": 0}}, "service.max_update_bytes"),
         ({"dropout": {"keep_rates": [0.5, 0]}}, "dropout.keep_rates[1]"),
+        ({"dropout": {"scaling": "half"}}, "dropout.scaling"),
         ({"task": {"target": "not an import string"}}, "task.target"),
         ({"task": {"params": {"a": 1}}}, "task.params"),
         ({"task": {"target": "mytask:MyTask"}, "model": {"kind": "cnn"}}, "model"),

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from fedray.compression import CodecContext, CodecState, CodecStateStore, get_codec
-from fedray.compression.fd import SubnetSpec, extract, flops_per_example, keep_rate_for, submodel_hidden
+from fedray.compression.fd import (SubnetSpec, extract, flops_per_example, input_scales, inverted_scaling, keep_rate_for,
+                                   submodel_hidden)
 from fedray.compression.omc import OMCModel
 from fedray.task import Task, TrainContext, overrides
 
@@ -160,7 +161,10 @@ class ClientStep:
                 examples, loss, mem, out = st.examples, st.loss, st.param_memory_bytes or mem, {}
             else:
                 mask = {k: v != 0 for k, v in base.items() if v.dim() >= 2} if s.pruning else None
-                out = dict(self.task.train(model, data, self.context(round, cid, seed, mask)) or {})
+                scaling = getattr(s.dropout, "scaling", "none")
+                scales = input_scales(self.layout, sub, scaling) if sub is not None else {}
+                with inverted_scaling(model, scales):  # Federated Dropout's inverted dropout, when asked
+                    out = dict(self.task.train(model, data, self.context(round, cid, seed, mask)) or {})
                 examples = int(out.get("examples", len(data)))
                 loss = float(out.get("loss", math.nan))
                 stage = "encode"

@@ -161,9 +161,13 @@ class DropoutSpec(KeepRateConfig):
     `keep_rates` with one value: every client keeps that fraction of each hidden layer's units;
     several: each client draws one (`mode: fixed` once for the job, like a device tier; `drawn`
     anew each round), with probabilities `probs` (uniform when empty). Only a seed travels.
+    `scaling`: inverted dropout during local training (HeteroFL's scaler): `all` scales the
+    kept inputs of every dropped-into weight by units / kept, `feedforward` all but recurrent
+    kernels, `none` (the default) trains the sub-model as it is (`compression.fd.input_scales`).
     """
 
     policy: Literal["random", "prefix", "rolling"] = "random"  # per client and round; HeteroFL; FedRolex
+    scaling: Literal["none", "feedforward", "all"] = "none"
 
 
 class OMCSpec(Section):
