@@ -84,6 +84,8 @@ def _demo_parser(sub) -> None:
                    help="Federated Dropout keep rate(s), e.g. 0.75 or 0.5,0.75,1 (drawn per client)")
     p.add_argument("--dropout-policy", choices=["random", "prefix", "rolling"], default="random",
                    help="Federated Dropout: which units each client keeps")
+    p.add_argument("--dropout-scaling", choices=["none", "feedforward", "all"], default="none",
+                   help="Federated Dropout: scale kept units by units / kept while training (inverted dropout)")
     p.add_argument("--omc-bits", type=int, default=None, help="OMC: train with parameters stored at this many bits")
     p.add_argument("--dp-noise", type=float, default=None, help="differential privacy: noise multiplier")
     p.add_argument("--dp-clip", type=float, default=1.0, help="differential privacy: update clip norm")
@@ -139,7 +141,7 @@ def spec_from_demo_args(a: argparse.Namespace) -> JobSpec:
                                shards=a.shards, gpus_per_worker=a.gpus_per_worker, worker_reduce=getattr(a, "worker_reduce", False)),
         strategy=StrategySpec(name=a.strategy, **({"server_lr": a.server_lr} if a.server_lr is not None else {})),
         dropout=DropoutSpec(keep_rates=a.keep_rate, mode="drawn" if len(a.keep_rate) > 1 else "fixed",
-                            policy=a.dropout_policy) if a.keep_rate else None,
+                            policy=a.dropout_policy, scaling=a.dropout_scaling) if a.keep_rate else None,
         omc=OMCSpec(bits=a.omc_bits) if a.omc_bits else None,
         privacy=DPSpec(noise_multiplier=a.dp_noise, clip_norm=a.dp_clip) if a.dp_noise is not None else None,
         pruning=PruningSpec(target=a.prune_target, start_round=1, end_round=a.prune_end or max(a.rounds, 2))
@@ -161,7 +163,7 @@ _DEMO_FLAGS = {
     "resources.worker_reduce": "--worker-reduce",
     "resources.num_cpus": "--num-cpus", "resources.shards": "--shards", "resources.gpus_per_worker": "--gpus-per-worker",
     "strategy.name": "--strategy", "strategy.server_lr": "--server-lr", "dropout.keep_rates": "--keep-rate",
-    "dropout.policy": "--dropout-policy", "omc.bits": "--omc-bits", "privacy.noise_multiplier": "--dp-noise",
+    "dropout.policy": "--dropout-policy", "dropout.scaling": "--dropout-scaling", "omc.bits": "--omc-bits", "privacy.noise_multiplier": "--dp-noise",
     "privacy.clip_norm": "--dp-clip", "pruning.target": "--prune-target", "pruning.end_round": "--prune-end",
     "population.over_select": "--over-select", "population.deadline_s": "--deadline",
 }

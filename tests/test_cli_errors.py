@@ -102,3 +102,11 @@ def test_logs_follow_ends_with_the_readable_summary():
     out = "".join(_readable_result(iter(chunks)))
     assert out == "round 1 done\nround 2 done\n" + format_summary(result) + "\n"
     assert "FEDRAY_RESULT" not in out
+
+
+def test_demo_dropout_flags_reach_the_spec():
+    a = build_parser().parse_args(["demo", "--keep-rate", "0.75", "--dropout-policy", "prefix",
+                                   "--dropout-scaling", "all"])
+    d = demo_spec(a).dropout
+    assert (d.keep_rates, d.policy, d.scaling) == ((0.75,), "prefix", "all")
+    assert demo_spec(build_parser().parse_args(["demo", "--keep-rate", "0.5"])).dropout.scaling == "none"
