@@ -115,7 +115,8 @@ class Int8(Codec):
         inv = np.where(scale > TINY, np.float32(1.0) / np.maximum(scale, TINY), 0).astype(np.float32)
         t = x * np.repeat(inv, sizes, axis=1)
         np.rint(t, out=t)  # within [-127, 127] without a clamp (module docstring)
-        return names, shapes, sizes, offs, scale, t.astype(np.int8)
+        with np.errstate(invalid="ignore"):  # a diverged (non-finite) update is refused by its scale, not here
+            return names, shapes, sizes, offs, scale, t.astype(np.int8)
 
     def encode_fold_batch(self, xs, groups, alphas):
         """`encode_batch` then `fold_many` of each group, without the per-client payloads: each
