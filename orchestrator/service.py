@@ -328,11 +328,11 @@ class AggregationCore:
             if st is None or st.round != round:
                 raise RoundClosedError(f"round {round} is not open")
             self._state = None
+            self._last_closed = (round, st.committed)  # a retried upload of a committed update: ALREADY_EXISTS
             self._cond.notify_all()  # a close_round(expect=...) of this round stops waiting
             st.closing = True
             while st.pending:  # commits that checked in before the close finish their adds
                 self._cond.wait()
-        self._last_closed = (round, st.committed)  # a retried upload of a committed update: ALREADY_EXISTS
         for part in st.parts[1:]:
             st.agg.merge(part)
         return {

@@ -18,6 +18,16 @@ nb = K.numba_kernels()
 needs_numba = pytest.mark.skipif(nb is None, reason="numba kernels unavailable (numba missing or FEDRAY_OMC_NUMBA=0)")
 
 
+@pytest.fixture(params=["numba", "torch"])
+def backend(request, monkeypatch):
+    """Each OMC kernel set in turn: the numba kernels (skipped where they do not load), the torch ops."""
+    if request.param == "numba" and nb is None:
+        pytest.skip("numba kernels unavailable")
+    if request.param == "torch":
+        monkeypatch.setattr(K, "_nb", False)
+    return request.param
+
+
 @pytest.fixture
 def torch_kernels(monkeypatch):
     """The torch fallback, as without numba."""
@@ -77,12 +87,7 @@ def test_numba_and_torch_agree(stochastic, monkeypatch):
         assert np.abs(x.astype(int) - y).max() <= 1 and (x == y).mean() > 0.999
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_rounding_unbiased_seeded_and_in_range(backend, monkeypatch):
-    if backend == "numba" and nb is None:
-        pytest.skip("numba kernels unavailable")
-    if backend == "torch":
-        monkeypatch.setattr(K, "_nb", False)
+def test_rounding_unbiased_seeded_and_in_range(backend):
     codes = np.full(100_000, 10, np.uint8)
     grad = torch.full((100_000,), -1.0)
     runs = []
@@ -123,12 +128,7 @@ def test_flat_step_equals_per_variable_step(monkeypatch):
     assert flat._rounder.counter == each._rounder.counter > 0
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_training_on_either_kernel_set_and_reload(backend, monkeypatch):
-    if backend == "numba" and nb is None:
-        pytest.skip("numba kernels unavailable")
-    if backend == "torch":
-        monkeypatch.setattr(K, "_nb", False)
+def test_training_on_either_kernel_set_and_reload(backend):
     torch.manual_seed(0)
     model = build_model("mlp", (8, 8), 4, (24, 16))
     om = _train(OMCModel(copy.deepcopy(model), OMCConfig(bits=8, stochastic=True, block_bytes=512), seed=1))

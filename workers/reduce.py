@@ -58,18 +58,34 @@ class PartialSum:
                  tensors: Mapping[str, Sequence]) -> None:
         """`add` for many clients at once (`tensors[name][i]`: client i's payload): each tensor of
         all of them in one `Codec.fold_many`; the same sums as `add` one client after the other."""
-        for w in weights:
-            if not w > 0 or not math.isfinite(w):
-                raise ValueError(f"update weight must be finite and > 0, got {w}")
+        _check_weights(weights)
         if set(tensors) != set(self.acc.sums):
             raise ValueError(f"update tensors {sorted(tensors)} != expected {sorted(self.acc.sums)}")
         for k, ps in tensors.items():
             codec.fold_many(ps, weights, self.acc.sums[k].view(-1))
+        self.tally(cids, weights, losses)
+
+    def tally(self, cids: Sequence[int], weights: Sequence[float], losses: Sequence[float]) -> None:
+        """Count clients whose updates were added to the sums: their weights, losses and ids."""
         for w, loss in zip(weights, losses):
             self.acc.total_weight += w
             self.loss += w * loss if math.isfinite(loss) else 0.0
         self.acc.count += len(cids)
         self.clients.extend(cids)
+
+
+def _check_weights(weights: Sequence[float]) -> None:
+    for w in weights:
+        if not w > 0 or not math.isfinite(w):
+            raise ValueError(f"update weight must be finite and > 0, got {w}")
+
+
+def _by_shard(cids: Sequence[int], num_shards: int) -> dict[int, list[int]]:
+    """{shard: indices into `cids` of its clients}, in order."""
+    out: dict[int, list[int]] = {}
+    for i, cid in enumerate(cids):
+        out.setdefault(serde.shard_index(cid, num_shards), []).append(i)
+    return out
 
 
 def partial_sums_encoded(codec, cids: Sequence[int], weights: Sequence[float], losses: Sequence[float],
@@ -82,24 +98,15 @@ def partial_sums_encoded(codec, cids: Sequence[int], weights: Sequence[float], l
     Raises:
         ValueError: a weight is not finite and > 0. PayloadError: an update does not encode.
     """
-    for w in weights:
-        if not w > 0 or not math.isfinite(w):
-            raise ValueError(f"update weight must be finite and > 0, got {w}")
-    by_shard: dict[int, list[int]] = {}
-    for i, cid in enumerate(cids):
-        by_shard.setdefault(serde.shard_index(cid, num_shards), []).append(i)
+    _check_weights(weights)
+    by_shard = _by_shard(cids, num_shards)
     templates, sums = codec.encode_fold_batch(xs, list(by_shard.values()), weights)
     out: dict[int, PartialSum] = {}
     for (shard, idx), got in zip(by_shard.items(), sums):
         part = out[shard] = PartialSum({k: tuple(v.shape[1:]) for k, v in xs.items()})
         for k, v in got.items():
             part.acc.sums[k].add_(v.view_as(part.acc.sums[k]))
-        for i in idx:
-            w, loss = weights[i], losses[i]
-            part.acc.total_weight += w
-            part.loss += w * loss if math.isfinite(loss) else 0.0
-        part.acc.count += len(idx)
-        part.clients.extend(cids[i] for i in idx)
+        part.tally([cids[i] for i in idx], [weights[i] for i in idx], [losses[i] for i in idx])
     return templates, out
 
 
@@ -107,11 +114,8 @@ def partial_sums_many(codec, cids: Sequence[int], weights: Sequence[float], loss
                       tensors: Mapping[str, Sequence], num_shards: int) -> dict[int, PartialSum]:
     """`partial_sums` of clients given column-wise (`tensors[name][i]`: client i's payload, as
     `Codec.encode_batch` returns them), each tensor of a shard's clients folded at once."""
-    by_shard: dict[int, list[int]] = {}
-    for i, cid in enumerate(cids):
-        by_shard.setdefault(serde.shard_index(cid, num_shards), []).append(i)
     out: dict[int, PartialSum] = {}
-    for shard, idx in by_shard.items():
+    for shard, idx in _by_shard(cids, num_shards).items():
         part = out[shard] = PartialSum({k: tuple(ps[0].shape) for k, ps in tensors.items()})
         part.add_many(codec, [cids[i] for i in idx], [weights[i] for i in idx], [losses[i] for i in idx],
                       {k: [ps[i] for i in idx] for k, ps in tensors.items()})
