@@ -144,3 +144,40 @@ def test_batching_pays_only_without_2d_convolutions(digits):
     assert batching_pays(build_model("mlp", digits.input_shape, 10, (16,)))
     assert not batching_pays(build_model("cnn", digits.input_shape, 10, (4, 8, 16)))  # compute-bound: one by one
     assert not batching_pays(build_model("gru", (9, 5), 10, (8,)))  # cannot be batched at all
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_padded_to_the_largest_client_equals_one_by_one(digits, momentum):
+    """Clients smaller than a batch train in batches padded to the population's largest client
+    (`pad_to`), not to the batch size: the same updates as one by one; a call whose clients do
+    not all fit `pad_to` falls back to the batch size."""
+    from fedray.workers.batched import _epoch_batches, population_pad, train_batched_stacked
+
+    sizes = [1, 2, 5, 3, 1, 7]
+    xs, ys = _clients(digits, sizes, seed=4)
+    torch.manual_seed(2)
+    model = build_model("mlp", digits.input_shape, 10, (64,))
+    start = get_params(model)
+    cfg = TrainConfig(local_epochs=2, batch_size=32, lr=0.1, momentum=momentum)
+    seeds = [5 * i + 1 for i in range(len(sizes))]
+    pad = population_pad(np.array(sizes + [4]), cfg.batch_size)
+    assert pad == 7 and population_pad(np.array([3, 40]), 32) is None and population_pad(lambda ids: ids, 32) is None
+    params, stats = train_batched_stacked(model, start, xs, ys, cfg, seeds, digits.scale, digits.shift, pad_to=pad)
+    got = [({k: v[i] for k, v in params.items()}, st) for i, st in enumerate(stats)]
+    _check_equal(got, _one_by_one(model, start, xs, ys, cfg, seeds, digits.scale, digits.shift), atol=1e-6)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    assert _epoch_batches(gens, sizes, offsets, 32, pad)[0].shape == (6, 1, 7)
+    assert _epoch_batches(gens, sizes, offsets, 32, 4)[0].shape == (6, 1, 32)  # a client of 5 and 7 > 4
+
+
+def test_padded_batches_do_not_depend_on_the_batch(digits):
+    """With a job-wide `pad_to`, a client's update is still bit-identical whatever batch it trains in."""
+    from fedray.workers.batched import train_batched_stacked
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_batch_independence(digits, lambda *a: train_batched_stacked(*a, pad_to=8))
+    finally:
+        torch.set_num_threads(threads)

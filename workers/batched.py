@@ -21,7 +21,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from .train import TrainConfig, TrainStats, _features  # _features: the same inputs on both paths
 
-__all__ = ["BatchedTrainingError", "batching_pays", "supports_batched", "train_batched", "train_batched_stacked"]
+__all__ = ["BatchedTrainingError", "batching_pays", "population_pad", "supports_batched", "train_batched",
+           "train_batched_stacked"]
 
 
 class BatchedTrainingError(RuntimeError):
@@ -65,10 +66,17 @@ def train_batched(
 def train_batched_stacked(
     model_template: nn.Module, start_params: Mapping[str, torch.Tensor], xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray], cfg: TrainConfig, seeds: Sequence[int], scale: float, shift: float = 0.0,
+    pad_to: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[TrainStats]]:
     """Train `len(xs)` clients from the same `start_params`, each on its own (x, y) with its own
     seed; return their final parameters stacked (float32, by name, client i at index i) and
     each client's stats.
+
+    Every client's batches are padded (and masked) to one width: the batch size, or `pad_to`
+    when all clients fit one batch of `pad_to` examples. Pass the largest client of the whole
+    population as `pad_to` (`population_pad`): a job whose clients hold 1-2 examples then
+    computes 2-wide batches instead of 32-wide ones, and the width, fixed per job, keeps a
+    client's update bit-identical whatever batch it trains in.
 
     Equal, within float tolerance, to `set_params(model, start); train_local(model, x, y, scale,
     shift, cfg, seed)` per client. `model_template` is only read (its structure); its parameters
@@ -104,7 +112,7 @@ def train_batched_stacked(
     gens = [torch.Generator().manual_seed(int(s) & 0x7FFFFFFFFFFFFFFF) for s in seeds]
 
     for _ in range(cfg.local_epochs):
-        gidx, mask, count = _epoch_batches(gens, sizes, offsets, bs)
+        gidx, mask, count = _epoch_batches(gens, sizes, offsets, bs, pad_to)
         for s in range(gidx.shape[1]):
             active = count[:, s] > 0
             xb, yb, m, c = x_all[gidx[:, s]], y_all[gidx[:, s]], mask[:, s], count[:, s].clamp(min=1)
@@ -188,14 +196,27 @@ def _mlp_step_fn(model: nn.Module):
     return step
 
 
-def _epoch_batches(gens, sizes, offsets, bs):
-    """One epoch's batches: (global index [B, S, bs], mask [B, S, bs], valid count [B, S]).
+def population_pad(sizes, batch_size: int) -> int | None:
+    """`pad_to` for `train_batched_stacked`: the largest client's size when it is below the
+    batch size (every client then trains one batch of at most that many examples), else None.
+    `sizes`: every client's number of examples (an array; None or a function of ids gives None)."""
+    if sizes is None or callable(sizes) or len(sizes) == 0:
+        return None
+    top = int(np.max(sizes))
+    return max(top, 1) if top < batch_size else None
+
+
+def _epoch_batches(gens, sizes, offsets, bs, pad_to: int | None = None):
+    """One epoch's batches: (global index [B, S, w], mask [B, S, w], valid count [B, S]), w the
+    batch size, or `pad_to` where every client fits one batch of that many.
 
     Client i's batch j is `perm_i[j*bs:(j+1)*bs]` exactly as in `train_local`; padded slots
     point at the client's first example and have mask 0.
     """
     b = len(sizes)
     n_steps = max(math.ceil(n / bs) for n in sizes)
+    if n_steps == 1 and pad_to is not None and max(sizes) <= pad_to < bs:
+        bs = pad_to
     width = n_steps * bs
     # numpy for the bookkeeping (torch's per-row indexing costs ~10 us a call, which is most of a
     # round for clients with one or two examples); torch only for the permutations themselves.

@@ -15,8 +15,9 @@ import torch
 from fedray.compression.payload import Payload
 from fedray.proto import serde
 from fedray.proto.auth import client_token
+from fedray.task import overrides as _overrides
 
-from .batched import batching_pays, train_batched_stacked
+from .batched import batching_pays, population_pad, train_batched_stacked
 from .broadcast import Broadcast, decode_broadcast, decode_tensors
 from .data import as_arrays
 from .models import set_params
@@ -108,6 +109,7 @@ class ClientTrainer:
         self.model, self.codec = self.step.model, self.step.codec
         self._channels: dict[str, grpc.Channel] = {}
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._pad: tuple[int | None] | None = None  # (batched training's pad_to,), once known
 
     def _chan(self, address: str) -> grpc.Channel:
         ch = self._channels.get(address)
@@ -141,6 +143,15 @@ class ClientTrainer:
         return (s.batched and s.dropout is None and s.omc is None and not s.prox_mu and not s.pruning
                 and not self.step.custom_train and self.device.type == "cpu" and batching_pays(self.model))
 
+    def _pad_to(self) -> int | None:
+        """Batched training's padded width for this job: its largest client's size where every
+        client fits one batch (from the task's own `client_sizes`; the default one would load
+        every client's data, so a task without its own gets the batch size)."""
+        if self._pad is None:
+            sizes = self.task.client_sizes() if _overrides(self.task, "client_sizes") else None
+            self._pad = (population_pad(None if callable(sizes) else sizes, self.setup.train.batch_size),)
+        return self._pad[0]
+
     def _batched(self, round: int, start, cids: list[int], servers, attempt: int) -> list[ClientResult]:
         """Train every client of the call as one batched computation, then encode and upload each."""
         s, out = self.setup, {}
@@ -165,7 +176,8 @@ class ClientTrainer:
         t0 = time.perf_counter()
         try:
             stacked, trained = train_batched_stacked(self.model, start, [arrays[c][1][0] for c in ok],
-                                                     [arrays[c][1][1] for c in ok], s.train, seeds, scale, shift)
+                                                     [arrays[c][1][1] for c in ok], s.train, seeds, scale, shift,
+                                                     pad_to=self._pad_to())
         except Exception as e:  # the whole batch failed in training: report each client
             out.update({c: ClientResult(c, round, error=str(ClientError("train", c, round, e))) for c in ok})
             return [out[c] for c in cids]
