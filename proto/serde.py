@@ -10,6 +10,7 @@ import contextlib
 import functools
 import itertools
 import json
+import math
 import urllib.parse
 import weakref
 import zlib
@@ -589,13 +590,29 @@ def upload_nbytes_many(
         sizes.append(min(chunk_bytes, total - offset))
         offset += sizes[-1]
     rest = sum(_framed_len(n, i * chunk_bytes) for i, n in enumerate(sizes) if i)
-    out = []
+    # A header's size depends on a client only through its id's varint length (0 for id 0, which
+    # proto3 leaves out), which metric keys it has, and which of its doubles are +0.0 (left out
+    # too): one ByteSize per such shape, not per client.
+    out, known = [], {}
     for cid, weight, metrics in clients:
-        header.client_id, header.weight = cid, weight
-        header.metrics.clear()
-        header.metrics.update(metrics)
-        out.append(_framed_len(sizes[0], 0, header.ByteSize()) + rest)
+        shape = (cid != 0 and _varint_len(cid), _is_pos_zero(weight), tuple((k, _is_pos_zero(v)) for k, v in metrics.items()))
+        n = known.get(shape)
+        if n is None:
+            header.client_id, header.weight = cid, weight
+            header.metrics.clear()
+            header.metrics.update(metrics)
+            n = known[shape] = _framed_len(sizes[0], 0, header.ByteSize()) + rest
+        out.append(n)
     return out
+
+
+def _varint_len(v: int) -> int:
+    """Bytes of an int64 field's varint (a negative one takes 10)."""
+    return 10 if v < 0 else max(1, (v.bit_length() + 6) // 7)
+
+
+def _is_pos_zero(x: float) -> bool:
+    return x == 0.0 and math.copysign(1.0, x) > 0
 
 
 def _wire(update, token: str | None = None) -> Iterable:

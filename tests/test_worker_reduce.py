@@ -154,10 +154,13 @@ def test_upload_nbytes_many_equals_each_upload():
     whatever its id, weight and metrics, in one chunk or several."""
     from fedray.compression import get_codec
 
-    per = get_codec("int8").encode_batch({"a": torch.randn(6, 40, 30), "c": torch.randn(6, 10)})
+    per = get_codec("int8").encode_batch({"a": torch.randn(12, 40, 30), "c": torch.randn(12, 10)})
     clients = [(0, 1.0, {"loss": 0.5, "train_s": 1e-4}), (300, 2.0, {"loss": 0.0, "train_s": 0.0}),
                (2**40, 3.5, {"loss": float("nan"), "train_s": 2.0}), (127, 0.0, {"loss": 1.0}),
-               (128, 1e300, {}), (5, 1.0, {"loss": -0.0, "train_s": 1.0})]
+               (128, 1e300, {}), (5, 1.0, {"loss": -0.0, "train_s": 1.0}), (1, 1.0, {"loss": 0.5, "train_s": 1e-4}),
+               (16383, 1.0, {"loss": 0.5, "train_s": 1e-4}),
+               (16384, 1.0, {"loss": 0.5, "train_s": 1e-4}), (0, 1.0, {"train_s": 1e-4, "loss": 0.5}),
+               (2, 1.0, {"loss": 0.0, "train_s": 1e-4}), (3, 1.0, {"loss": 0.25, "train_s": 1e-4})]
     for chunk in (serde.CHUNK_BYTES, 1000, 1204):
         got = serde.upload_nbytes_many(job_id="job-x", round=17, attempt=2, tensors=[(k, ps[0]) for k, ps in per.items()],
                                        clients=clients, chunk_bytes=chunk)
