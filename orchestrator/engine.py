@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fedray.workers.client import TrainerSetup
 from fedray.compression.fd import CountedSum, apply_mask, cubic_sparsity, magnitude_mask
 from fedray.compression.omc import quantizable_names
-from fedray.workers.broadcast import decode_broadcast, make_broadcast
+from fedray.workers.broadcast import PickledOnce, decode_broadcast, make_broadcast
 from fedray.workers.models import get_params, num_params, set_params
 from fedray.workers.pool import RayPool, default_num_workers
 
@@ -520,7 +520,7 @@ class JobRuntime:
                 quantized=self.quantized, sparse=sparse).bytes_used())
         # once per round; every worker and every shard read this one copy. A small model travels
         # inside the calls instead: a put and each reader's fetch cost more than ~3 copies of it.
-        bref = bcast if bcast.bytes_used() <= _INLINE_BROADCAST_BYTES else ray.put(bcast)
+        bref = PickledOnce(bcast) if bcast.bytes_used() <= _INLINE_BROADCAST_BYTES else ray.put(bcast)
         # The workers' calls go first (each Ray submission costs the driver ~0.3-0.5 ms), then the
         # shards' open and early close; the workers start without waiting for the shards' answers
         # to the open: a shard holds an upload for the round it is about to open until the open

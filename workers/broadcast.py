@@ -8,6 +8,7 @@ where clients start training after the stage the job names for the round.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -17,9 +18,23 @@ from fedray.compression import decode_checked, get_codec
 from fedray.compression.p2u import P2UConfig, decode_stages, encode_stages
 from fedray.compression.payload import Payload
 
-__all__ = ["Broadcast", "broadcast_of_stages", "decode_broadcast", "make_broadcast", "p2u_config", "stages_to_use"]
+__all__ = ["Broadcast", "PickledOnce", "broadcast_of_stages", "decode_broadcast", "make_broadcast", "p2u_config", "stages_to_use"]
 
 Tensors = tuple[tuple[str, Payload], ...]
+
+
+class PickledOnce:
+    """A small argument of several Ray calls (a broadcast passed inline to the workers and the
+    shards), pickled once: each call then copies its bytes instead of walking the object again
+    (a 20 KB broadcast: ~5 us a call against ~30). The callee receives the object itself."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, obj: Any) -> None:
+        self.blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __reduce__(self):
+        return pickle.loads, (self.blob,)
 
 
 @dataclass(frozen=True)
