@@ -4,7 +4,11 @@ The task (research/environment.md, "The peer to beat"): sklearn digits, MLP 64-6
 IID clients, 100 per round, 1 local epoch of SGD at lr 0.1 and batch 32, FedAvg, 2 CPUs.
 fedray runs through its real path (`fedray demo`: Ray workers, int8 codec, uploads over the gRPC
 aggregation service), with `--worker-reduce` (each worker call decodes its clients' int8 updates
-and uploads one partial sum per shard; `--per-client-uploads` measures the per-client path);
+and uploads one partial sum per shard; `--per-client-uploads` measures the per-client path)
+and one worker actor (`--fedray-workers`, default 1: the round's 100 clients train as one batched
+computation in one call while the second CPU runs the driver and the aggregation shard; two
+workers on the two CPUs make four busy processes on two cores, measured slower in
+docs/performance.md);
 Flower runs `benchmarks/flower_side.py` in its own venv (flwr pins ray 2.55 and protobuf<7,
 which cannot share fedray's venv), twice: `flower` through its legacy
 `start_simulation` (the faster of its two APIs here, and the one the ratio is taken against) and
@@ -161,9 +165,9 @@ def load() -> str:
 
 # --- the two systems ----------------------------------------------------------------------
 
-def fedray_cmd(rounds: int, json_path: Path, extra: list[str], reduce: bool = True) -> list[str]:
+def fedray_cmd(rounds: int, json_path: Path, extra: list[str], reduce: bool = True, workers: int = 1) -> list[str]:
     t = TASK
-    extra = (["--worker-reduce"] if reduce else []) + list(extra)
+    extra = (["--worker-reduce"] if reduce else []) + ["--workers", str(workers)] + list(extra)
     return [sys.executable, "-m", "fedray.orchestrator.cli", "demo", "--dataset", t["dataset"],
             "--clients", str(t["clients"]), "--clients-per-round", str(t["clients_per_round"]),
             "--rounds", str(rounds), "--hidden", t["hidden"], "--local-epochs", str(t["local_epochs"]),
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip Flower's Message API run (flower_message_api); the ratio is against `flower` anyway")
     ap.add_argument("--fedray-arg", action="append", default=[],
                     help="extra `fedray demo` argument (repeat), e.g. --fedray-arg=--clients-per-call=50")
+    ap.add_argument("--fedray-workers", type=int, default=1,
+                    help="fedray's worker actors (`fedray demo --workers`; default 1, see the module docstring)")
     ap.add_argument("--per-client-uploads", action="store_true",
                     help="fedray without --worker-reduce: every client's update is uploaded on its own")
     a = ap.parse_args(argv)
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             order = systems if rep % 2 == 0 else systems[::-1]  # alternate who goes first
             for s in order:
                 out = Path(tmp) / f"{s}-{rep}.json"
-                cmd = fedray_cmd(a.rounds, out, a.fedray_arg, not a.per_client_uploads) if s == "fedray" else flower_cmd(py, a.rounds, out, SYSTEMS[s])
+                cmd = fedray_cmd(a.rounds, out, a.fedray_arg, not a.per_client_uploads, a.fedray_workers) if s == "fedray" else flower_cmd(py, a.rounds, out, SYSTEMS[s])
                 commands[s] = shlex.join(cmd).replace(tmp, "OUT").replace(str(REPO) + "/", "")
                 before = load()
                 print(f"[rep {rep + 1}/{a.reps}] {s}: running (load {before})", flush=True)
@@ -255,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"peak PSS {res['peak_pss_mib']:.0f} MiB, accuracy {res['accuracy'][-1]:.4f}", flush=True)
     for s in runs:
         runs_meta = {"api": SYSTEMS[s]} if SYSTEMS[s] else {"path": "fedray demo (Ray workers, int8, gRPC service)",
-                                                        "worker_reduce": not a.per_client_uploads}
+                                                        "worker_reduce": not a.per_client_uploads,
+                                                        "workers": a.fedray_workers}
         runs_meta.update(aggregate(runs[s]))
         runs[s] = runs_meta  # type: ignore[assignment]
     result = {
