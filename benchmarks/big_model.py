@@ -256,6 +256,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     load_start = os.getloadavg()
     t_all = time.perf_counter()
+    # Every shard loads the fold kernels (numba and LLVM, ~120 MB), the tiny model's too, which
+    # would not use them: the fixed overhead is then the same process code as the big model's.
+    os.environ.setdefault("FEDRAY_FOLD_NUMBA", "always")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
              object_store_memory=a.object_store_mb << 20)
     n = max(a.clients)

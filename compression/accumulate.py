@@ -116,7 +116,8 @@ def fold_kernels():
     torch's add gives here (a CPU without FMA), so that a job's sums never depend on which path
     ran. About 0.7 s and 120 MB of resident memory (LLVM, the same for any model): the
     aggregation service loads them (`AggregationCore` of a job that folds, through
-    `load_fold_kernels_soon`); other processes keep the torch blocks unless they call this."""
+    `load_fold_kernels_soon`, when the model has a tensor over `ADD_BLOCK` values or
+    FEDRAY_FOLD_NUMBA=always); other processes keep the torch blocks unless they call this."""
     global _kernels
     if _kernels is None:
         found = False  # threads that ask meanwhile check too; either way they get the same bits

@@ -133,3 +133,27 @@ def test_fused_kernels_give_torch_bits_across_sizes_groups_and_tails():
             add_scaled_many_(got, terms) if k > 1 else add_scaled_(got, *terms[0])
             assert torch.equal(got, ref), (n, k)
             assert not torch.equal(got, start)
+
+
+@pytest.mark.parametrize("shapes,env,loads", [({"w": (64, 64), "b": (64,)}, None, False),
+                                              ({"w": (ADD_BLOCK + 1,)}, None, True),
+                                              ({"w": (8,)}, "always", True)])
+def test_a_shard_loads_the_fold_kernels_only_for_a_model_that_uses_them(shapes, env, loads):
+    """Only a tensor over ADD_BLOCK values folds through the numba kernels: a service for a
+    smaller model does not load them (numba and LLVM: ~0.7 s of CPU and ~120 MB); a fresh
+    process, so that no other test has loaded them already."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from fedray.compression import accumulate\n"
+            "from fedray.orchestrator.service import AggregationCore\n"
+            f"AggregationCore(job_id='j', secret='s', shapes={shapes!r})\n"
+            "print(accumulate._loader is not None, 'numba' in sys.modules)\n")
+    env_vars = {k: v for k, v in os.environ.items() if k != "FEDRAY_FOLD_NUMBA"}
+    if env:
+        env_vars["FEDRAY_FOLD_NUMBA"] = env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_vars, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, imported = out.stdout.split()
+    assert started == str(loads) and (loads or imported == "False"), out.stdout
