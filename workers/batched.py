@@ -109,7 +109,7 @@ def train_batched_stacked(
     step_fn = _mlp_step_fn(model_template) or _step_fn(model_template)
     loss_sum = torch.zeros(b, dtype=torch.float64)
     steps = torch.zeros(b, dtype=torch.int64)
-    gens = [torch.Generator().manual_seed(int(s) & 0x7FFFFFFFFFFFFFFF) for s in seeds]
+    gens: list = list(seeds)  # each client's generator, made where it first draws (_epoch_batches)
 
     for _ in range(cfg.local_epochs):
         gidx, mask, count = _epoch_batches(gens, sizes, offsets, bs, pad_to)
@@ -208,7 +208,8 @@ def population_pad(sizes, batch_size: int) -> int | None:
 
 def _epoch_batches(gens, sizes, offsets, bs, pad_to: int | None = None):
     """One epoch's batches: (global index [B, S, w], mask [B, S, w], valid count [B, S]), w the
-    batch size, or `pad_to` where every client fits one batch of that many.
+    batch size, or `pad_to` where every client fits one batch of that many. `gens[i]`: client
+    i's generator, or its seed until it first draws (replaced in place by the generator).
 
     Client i's batch j is `perm_i[j*bs:(j+1)*bs]` exactly as in `train_local`; padded slots
     point at the client's first example and have mask 0.
@@ -222,8 +223,11 @@ def _epoch_batches(gens, sizes, offsets, bs, pad_to: int | None = None):
     # round for clients with one or two examples); torch only for the permutations themselves.
     gidx = np.repeat(np.asarray(offsets[:b], dtype=np.int64), width).reshape(b, width)
     mask = np.zeros((b, width), np.float32)
-    for i, (g, n) in enumerate(zip(gens, sizes)):
+    for i, n in enumerate(sizes):
         if n > 1:  # randperm(1) is [0] and draws nothing from the generator: the same state follows
+            g = gens[i]
+            if not isinstance(g, torch.Generator):  # still its seed: a client of one example never needs it
+                g = gens[i] = torch.Generator().manual_seed(int(g) & 0x7FFFFFFFFFFFFFFF)
             gidx[i, :n] += torch.randperm(n, generator=g).numpy()
         mask[i, :n] = 1.0
     mask_t = torch.from_numpy(mask).view(b, n_steps, bs)
