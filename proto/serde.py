@@ -637,16 +637,20 @@ def _upload_stubs(channel: grpc.Channel) -> tuple:
                                  response_deserializer=pb.UploadBatchAck.FromString),
             channel.stream_unary(_UPLOAD_PACKED, request_serializer=_to_wire,
                                  response_deserializer=pb.UploadBatchAck.FromString),
+            channel.unary_unary(_UPLOAD_ONE, request_serializer=_to_wire, response_deserializer=pb.UploadAck.FromString),
         )
     return stubs
 
 
 _SERVICE = "fedray.v1.Aggregation"
-_UPLOAD, _UPLOAD_BATCH, _UPLOAD_PACKED = (f"/{_SERVICE}/{m}" for m in ("Upload", "UploadBatch", "UploadPacked"))
+_UPLOAD, _UPLOAD_BATCH, _UPLOAD_PACKED, _UPLOAD_ONE = (
+    f"/{_SERVICE}/{m}" for m in ("Upload", "UploadBatch", "UploadPacked", "UploadOne"))
 # Updates up to this size go packed (UploadPacked): one gRPC message carries several.
 PACK_BELOW = 256 << 10
 # Channels whose server has no UploadPacked (an older fedray): they get UploadBatch.
 _NO_PACKED: "weakref.WeakSet[grpc.Channel]" = weakref.WeakSet()
+# Channels whose server has no UploadOne (an older fedray): one-message updates stream (Upload).
+_NO_ONE: "weakref.WeakSet[grpc.Channel]" = weakref.WeakSet()
 
 
 DIGEST_CRC32, DIGEST_CRC32C = 0, 1
@@ -800,8 +804,9 @@ def _with_first_header(messages):
 
 def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: float = 60.0,
                 job_id: str | None = None, client_id: int | None = None) -> dict:
-    """Stream one update (a `WireUpload`, or the messages of `upload_messages`, any iterable) to
-    the service; return the ack as a dict and the bytes sent. The call's credentials name
+    """Send one update (a `WireUpload`, or the messages of `upload_messages`, any iterable) to
+    the service; return the ack as a dict and the bytes sent. A `WireUpload` of one chunk goes
+    in one unary call (UploadOne), anything else as a stream (Upload). The call's credentials name
     `job_id` and `client_id`, by default the job and client of the update's header.
 
     Raises:
@@ -812,6 +817,19 @@ def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: fl
     if isinstance(messages, WireUpload) and stub_channel in _NO_PACKED:  # an older server: CRC-32
         messages = messages.with_digest(DIGEST_CRC32)
     header, messages = _with_first_header(messages)
+    md = credentials(header.job_id if job_id is None else job_id,
+                     header.client_id if client_id is None else client_id, token)
+    if (isinstance(messages, WireUpload) and len(messages.chunks) <= 1 and stub_channel not in _NO_ONE
+            and stub_channel not in _NO_PACKED):
+        # one message: a unary call (UploadOne), no request stream (~0.3 ms less a call, both sides)
+        (one,) = messages.messages()
+        try:
+            ack = _upload_stubs(stub_channel)[3](one, timeout=timeout, metadata=md)
+            return _ack_dict(ack, len(one))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            _NO_ONE.add(stub_channel)
 
     def framed():  # any iterable of messages (a generator too); counts the bytes as they go
         nonlocal sent
@@ -820,10 +838,10 @@ def call_upload(stub_channel: grpc.Channel, messages, *, token: str, timeout: fl
             sent += len(b)
             yield b
 
-    ack = _upload_stubs(stub_channel)[0](framed(), timeout=timeout,
-                                         metadata=credentials(header.job_id if job_id is None else job_id,
-                                                              header.client_id if client_id is None else client_id,
-                                                              token))
+    return _ack_dict(_upload_stubs(stub_channel)[0](framed(), timeout=timeout, metadata=md), sent)
+
+
+def _ack_dict(ack, sent: int) -> dict:
     return {
         "accepted": ack.accepted,
         "bytes_received": ack.bytes_received,
@@ -1055,25 +1073,35 @@ class _Servicer(pb_grpc.AggregationServicer):
         with self._watch(context) as w:
             request_iterator = self._requests(w, request_iterator)
             try:
-                first = _valid(next(request_iterator, None))
-                if first is None or not first.HasField("header"):
-                    raise PayloadError("the first chunk of an upload must carry the update header")
-                h = first.header
-                token = _token(context)
-                self._h.authenticate(h.job_id, h.client_id, token)  # before anything else is converted
-                header = _header(h)
-
-                def chunks():
-                    yield first.offset, first.data
-                    for msg in request_iterator:
-                        if _valid(msg).HasField("header"):
-                            raise PayloadError("only the first chunk of an upload may carry a header")
-                        yield msg.offset, msg.data
-
-                rnd, received = self._h.upload(header, chunks(), token)
-                return pb.UploadAck(accepted=True, bytes_received=received, round=rnd, client_id=h.client_id)
+                return self._upload(next(request_iterator, None), request_iterator, context)
             except Exception as e:  # mapped to a status in one place: status_of
                 self._abort(context, e)
+
+    def UploadOne(self, request, context):
+        """Upload of one message: nothing to watch, gRPC hands it over whole."""
+        try:
+            return self._upload(request, (), context)
+        except Exception as e:
+            self._abort(context, e)
+
+    def _upload(self, first, rest, context):
+        first = _valid(first)
+        if first is None or not first.HasField("header"):
+            raise PayloadError("the first chunk of an upload must carry the update header")
+        h = first.header
+        token = _token(context)
+        self._h.authenticate(h.job_id, h.client_id, token)  # before anything else is converted
+        header = _header(h)
+
+        def chunks():
+            yield first.offset, first.data
+            for msg in rest:
+                if _valid(msg).HasField("header"):
+                    raise PayloadError("only the first chunk of an upload may carry a header")
+                yield msg.offset, msg.data
+
+        rnd, received = self._h.upload(header, chunks(), token)
+        return pb.UploadAck(accepted=True, bytes_received=received, round=rnd, client_id=h.client_id)
 
     def UploadBatch(self, request_iterator, context):
         with self._watch(context) as w:
@@ -1221,6 +1249,8 @@ def add_aggregation_service(
         "UploadPacked": grpc.stream_unary_rpc_method_handler(
             sv.UploadPacked, request_deserializer=parse_pack,
             response_serializer=pb.UploadBatchAck.SerializeToString),
+        "UploadOne": unary(sv.UploadOne, request_deserializer=parse_chunk,
+                           response_serializer=pb.UploadAck.SerializeToString),
         "Download": grpc.unary_stream_rpc_method_handler(
             sv.Download, request_deserializer=pb.DownloadRequest.FromString,
             response_serializer=pb.ModelChunk.SerializeToString),

@@ -439,3 +439,87 @@ def test_unary_calls_are_retried_by_the_channel_after_the_servers_pushback(monke
     assert calls[1] - calls[0] >= 0.25  # the server's push-back, not the policy's 0.1 s back-off
     ch.close()
     server.stop(None)
+
+
+def _server_with(core, **methods):
+    """A server of only some Aggregation methods (an older fedray), behind no credential gate."""
+    from concurrent import futures
+
+    sv = serde._Servicer(core, JOB, status_of)
+    parse = serde._parse_upload_chunk
+    shapes = {"Upload": grpc.stream_unary_rpc_method_handler, "UploadOne": grpc.unary_unary_rpc_method_handler}
+    handlers = {m: shapes[m](getattr(sv, m), request_deserializer=parse, response_serializer=lambda a: a.SerializeToString())
+                for m in methods}
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=serde.GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedray.v1.Aggregation", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, grpc.insecure_channel(f"127.0.0.1:{port}", options=serde.GRPC_OPTIONS)
+
+
+def _wire(cid: int, chunk_bytes: int = serde.CHUNK_BYTES):
+    c = get_codec("int8")
+    return serde.encode_upload(job_id=JOB, round=1, client_id=cid, weight=float(cid), chunk_bytes=chunk_bytes,
+                               tensors=[(k, c.encode(v)) for k, v in _update(cid).items()])
+
+
+def test_one_message_updates_go_in_one_unary_call():
+    """An update of one chunk goes as UploadOne (a server serving only that method takes it),
+    with the same ack and wire bytes as streamed; one of several chunks streams (Upload)."""
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
+    core.open_round(1)
+    server, ch = _server_with(core, UploadOne=True)
+    try:
+        w = _wire(1)
+        ack = serde.call_upload(ch, w, token=client_token(SECRET, JOB, 1))
+        assert ack["accepted"] and ack["client_id"] == 1 and ack["wire_bytes"] == w.nbytes
+        assert ch not in serde._NO_ONE
+        assert _code(lambda: serde.call_upload(ch, _wire(2, chunk_bytes=4096), token=client_token(SECRET, JOB, 2))) \
+            == grpc.StatusCode.UNIMPLEMENTED  # several chunks: Upload, which this server lacks
+        out = core.close_round(1)
+        assert out["count"] == 1
+    finally:
+        ch.close()
+        server.stop(None)
+    streamed = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
+    streamed.open_round(1)
+    server, ch = _server_with(streamed, Upload=True)
+    try:
+        serde.call_upload(ch, w, token=client_token(SECRET, JOB, 1))
+        want = streamed.close_round(1)
+    finally:
+        ch.close()
+        server.stop(None)
+    assert want["count"] == 1 and all(torch.equal(out["sums"][k], want["sums"][k]) for k in SHAPES)
+
+
+def test_one_message_uploads_fall_back_for_servers_without_uploadone():
+    """A server of an older fedray (no UploadOne) answers UNIMPLEMENTED: the update streams
+    instead (Upload), and the channel remembers it."""
+    core = AggregationCore(job_id=JOB, secret=SECRET, shapes=SHAPES)
+    core.open_round(1)
+    server, ch = _server_with(core, Upload=True)
+    try:
+        for cid in (1, 2):
+            w = _wire(cid)
+            ack = serde.call_upload(ch, w, token=client_token(SECRET, JOB, cid))
+            assert ack["accepted"] and ack["wire_bytes"] == w.nbytes
+        assert ch in serde._NO_ONE and core.close_round(1)["count"] == 2
+    finally:
+        ch.close()
+        server.stop(None)
+
+
+def test_a_malformed_one_message_upload_is_refused_and_adds_nothing(service):
+    """UploadOne with bytes that are no UploadChunk, or a chunk without its header: INVALID_ARGUMENT
+    with a message; the round's sum is untouched and a good update still counts."""
+    core, ch = service
+    md = serde.credentials(JOB, 7, client_token(SECRET, JOB, 7))
+    one = ch.unary_unary("/fedray.v1.Aggregation/UploadOne")
+    for bad in (b"\xff\xff\xff\x01garbage", b"\x12\x03abc"):
+        with pytest.raises(grpc.RpcError) as e:
+            one(bad, metadata=md, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details()
+    assert core.committed(1) == 0
+    assert serde.call_upload(ch, _wire(7), token=client_token(SECRET, JOB, 7))["accepted"]
+    assert core.close_round(1)["count"] == 1

@@ -52,6 +52,11 @@ class AggregationStub:
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadPack.SerializeToString,
                 response_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
                 _registered_method=True)
+        self.UploadOne = channel.unary_unary(
+                '/fedray.v1.Aggregation/UploadOne',
+                request_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
+                response_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadAck.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/fedray.v1.Aggregation/Download',
                 request_serializer=fedray_dot_v1_dot_aggregation__pb2.DownloadRequest.SerializeToString,
@@ -93,6 +98,15 @@ class AggregationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadOne(self, request, context):
+        """Upload of an update that fits one message (its header and all its data, offset 0): the
+        same checks, commit and answer, without a request stream (a worker's partial sum, a small
+        client's update). A server without it answers UNIMPLEMENTED; clients then use Upload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Download(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -128,6 +142,11 @@ def add_AggregationServicer_to_server(servicer, server):
                     servicer.UploadPacked,
                     request_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadPack.FromString,
                     response_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.SerializeToString,
+            ),
+            'UploadOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadOne,
+                    request_deserializer=fedray_dot_v1_dot_aggregation__pb2.UploadChunk.FromString,
+                    response_serializer=fedray_dot_v1_dot_aggregation__pb2.UploadAck.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
@@ -226,6 +245,33 @@ class Aggregation:
             '/fedray.v1.Aggregation/UploadPacked',
             fedray_dot_v1_dot_aggregation__pb2.UploadPack.SerializeToString,
             fedray_dot_v1_dot_aggregation__pb2.UploadBatchAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedray.v1.Aggregation/UploadOne',
+            fedray_dot_v1_dot_aggregation__pb2.UploadChunk.SerializeToString,
+            fedray_dot_v1_dot_aggregation__pb2.UploadAck.FromString,
             options,
             channel_credentials,
             insecure,
