@@ -692,7 +692,9 @@ class JobRuntime:
             return {}
         n = len(self.shards.actors)
         expect = [0] * n
-        for c in ids:
+        if n == 1:
+            expect[0] = len(ids)
+        for c in ids if n > 1 else ():
             expect[serde.shard_index(int(c), n)] += 1
         return {i: (a, a.close_round.remote(r, expect[i]), expect[i]) for i, a in enumerate(self.shards.actors)}
 

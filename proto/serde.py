@@ -181,6 +181,8 @@ def open_channel(
 
 def shard_index(client_id: int, num_shards: int) -> int:
     """The shard of a client: a stable hash (splitmix64) of its id, the same in every process."""
+    if num_shards == 1:
+        return 0
     z = (int(client_id) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF

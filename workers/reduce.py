@@ -82,6 +82,8 @@ def _check_weights(weights: Sequence[float]) -> None:
 
 def _by_shard(cids: Sequence[int], num_shards: int) -> dict[int, list[int]]:
     """{shard: indices into `cids` of its clients}, in order."""
+    if num_shards == 1:
+        return {0: list(range(len(cids)))} if len(cids) else {}
     out: dict[int, list[int]] = {}
     for i, cid in enumerate(cids):
         out.setdefault(serde.shard_index(cid, num_shards), []).append(i)
