@@ -5,8 +5,11 @@
 Each shard is fedray's real service (`AggregationCore` behind `create_server`) in its own
 process; clients are separate processes using fedray's upload path (`upload_with_retry`: chunked
 stream, digest, retry on RESOURCE_EXHAUSTED). `raw_grpc_mbps` is plain grpcio streaming of the
-same chunks to a server that only counts bytes, measured in the same run. A last phase starts
---burst uploads at once (threads across the client processes) and counts errors.
+same chunks to a server that only counts bytes, measured in the same run (the target's baseline).
+fedray sends an update of one message (the default 1M int8 values) in one unary call
+(UploadOne); `raw_unary` is plain grpcio sending that message in a unary call, measured in the
+same alternation as context (`one_shard_fraction_of_raw_unary`). A last phase starts --burst
+uploads at once (threads across the client processes) and counts errors.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-RAW_METHOD = "/fedray.bench.Raw/Up"
+RAW_METHOD, RAW_UNARY_METHOD = "/fedray.bench.Raw/Up", "/fedray.bench.Raw/UpOne"
 
 
 def _cpu_s(pid: int) -> float:
@@ -50,15 +53,19 @@ def _shard_proc(kind: str, shard: tuple[int, int], numel: int, port_q, stop_evt,
     from fedray.proto import serde
 
     torch.set_num_threads(1)  # as the shard actor does (orchestrator/shard.py)
-    if kind == "raw":
+    if kind.startswith("raw"):
         def up(it, ctx):
             n = sum(len(b) for b in it)
             return n.to_bytes(8, "little")
 
+        def up_one(b, ctx):
+            return len(b).to_bytes(8, "little")
+
         # the same handler threads as fedray's server (create_server: max_inflight + 4)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_inflight + 4), options=serde.GRPC_OPTIONS)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "fedray.bench.Raw", {"Up": grpc.stream_unary_rpc_method_handler(up)}),))
+            "fedray.bench.Raw", {"Up": grpc.stream_unary_rpc_method_handler(up),
+                                 "UpOne": grpc.unary_unary_rpc_method_handler(up_one)}),))
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
     else:
@@ -97,7 +104,10 @@ def _client_proc(kind: str, addrs: list[str], numel: int, codec: str, jobs: list
         nonlocal errors, wire
         t0 = time.perf_counter()
         try:
-            if kind == "raw":
+            if kind == "raw_unary" and len(raw_chunks) == 1:
+                chans[0].unary_unary(RAW_UNARY_METHOD)(raw_chunks[0], timeout=120)
+                n = len(raw_chunks[0])
+            elif kind.startswith("raw"):
                 stub = chans[0].stream_unary(RAW_METHOD)
                 stub(iter(raw_chunks), timeout=120)
                 n = sum(len(c) for c in raw_chunks)
@@ -145,7 +155,7 @@ def run_phase(kind: str, *, shards: int, clients: int, uploads: int, threads: in
               max_inflight: int = 64, max_active: int = 0, id_base: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     port_q, out_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    n_servers = 1 if kind == "raw" else shards
+    n_servers = 1 if kind.startswith("raw") else shards
     procs = [ctx.Process(target=_shard_proc, args=(kind, (i, n_servers), numel, port_q, stop, max_inflight, max_active))
              for i in range(n_servers)]
     for p in procs:
@@ -153,7 +163,7 @@ def run_phase(kind: str, *, shards: int, clients: int, uploads: int, threads: in
     ports = [port_q.get(timeout=120) for _ in procs]
     # shard i's port: the queue order is arbitrary, so ask each process's port by start order
     addrs = [f"127.0.0.1:{p}" for p in ports]
-    if kind != "raw" and n_servers > 1:
+    if not kind.startswith("raw") and n_servers > 1:
         addrs = _order_by_shard(addrs, n_servers)
     ids = [id_base + i for i in range(uploads)]
     per = [ids[i::clients] for i in range(clients)]
@@ -229,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-shards", type=int, default=2)
     p.add_argument("--burst", type=int, default=1000, help="uploads started at once in the last phase")
     p.add_argument("--burst-numel", type=int, default=100_000)
-    p.add_argument("--reps", type=int, default=3, help="alternating raw / one-shard pairs")
+    p.add_argument("--reps", type=int, default=3, help="alternating raw / one-shard / raw unary repetitions")
     p.add_argument("--max-active", type=int, default=0, help="ServiceLimits.max_active (0: the number of CPUs)")
     a = p.parse_args(argv)
     common = dict(clients=a.clients, uploads=a.uploads, threads=a.threads, numel=a.numel, codec=a.codec,
@@ -239,15 +249,17 @@ def main(argv=None) -> int:
     rows, pairs = [], []
     for rep in range(a.reps):
         pair = {}
-        for kind in (("raw", "fedray") if rep % 2 == 0 else ("fedray", "raw")):
+        for kind in (("raw", "fedray", "raw_unary") if rep % 2 == 0 else ("raw_unary", "fedray", "raw")):
             r = run_phase(kind, shards=1, id_base=(10 + rep) * 10**6, **common)
             r["rep"] = rep
             pair[kind] = r
             rows.append(r)
         pair["fedray"]["raw_grpc_mbps"] = pair["raw"]["raw_grpc_mbps"] = pair["raw"]["ingest_mbps"]
+        pair["raw_unary"]["raw_grpc_mbps"] = pair["raw"]["ingest_mbps"]
         pairs.append(pair)
         print(f"rep {rep + 1}/{a.reps}: raw {pair['raw']['ingest_mbps']:.0f} MB/s, one shard "
-              f"{pair['fedray']['ingest_mbps']:.0f} MB/s ({pair['fedray']['ingest_mbps'] / pair['raw']['ingest_mbps']:.0%})",
+              f"{pair['fedray']['ingest_mbps']:.0f} MB/s ({pair['fedray']['ingest_mbps'] / pair['raw']['ingest_mbps']:.0%}), "
+              f"raw unary {pair['raw_unary']['ingest_mbps']:.0f} MB/s",
               flush=True)
     raw = statistics.median(p["raw"]["ingest_mbps"] for p in pairs)
     for s in range(2, a.max_shards + 1):
@@ -259,12 +271,16 @@ def main(argv=None) -> int:
     for r in rows:
         r.setdefault("raw_grpc_mbps", raw)
     ratios = [p["fedray"]["ingest_mbps"] / p["raw"]["ingest_mbps"] for p in pairs]
+    unary = [p["fedray"]["ingest_mbps"] / p["raw_unary"]["ingest_mbps"] for p in pairs]
     out = {
         "rows": rows,
         "raw_grpc_mbps": raw,
         "one_shard_ingest_mbps": statistics.median(p["fedray"]["ingest_mbps"] for p in pairs),
         "one_shard_fraction_of_raw": statistics.median(ratios),
         "one_shard_fraction_of_raw_per_rep": ratios,
+        "raw_unary_mbps": statistics.median(p["raw_unary"]["ingest_mbps"] for p in pairs),
+        "one_shard_fraction_of_raw_unary": statistics.median(unary),
+        "one_shard_fraction_of_raw_unary_per_rep": unary,
         "burst_errors": burst["errors"],
         "load": os.getloadavg(),
         "command": "python benchmarks/aggregation_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -278,7 +294,8 @@ def main(argv=None) -> int:
               f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f} {r['shard_peak_rss_bytes'] / 1e6:8.1f} {r['errors']:4d} "
               f"{r['shard_cpu_ms_per_update']:12.2f} {r['client_cpu_ms_per_update']:13.2f}")
     print(f"one shard: {out['one_shard_fraction_of_raw']:.0%} of raw gRPC (median of {a.reps} alternating pairs: "
-          f"{', '.join(f'{x:.0%}' for x in ratios)}); burst of {a.burst}: {burst['errors']} errors")
+          f"{', '.join(f'{x:.0%}' for x in ratios)}); of raw unary: {out['one_shard_fraction_of_raw_unary']:.0%}; "
+          f"burst of {a.burst}: {burst['errors']} errors")
     return 0
 
 
