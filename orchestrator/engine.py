@@ -691,10 +691,8 @@ class JobRuntime:
         if self.spec.service.real_clients:
             return {}
         n = len(self.shards.actors)
-        expect = [0] * n
-        if n == 1:
-            expect[0] = len(ids)
-        for c in ids if n > 1 else ():
+        expect = [len(ids)] if n == 1 else [0] * n
+        for c in ids if n > 1 else ():  # one shard gets every client: no hashing
             expect[serde.shard_index(int(c), n)] += 1
         return {i: (a, a.close_round.remote(r, expect[i]), expect[i]) for i, a in enumerate(self.shards.actors)}
 

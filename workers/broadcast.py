@@ -18,7 +18,8 @@ from fedray.compression import decode_checked, get_codec
 from fedray.compression.p2u import P2UConfig, decode_stages, encode_stages
 from fedray.compression.payload import Payload
 
-__all__ = ["Broadcast", "PickledOnce", "broadcast_of_stages", "decode_broadcast", "make_broadcast", "p2u_config", "stages_to_use"]
+__all__ = ["Broadcast", "PickledOnce", "broadcast_of_stages", "decode_broadcast", "make_broadcast", "p2u_config",
+           "stages_to_use"]
 
 Tensors = tuple[tuple[str, Payload], ...]
 
