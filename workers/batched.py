@@ -211,25 +211,28 @@ def _epoch_batches(gens, sizes, offsets, bs, pad_to: int | None = None):
     batch size, or `pad_to` where every client fits one batch of that many. `gens[i]`: client
     i's generator, or its seed until it first draws (replaced in place by the generator).
 
-    Client i's batch j is `perm_i[j*bs:(j+1)*bs]` exactly as in `train_local`; padded slots
-    point at the client's first example and have mask 0.
+    Client i's batch j is `perm_i[j*bs:(j+1)*bs]` exactly as in `train_local`; a client that fits
+    one batch has that batch whatever its permutation (all its examples: the same update, summed
+    in another order), so it takes them in their order and its generator is never made. Padded
+    slots point at the client's first example and have mask 0.
     """
     b = len(sizes)
     n_steps = max(math.ceil(n / bs) for n in sizes)
+    permute_above = bs  # clients of more examples than one batch draw their epoch's order
     if n_steps == 1 and pad_to is not None and max(sizes) <= pad_to < bs:
         bs = pad_to
     width = n_steps * bs
     # numpy for the bookkeeping (torch's per-row indexing costs ~10 us a call, which is most of a
     # round for clients with one or two examples); torch only for the permutations themselves.
-    gidx = np.repeat(np.asarray(offsets[:b], dtype=np.int64), width).reshape(b, width)
-    mask = np.zeros((b, width), np.float32)
-    for i, n in enumerate(sizes):
-        if n > 1:  # randperm(1) is [0] and draws nothing from the generator: the same state follows
-            g = gens[i]
-            if not isinstance(g, torch.Generator):  # still its seed: a client of one example never needs it
-                g = gens[i] = torch.Generator().manual_seed(int(g) & 0x7FFFFFFFFFFFFFFF)
-            gidx[i, :n] += torch.randperm(n, generator=g).numpy()
-        mask[i, :n] = 1.0
+    slot, n_of = np.arange(width, dtype=np.int64), np.asarray(sizes, dtype=np.int64)[:, None]
+    held = slot < n_of  # (b, width): the slots that hold an example
+    gidx = np.asarray(offsets[:b], dtype=np.int64)[:, None] + np.where(held, slot, 0)
+    mask = held.astype(np.float32)
+    for i in np.flatnonzero(n_of[:, 0] > permute_above):
+        n, g = int(n_of[i, 0]), gens[i]
+        if not isinstance(g, torch.Generator):  # still its seed: made at its first draw
+            g = gens[i] = torch.Generator().manual_seed(int(g) & 0x7FFFFFFFFFFFFFFF)
+        gidx[i, :n] = offsets[i] + torch.randperm(n, generator=g).numpy()
     mask_t = torch.from_numpy(mask).view(b, n_steps, bs)
     return torch.from_numpy(gidx).view(b, n_steps, bs), mask_t, mask_t.sum(dim=2)
 
