@@ -7,8 +7,8 @@ aggregation service), with `--worker-reduce` (each worker call decodes its clien
 and uploads one partial sum per shard; `--per-client-uploads` measures the per-client path)
 and one worker actor (`--fedray-workers`, default 1: the round's 100 clients train as one batched
 computation in one call while the second CPU runs the driver and the aggregation shard; two
-workers on the two CPUs make four busy processes on two cores, measured slower in
-docs/performance.md);
+workers on the two CPUs make four busy processes on two cores, and each worker call pays Ray's
+and the upload's fixed costs; `--fedray-workers 2` measures that set-up);
 Flower runs `benchmarks/flower_side.py` in its own venv (flwr pins ray 2.55 and protobuf<7,
 which cannot share fedray's venv), twice: `flower` through its legacy
 `start_simulation` (the faster of its two APIs here, and the one the ratio is taken against) and

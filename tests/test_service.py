@@ -447,8 +447,8 @@ def _server_with(core, **methods):
 
     sv = serde._Servicer(core, JOB, status_of)
     parse = serde._parse_upload_chunk
-    shapes = {"Upload": grpc.stream_unary_rpc_method_handler, "UploadOne": grpc.unary_unary_rpc_method_handler}
-    handlers = {m: shapes[m](getattr(sv, m), request_deserializer=parse, response_serializer=lambda a: a.SerializeToString())
+    kinds = {"Upload": grpc.stream_unary_rpc_method_handler, "UploadOne": grpc.unary_unary_rpc_method_handler}
+    handlers = {m: kinds[m](getattr(sv, m), request_deserializer=parse, response_serializer=lambda a: a.SerializeToString())
                 for m in methods}
     server = grpc.server(futures.ThreadPoolExecutor(4), options=serde.GRPC_OPTIONS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedray.v1.Aggregation", handlers),))

@@ -26,8 +26,8 @@ Tensors = tuple[tuple[str, Payload], ...]
 
 class PickledOnce:
     """A small argument of several Ray calls (a broadcast passed inline to the workers and the
-    shards), pickled once: each call then copies its bytes instead of walking the object again
-    (a 20 KB broadcast: ~5 us a call against ~30). The callee receives the object itself."""
+    shards), pickled once: each call then copies its bytes instead of walking the object again.
+    The callee receives the object itself."""
 
     __slots__ = ("blob",)
 
